@@ -39,6 +39,9 @@ def entry(main):
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         sys.exit("interrupted")
+    except BrokenPipeError:  # output piped into `head` and the like
+        sys.stderr.close()
+        sys.exit(0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
