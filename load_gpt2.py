@@ -1,0 +1,642 @@
+"""OpenAI's GPT-2 weights (124M to 1558M) from the published safetensors files, read by our own bounds-checked
+reader (nothing downloaded is ever unpickled), and export of our checkpoints back to that layout.
+
+    python load_gpt2.py --model gpt2                  # download, verify, write models/gpt2-124M.pth
+    python load_gpt2.py --model gpt2-xl --verify true  # re-hash the downloaded file before converting
+    python load_gpt2.py --export runs/x/model.pth --out hf_model/   # model.safetensors + config.json
+"""
+import json
+import math
+import mmap
+import os
+import shutil
+import struct
+import sys
+import tempfile
+
+import torch
+
+from data import DownloadError, UserError, download, entry, get_config, sha256_of
+from model import (GPT_CONFIG_124M, HEADS_FOR_WIDTH, CheckpointError, GPTModel, count_parameters, load_model,
+                   save_checkpoint)
+
+DEFAULTS = dict(
+    model="gpt2",          # gpt2 | gpt2-medium | gpt2-large | gpt2-xl, or a local model.safetensors / folder
+    models_dir="models",   # where downloads are kept and the converted .pth is written
+    out="",                # without --export: the .pth to write ("" = models_dir/gpt2-124M.pth etc.); with it: a folder
+    export="",             # a .pth to write out in the published GPT-2 layout ("" = off: download and convert)
+    force=False,           # export into a folder that already holds files
+    n_heads=0,             # heads of a checkpoint that has no config.json (0 = from the standard GPT-2 sizes)
+    hub_url="",            # base URL of the hub ("" = $GPT2_HUB_URL, else https://huggingface.co)
+    verify=False,          # re-hash a downloaded file even when its size and mtime match the recorded check
+)
+
+# published name -> size in our file names
+PRETRAINED = {"gpt2": "124M", "gpt2-medium": "355M", "gpt2-large": "774M", "gpt2-xl": "1558M"}
+INIT_HELP = "gpt2 | gpt2-medium | gpt2-large | gpt2-xl | scratch | PATH.pth | PATH.safetensors | FOLDER"
+HUB_URL = "https://huggingface.co"
+REPO = "openai-community"
+
+# ---------------------------------------------------------------------------------------------------------------
+# safetensors: 8-byte little-endian header length N, N bytes of JSON {name: {dtype, shape, data_offsets}}, then data
+# ---------------------------------------------------------------------------------------------------------------
+
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+MAX_HEADER = 100 * 2 ** 20  # bytes; GPT-2 XL's header is ~50 KB, so a bigger claim is a broken or hostile file
+
+
+class SafetensorsFile:
+    """A .safetensors file, memory-mapped after its header was checked against the file size.
+
+    entries: name -> (dtype, shape, start, end), start/end in bytes from the start of the file.
+    tensor(name) is a view into the mapping (no copy); release(name) gives its pages back to the OS, so a loader
+    that copies tensor by tensor never holds the whole file in memory.
+    """
+
+    def __init__(self, path):
+        self.path = path
+        if not os.path.isfile(path):
+            raise CheckpointError(f"no safetensors file at {path}")
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            if size < 8:
+                raise CheckpointError(f"{path} is truncated ({size} bytes, shorter than the 8-byte header length)")
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > MAX_HEADER:
+                raise CheckpointError(f"{path} claims a {n}-byte header (limit {MAX_HEADER}): not a safetensors "
+                                      f"file, or corrupt")
+            if 8 + n > size:
+                raise CheckpointError(f"{path}: header length {n} runs past the end of the file ({size} bytes): "
+                                      f"the file is truncated or not a safetensors file")
+            raw = f.read(n)
+        self.data_start = 8 + n
+        header = _parse_header(raw, path)
+        self.metadata = header.pop("__metadata__", None) or {}
+        self.entries = {}
+        spans = []
+        data_len = size - self.data_start
+        for name, info in header.items():
+            dtype, shape, (begin, end) = _check_entry(name, info, path)
+            if end > data_len:
+                raise CheckpointError(f"{path}: tensor {name} ends at data byte {end} but the file holds only "
+                                      f"{data_len}: the file is truncated or corrupt; delete it and download again")
+            self.entries[name] = (dtype, shape, self.data_start + begin, self.data_start + end)
+            spans.append((begin, end, name))
+        spans.sort()
+        for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+            if b1 < e0:
+                raise CheckpointError(f"{path}: tensors {n0} [{b0}, {e0}) and {n1} [{b1}, {e1}) overlap: corrupt file")
+        self._mm = None
+        if size > self.data_start:
+            with open(path, "rb") as f:  # copy-on-write mapping: writable views for torch, the file is never changed
+                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+
+    def tensor(self, name):
+        dtype, shape, start, end = self.entries[name]
+        numel = math.prod(shape)
+        if numel == 0:
+            return torch.empty(shape, dtype=dtype)
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if start % itemsize:  # unaligned data: copy it into aligned memory
+            raw = torch.frombuffer(self._mm, dtype=torch.uint8, count=end - start, offset=start)
+            return raw.clone().view(dtype).reshape(shape)
+        return torch.frombuffer(self._mm, dtype=dtype, count=numel, offset=start).reshape(shape)
+
+    def release(self, name):
+        """Drop this tensor's pages from our memory; reading it again refaults them from the file."""
+        _, _, start, end = self.entries[name]
+        if self._mm is None or end <= start or not hasattr(self._mm, "madvise"):
+            return
+        page = mmap.PAGESIZE
+        lo = start // page * page
+        hi = min(-(-end // page) * page, len(self._mm))
+        self._mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+
+def _parse_header(raw, path):
+    def no_duplicates(pairs):
+        seen = {}
+        for k, v in pairs:
+            if k in seen:
+                raise CheckpointError(f"{path}: the header names tensor {k} twice: corrupt file")
+            seen[k] = v
+        return seen
+
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicates)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: the header is not valid JSON ({str(e).splitlines()[0][:80]}): not a "
+                              f"safetensors file, or corrupt") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: the header is a JSON {type(header).__name__}, not an object")
+    meta = header.get("__metadata__")
+    if meta is not None and not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: __metadata__ must be a JSON object of strings")
+    return header
+
+
+def _check_entry(name, info, path):
+    """-> (torch dtype, shape tuple, (begin, end)) after checking types and that the byte count fits the shape."""
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+        raise CheckpointError(f"{path}: header entry {name} lacks dtype, shape or data_offsets")
+    dtype_name, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if dtype_name not in DTYPES:
+        raise CheckpointError(f"{path}: tensor {name} has dtype {dtype_name!r}, which this reader does not support "
+                              f"(supported: {', '.join(DTYPES)})")
+    if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                            for d in shape)):
+        raise CheckpointError(f"{path}: tensor {name} has shape {shape!r}, expected a list of sizes >= 0")
+    if not (isinstance(offsets, list) and len(offsets) == 2
+            and all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)):
+        raise CheckpointError(f"{path}: tensor {name} has data_offsets {offsets!r}, expected [begin, end]")
+    begin, end = offsets
+    if end < begin:
+        raise CheckpointError(f"{path}: tensor {name} has data_offsets [{begin}, {end}] out of order (end < begin)")
+    dtype = DTYPES[dtype_name]
+    want = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if end - begin != want:
+        raise CheckpointError(f"{path}: tensor {name} ({dtype_name} {shape}) needs {want} bytes but its offsets "
+                              f"span {end - begin}")
+    return dtype, tuple(shape), (begin, end)
+
+
+def read_safetensors(path):
+    """name -> tensor for every tensor of a .safetensors file; the tensors are views into a memory map."""
+    f = SafetensorsFile(path)
+    return {name: f.tensor(name) for name in f.entries}
+
+
+def write_safetensors(path, tensors, metadata=None):
+    """Write {name: tensor} as a .safetensors file (temporary file, then rename: never half a file at path)."""
+    header, offset = {}, 0
+    for name, t in tensors.items():
+        if t.dtype not in DTYPE_NAMES:
+            raise ValueError(f"cannot store {name} of dtype {t.dtype} in safetensors")
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)  # pad so the data starts 8-byte aligned
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(struct.pack("<Q", len(blob)))
+            f.write(blob)
+            for t in tensors.values():
+                if t.numel():  # one tensor at a time: a transposed view costs one copy of that tensor only
+                    f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Published GPT-2 names <-> ours
+# ---------------------------------------------------------------------------------------------------------------
+
+# (ours, published, transpose: the published Conv1D stores [in, out], our Linear [out, in],
+#  part: which third (q, k, v) of the fused c_attn along its last dim, or None)
+KEY_PAIRS = [
+    ("tok_emb.weight", "wte.weight", False, None),
+    ("pos_emb.weight", "wpe.weight", False, None),
+    ("final_norm.scale", "ln_f.weight", False, None),
+    ("final_norm.shift", "ln_f.bias", False, None),
+]
+BLOCK_KEY_PAIRS = [
+    ("norm1.scale", "ln_1.weight", False, None),
+    ("norm1.shift", "ln_1.bias", False, None),
+    ("att.W_query.weight", "attn.c_attn.weight", True, 0),
+    ("att.W_key.weight", "attn.c_attn.weight", True, 1),
+    ("att.W_value.weight", "attn.c_attn.weight", True, 2),
+    ("att.W_query.bias", "attn.c_attn.bias", False, 0),
+    ("att.W_key.bias", "attn.c_attn.bias", False, 1),
+    ("att.W_value.bias", "attn.c_attn.bias", False, 2),
+    ("att.out_proj.weight", "attn.c_proj.weight", True, None),
+    ("att.out_proj.bias", "attn.c_proj.bias", False, None),
+    ("norm2.scale", "ln_2.weight", False, None),
+    ("norm2.shift", "ln_2.bias", False, None),
+    ("ff.layers.0.weight", "mlp.c_fc.weight", True, None),
+    ("ff.layers.0.bias", "mlp.c_fc.bias", False, None),
+    ("ff.layers.2.weight", "mlp.c_proj.weight", True, None),
+    ("ff.layers.2.bias", "mlp.c_proj.bias", False, None),
+]
+LM_HEAD_PAIR = ("out_head.weight", "lm_head.weight", False, None)  # only when the head is not tied to wte
+MASK_BUFFERS = ("attn.bias", "attn.masked_bias")  # the causal mask some files carry per layer; we build our own
+
+
+def key_pairs(n_layers, tied=True):
+    pairs = list(KEY_PAIRS)
+    for i in range(n_layers):
+        pairs += [(f"trf_blocks.{i}.{ours}", f"h.{i}.{theirs}", t, part) for ours, theirs, t, part in BLOCK_KEY_PAIRS]
+    return pairs if tied else pairs + [LM_HEAD_PAIR]
+
+
+def published_shapes(cfg, tied=True):
+    """published name -> shape that a config implies."""
+    d, V, C = cfg["emb_dim"], cfg["vocab_size"], cfg["context_length"]
+    shapes = {"wte.weight": (V, d), "wpe.weight": (C, d), "ln_f.weight": (d,), "ln_f.bias": (d,)}
+    per_layer = {"ln_1.weight": (d,), "ln_1.bias": (d,), "attn.c_attn.weight": (d, 3 * d), "attn.c_attn.bias": (3 * d,),
+                 "attn.c_proj.weight": (d, d), "attn.c_proj.bias": (d,), "ln_2.weight": (d,), "ln_2.bias": (d,),
+                 "mlp.c_fc.weight": (d, 4 * d), "mlp.c_fc.bias": (4 * d,), "mlp.c_proj.weight": (4 * d, d),
+                 "mlp.c_proj.bias": (d,)}
+    for i in range(cfg["n_layers"]):
+        shapes.update({f"h.{i}.{k}": s for k, s in per_layer.items()})
+    if not tied:
+        shapes["lm_head.weight"] = (V, d)
+    return shapes
+
+
+def _published_view(src, transpose, part, d):
+    """Our tensor's values out of a published one: take a third of the fused c_attn, undo the Conv1D layout."""
+    if part is not None:
+        src = src[..., part * d:(part + 1) * d]
+    return src.t() if transpose else src
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------------------------
+
+def _find_files(path):
+    """-> (model.safetensors path, config.json path or None)"""
+    if os.path.isdir(path):
+        st = os.path.join(path, "model.safetensors")
+        if not os.path.isfile(st):
+            raise CheckpointError(f"folder {path} holds no model.safetensors: pass the file, or a folder with one")
+        folder = path
+    elif os.path.isfile(path):
+        st, folder = path, os.path.dirname(path)
+    else:
+        raise CheckpointError(f"no model at {path}: pass a model.safetensors file or a folder holding one")
+    cj = os.path.join(folder, "config.json")
+    return st, (cj if os.path.isfile(cj) else None)
+
+
+def config_from_json(path, drop_rate=0.0):
+    """Our config dict from a Hugging Face GPT-2 config.json, refusing variants our model does not compute."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            hf = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read {path} as JSON ({str(e).splitlines()[0][:80]})") from None
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{path} is not a JSON object")
+    if hf.get("model_type", "gpt2") != "gpt2":
+        raise CheckpointError(f"{path} describes a {hf['model_type']!r} model, not gpt2")
+    missing = [k for k in ("vocab_size", "n_embd", "n_layer", "n_head") if not isinstance(hf.get(k), int)]
+    ctx = hf.get("n_positions", hf.get("n_ctx"))
+    if not isinstance(ctx, int):
+        missing.append("n_positions")
+    if missing:
+        raise CheckpointError(f"{path} lacks integer {', '.join(missing)}")
+    act = hf.get("activation_function", "gelu_new")
+    if act not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise CheckpointError(f"{path}: activation_function {act!r} is not GPT-2's tanh GELU (gelu_new), which "
+                              f"model.py computes")
+    eps = hf.get("layer_norm_epsilon", 1e-5)
+    if not math.isclose(eps, 1e-5, rel_tol=1e-6):
+        raise CheckpointError(f"{path}: layer_norm_epsilon {eps} differs from model.py's 1e-5")
+    if hf.get("n_inner") not in (None, 4 * hf["n_embd"]):
+        raise CheckpointError(f"{path}: n_inner {hf['n_inner']} is not 4 * n_embd, which model.py assumes")
+    if hf.get("scale_attn_by_inverse_layer_idx") or not hf.get("scale_attn_weights", True):
+        raise CheckpointError(f"{path}: attention scaling differs from GPT-2's 1/sqrt(head_dim)")
+    if hf["n_embd"] % hf["n_head"]:
+        raise CheckpointError(f"{path}: n_embd {hf['n_embd']} is not divisible by n_head {hf['n_head']}")
+    return {"vocab_size": hf["vocab_size"], "context_length": ctx, "emb_dim": hf["n_embd"], "n_heads": hf["n_head"],
+            "n_layers": hf["n_layer"], "drop_rate": drop_rate, "qkv_bias": True,
+            "tie_weights": bool(hf.get("tie_word_embeddings", True))}
+
+
+def _config_from_shapes(entries, n_heads, drop_rate, path):
+    for k in ("wte.weight", "wpe.weight"):
+        if k not in entries or len(entries[k][1]) != 2:
+            raise CheckpointError(f"{path} has no 2-D {k} (or transformer.{k}): not a GPT-2 checkpoint")
+    V, d = entries["wte.weight"][1]
+    layers = 1 + max((int(k.split(".")[1]) for k in entries if k.startswith("h.") and k.split(".")[1].isdigit()),
+                     default=-1)
+    heads = n_heads or HEADS_FOR_WIDTH.get(d)
+    if not heads:
+        raise CheckpointError(f"{path} has no config.json and width {d} is not a standard GPT-2 size: pass "
+                              f"--n_heads")
+    if d % heads:
+        raise CheckpointError(f"{path}: width {d} is not divisible by n_heads {heads}")
+    return {"vocab_size": V, "context_length": entries["wpe.weight"][1][0], "emb_dim": d, "n_heads": heads,
+            "n_layers": layers, "drop_rate": drop_rate, "qkv_bias": True, "tie_weights": True}
+
+
+def _names(names, n=4):
+    names = sorted(names)
+    return ", ".join(names[:n]) + (f" (+{len(names) - n} more)" if len(names) > n else "")
+
+
+def load_hf_checkpoint(path, drop_rate=0.0, n_heads=None):
+    """GPTModel from a published-layout GPT-2 checkpoint: a model.safetensors file, or a folder holding one (and
+    config.json, else the config comes from the shapes and n_heads or the standard sizes).
+
+    The model is built on the meta device and each tensor copied in from the memory-mapped file, whose pages are
+    released as we go: peak memory is the model plus one tensor.
+    """
+    st_path, cj_path = _find_files(path)
+    f = SafetensorsFile(st_path)
+    stored = {}  # published name without "transformer." -> name in the file
+    for name in f.entries:
+        canon = name[len("transformer."):] if name.startswith("transformer.") else name
+        if canon in stored:
+            raise CheckpointError(f"{st_path} holds both {stored[canon]} and {name}")
+        stored[canon] = name
+    entries = {canon: f.entries[name] for canon, name in stored.items()}
+
+    if cj_path:
+        cfg = config_from_json(cj_path, drop_rate)
+        if n_heads and n_heads != cfg["n_heads"]:
+            raise CheckpointError(f"n_heads {n_heads} contradicts {cj_path} (n_head {cfg['n_heads']})")
+        source = f"{cj_path}"
+    else:
+        cfg = _config_from_shapes(entries, n_heads, drop_rate, st_path)
+        source = "the shapes of wte/wpe"
+    if not cj_path and "lm_head.weight" in entries:
+        cfg["tie_weights"] = _same_tensor(f, stored["wte.weight"], stored["lm_head.weight"])
+
+    tied = cfg["tie_weights"]
+    want = published_shapes(cfg, tied)
+    optional = {f"h.{i}.{b}" for i in range(cfg["n_layers"]) for b in MASK_BUFFERS} | {"lm_head.weight"}
+    missing = set(want) - set(entries)
+    unexpected = set(entries) - set(want) - optional
+    if missing or unexpected:
+        parts = ([f"missing {_names(missing)}"] if missing else []) + \
+                ([f"unexpected {_names(unexpected)}"] if unexpected else [])
+        raise CheckpointError(f"{st_path} does not fit a GPT-2 with n_layers {cfg['n_layers']}: {'; '.join(parts)}")
+    wrong = [f"{k} is {list(entries[k][1])}, expected {list(s)}" for k, s in want.items() if entries[k][1] != s]
+    if wrong:
+        raise CheckpointError(f"{st_path}: shapes contradict the config from {source}: {'; '.join(wrong[:3])}"
+                              + (f" (+{len(wrong) - 3} more)" if len(wrong) > 3 else ""))
+    not_float = [k for k in want if not entries[k][0].is_floating_point]
+    if not_float:
+        raise CheckpointError(f"{st_path}: weights {_names(not_float)} are not floating point")
+
+    with torch.device("meta"):
+        model = GPTModel(cfg)  # no memory and no random init: every tensor comes from the file
+    model = model.to_empty(device="cpu")
+    if tied:
+        model.out_head.weight = model.tok_emb.weight  # to_empty gives each name its own tensor; tie them again
+    own = model.state_dict()
+    uses = {}  # published name -> [(ours, transpose, part)], visited in file order so the reads are sequential
+    for ours, theirs, transpose, part in key_pairs(cfg["n_layers"], tied):
+        uses.setdefault(theirs, []).append((ours, transpose, part))
+    filled = set()
+    with torch.no_grad():
+        for theirs in sorted(uses, key=lambda k: entries[k][2]):
+            src = f.tensor(stored[theirs])
+            for ours, transpose, part in uses[theirs]:
+                own[ours].copy_(_published_view(src, transpose, part, cfg["emb_dim"]))
+                filled.add(ours)
+            del src
+            f.release(stored[theirs])
+    assert filled | ({"out_head.weight"} if tied else set()) == set(own), set(own) - filled
+    return model
+
+
+def _same_tensor(f, a, b):
+    same = f.entries[a][1] == f.entries[b][1] and torch.equal(f.tensor(a), f.tensor(b))
+    f.release(a)
+    f.release(b)
+    return same
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Download and verification
+# ---------------------------------------------------------------------------------------------------------------
+
+def hub_urls(model_name, hub_url=None):
+    base = (hub_url or os.environ.get("GPT2_HUB_URL") or HUB_URL).rstrip("/")
+    return {fn: f"{base}/{REPO}/{model_name}/resolve/main/{fn}" for fn in ("model.safetensors", "config.json")}
+
+
+def hub_sha256(url, timeout=30):
+    """The sha256 the hub publishes for a large (LFS) file: its ETag, read from a HEAD request without following
+    the redirect to the CDN. None when the server sends no sha256-shaped ETag (e.g. a plain mirror)."""
+    import requests
+    try:
+        r = requests.head(url, allow_redirects=False, timeout=timeout)
+    except requests.RequestException as e:
+        raise DownloadError(f"cannot reach {url} ({type(e).__name__})") from None
+    if r.status_code >= 400:
+        raise DownloadError(f"{url} answered HTTP {r.status_code}")
+    for header in ("X-Linked-Etag", "ETag"):
+        tag = r.headers.get(header, "").strip()
+        tag = tag[2:] if tag.startswith("W/") else tag
+        tag = tag.strip('"').lower()
+        if len(tag) == 64 and all(c in "0123456789abcdef" for c in tag):
+            return tag
+    return None
+
+
+def _record_path(path):
+    return path + ".sha256"
+
+
+def _write_record(path, digest):
+    """Keep what was verified next to the file: its sha256, size and mtime, so later loads re-check cheaply."""
+    st = os.stat(path)
+    rec = {"sha256": digest, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    tmp = _record_path(path) + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(rec, f)
+    os.replace(tmp, _record_path(path))
+
+
+def _check_record(path, rehash=False):
+    """True when path matches its record (size and mtime, or the hash when asked or when those changed); False
+    when there is no record. Raises CheckpointError when the file changed since it was verified."""
+    try:
+        with open(_record_path(path)) as f:
+            rec = json.load(f)
+        digest, size, mtime = rec["sha256"], rec["size"], rec["mtime_ns"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    st = os.stat(path)
+    if not rehash and st.st_size == size and st.st_mtime_ns == mtime:
+        return True
+    if sha256_of(path) != digest:
+        raise CheckpointError(f"{path} changed since it was verified (sha256 differs from {_record_path(path)}): "
+                              f"delete both and rerun to download again")
+    _write_record(path, digest)  # same bytes, new mtime: record it so the next load is cheap again
+    return True
+
+
+def ensure_downloaded(model_name, models_dir="models", hub_url=None, verify=False, progress=True):
+    """models_dir/model_name, holding a verified model.safetensors (and config.json); downloads what is missing."""
+    if model_name not in PRETRAINED:
+        raise UserError(f"unknown model {model_name!r}: choose one of {', '.join(PRETRAINED)}")
+    folder = os.path.join(models_dir, model_name)
+    st, cj = os.path.join(folder, "model.safetensors"), os.path.join(folder, "config.json")
+    urls = hub_urls(model_name, hub_url)
+    by_hand = f"download {urls['model.safetensors']} and {urls['config.json']} by hand into {folder}/"
+    if os.path.isfile(st) and _check_record(st, rehash=verify):
+        return folder
+    try:
+        expected = hub_sha256(urls["model.safetensors"])
+    except DownloadError as e:
+        if os.path.isfile(st):  # placed by hand and we are offline: the reader's checks still apply
+            print(f"warning: could not check {st} against the hub ({e}); loading it unverified", file=sys.stderr)
+            return folder
+        raise DownloadError(f"{e}: check the connection, or {by_hand}") from None
+    if not os.path.isfile(cj):
+        print(f"downloading {urls['config.json']}")
+        download(urls["config.json"], cj, progress=progress)
+    if os.path.isfile(st):
+        digest = sha256_of(st)
+        if expected and digest != expected:
+            raise CheckpointError(f"{st} does not match the hub's sha256 {expected[:12]}...: delete it and rerun")
+    else:
+        print(f"downloading {urls['model.safetensors']}" + ("" if expected else " (the server sends no sha256)"))
+        download(urls["model.safetensors"], st, sha256=expected, progress=progress)
+        digest = expected or sha256_of(st)
+    _write_record(st, digest)
+    return folder
+
+
+def load_gpt2(model_name, models_dir="models", drop_rate=0.0, hub_url=None, verify=False, progress=True):
+    """OpenAI's GPT-2 (gpt2, gpt2-medium, gpt2-large, gpt2-xl) as a GPTModel: downloaded and verified if needed."""
+    folder = ensure_downloaded(model_name, models_dir, hub_url, verify, progress)
+    return load_hf_checkpoint(folder, drop_rate)
+
+
+def init_model(init, cfg_overrides=None, models_dir="models", device="cpu", **download_kw):
+    """The model a script starts from, for --init: a published name (downloaded), `scratch` (GPT_CONFIG_124M plus
+    cfg_overrides, random weights), a .pth (ours or a bare state_dict), or a model.safetensors / folder holding one.
+
+    For pretrained weights, cfg_overrides may change drop_rate; other keys must agree with the weights.
+    Returns (model, info) with info = {"init", "path", "kind", "checkpoint"} (checkpoint: the .pth dict, or None).
+    """
+    overrides = dict(cfg_overrides or {})
+    info = {"init": init, "path": None, "kind": None, "checkpoint": None}
+    if init == "scratch":
+        model = GPTModel({**GPT_CONFIG_124M, **overrides})
+    elif init in PRETRAINED:
+        model = load_gpt2(init, models_dir, overrides.pop("drop_rate", 0.0), **download_kw)
+        info.update(path=os.path.join(models_dir, init), kind="pretrained")
+        _check_overrides(model.cfg, overrides, init)
+    elif init.endswith(".pth"):
+        if not os.path.isfile(init):
+            raise UserError(f"no checkpoint at {init}: check the path, or pass --init gpt2 or scratch")
+        model, ckpt = load_model(init, "cpu", overrides)
+        info.update(path=init, kind=ckpt.get("kind"), checkpoint=ckpt)
+    elif os.path.isdir(init) or init.endswith(".safetensors"):
+        model = load_hf_checkpoint(init, overrides.pop("drop_rate", 0.0), overrides.pop("n_heads", None))
+        info.update(path=init, kind="pretrained")
+        _check_overrides(model.cfg, overrides, init)
+    else:
+        raise UserError(f"unknown --init {init!r}: use {INIT_HELP}")
+    return model.to(device), info
+
+
+def _check_overrides(cfg, overrides, source):
+    clash = [f"{k}={v} (the weights have {cfg.get(k)})" for k, v in overrides.items() if cfg.get(k) != v]
+    if clash:
+        raise UserError(f"{source} fixes {', '.join(clash)}: drop those settings, or use --init scratch")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Export to the published layout
+# ---------------------------------------------------------------------------------------------------------------
+
+def published_state_dict(model):
+    """Our model's tensors under the published GPT-2 names and layout (c_attn fused, Conv1D [in, out])."""
+    cfg, sd = model.cfg, model.state_dict()
+    d, V = cfg["emb_dim"], cfg["vocab_size"]
+    for k in [k for k in sd if k + "_scale" in sd]:  # int8 layers (model.quantize_int8): back to float weights
+        sd[k] = sd[k].float() * sd[k + "_scale"][:, None]
+    if tuple(sd["out_head.weight"].shape) != (V, d):
+        raise UserError(f"out_head is {list(sd['out_head.weight'].shape)}, not [{V}, {d}]: only a language model "
+                        f"(not a classifier) fits the GPT-2 layout")
+    tied = torch.equal(sd["out_head.weight"], sd["tok_emb.weight"])
+    parts = {}
+    for ours, theirs, transpose, part in key_pairs(cfg["n_layers"], tied):
+        if ours not in sd and part is not None and ours.endswith(".bias"):
+            sd[ours] = torch.zeros(d)  # a model built with qkv_bias=False: GPT-2's layout has a bias, zero here
+        if ours not in sd:
+            raise UserError(f"the model has no {ours}: merge LoRA adapters (model.merge_lora) before exporting")
+        t = sd[ours].t() if transpose else sd[ours]
+        parts.setdefault(theirs, []).append(t)
+    return {k: (torch.cat(v, dim=-1) if len(v) > 1 else v[0]).float() for k, v in parts.items()}, tied
+
+
+def hf_config(cfg, tied=True):
+    return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg["vocab_size"],
+            "n_positions": cfg["context_length"], "n_ctx": cfg["context_length"], "n_embd": cfg["emb_dim"],
+            "n_layer": cfg["n_layers"], "n_head": cfg["n_heads"], "n_inner": None, "activation_function": "gelu_new",
+            "layer_norm_epsilon": 1e-5, "resid_pdrop": cfg["drop_rate"], "embd_pdrop": cfg["drop_rate"],
+            "attn_pdrop": cfg["drop_rate"], "initializer_range": 0.02, "tie_word_embeddings": tied,
+            "torch_dtype": "float32", **({"bos_token_id": 50256, "eos_token_id": 50256}
+                                         if cfg["vocab_size"] > 50256 else {})}
+
+
+def export_hf(pth_path, out_dir, force=False):
+    """Write out_dir/model.safetensors + config.json in the published GPT-2 layout from one of our .pth files."""
+    if not out_dir:
+        raise UserError("--export needs --out FOLDER: where to write model.safetensors and config.json")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"--out {out_dir} is a file, not a folder")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not force:
+        raise UserError(f"{out_dir} exists and is not empty: pick a new folder or pass --force")
+    if not os.path.isfile(pth_path):
+        raise UserError(f"no checkpoint at {pth_path}: pass the .pth written by a training run")
+    model, _ = load_model(pth_path)
+    tensors, tied = published_state_dict(model)
+    created = not os.path.isdir(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    try:
+        write_safetensors(os.path.join(out_dir, "model.safetensors"), tensors, {"format": "pt"})
+        tmp = os.path.join(out_dir, "config.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(hf_config(model.cfg, tied), f, indent=2)
+        os.replace(tmp, os.path.join(out_dir, "config.json"))
+    except BaseException:
+        if created:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+    return out_dir
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    cfg = get_config(DEFAULTS, argv, __doc__)
+    if cfg["export"]:
+        out = export_hf(cfg["export"], cfg["out"], cfg["force"])
+        print(f"wrote {os.path.join(out, 'model.safetensors')} and {os.path.join(out, 'config.json')}")
+        return out
+    name = cfg["model"]
+    if name in PRETRAINED:
+        folder = ensure_downloaded(name, cfg["models_dir"], cfg["hub_url"] or None, cfg["verify"])
+        out = cfg["out"] or os.path.join(cfg["models_dir"], f"gpt2-{PRETRAINED[name]}.pth")
+    elif os.path.exists(name):
+        folder = name
+        stem = os.path.basename(os.path.abspath(name if os.path.isdir(name) else os.path.dirname(name) or "."))
+        out = cfg["out"] or os.path.join(cfg["models_dir"], f"{stem}.pth")
+    else:
+        raise UserError(f"unknown model {name!r}: choose one of {', '.join(PRETRAINED)}, or pass a local "
+                        f"model.safetensors or folder")
+    model = load_hf_checkpoint(folder, n_heads=cfg["n_heads"] or None)
+    print(f"loaded {name}: {count_parameters(model) / 1e6:.1f}M parameters")
+    save_checkpoint(out, model, kind="pretrained", source=name)
+    print(f"wrote {out}")
+    return out
+
+
+if __name__ == "__main__":
+    entry(main)
