@@ -1,0 +1,488 @@
+"""Fine-tune GPT-2 to classify text: the book's spam classifier (chapter 6), or any labelled CSV.
+
+    python finetune_cls.py                                      # SMS spam, GPT-2 124M, last block + new head
+    python finetune_cls.py --predict "You won a free cruise, call now!"
+    python finetune_cls.py --csv reviews.csv --text_column review --label_column stars --trainable lora
+    python finetune_cls.py --init scratch --trainable all --n_layers 4 --n_heads 4 --emb_dim 128 --max_length 128 \\
+        --drop_rate 0.1 --lr 5e-4 --epochs 3 --out_dir runs/cls-scratch    # no pretrained weights needed
+
+Without --csv or --train_csv the SMS Spam Collection is downloaded, balanced (ham undersampled to the 747 spam
+messages) and split 70/10/20; every split made here is written to OUT_DIR as train.csv, validation.csv, test.csv.
+The classifier reads its answer off the last real token of each text (padding, id 50256, comes after it).
+"""
+import json
+import os
+import re
+import sys
+import time
+from collections import Counter
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from data import (EOT_ID, ClassificationDataset, UserError, autocast, balance_classes, changed_settings,
+                  class_names_of, entry, fetch_sms_spam, get_config, pick_device, pick_dtype, read_labelled_csv,
+                  read_sms_spam, read_text_file, split_rows, write_labelled_csv)
+from model import (GPTModel, count_parameters, load_state, merge_lora, read_checkpoint, replace_linear_with_lora,
+                   save_checkpoint)
+from pretrain import check_out_dir, check_settings, model_config, plot_losses, train_model
+
+DEFAULTS = dict(
+    csv="",                    # one labelled CSV, balanced and split 70/10/20 here; "" = the SMS Spam Collection
+    train_csv="",              # ready-made splits instead: training CSV (with --val_csv and --test_csv); "" = off
+    val_csv="",                # validation CSV that goes with --train_csv
+    test_csv="",               # test CSV that goes with --train_csv; with --evaluate, the CSV to evaluate on
+    text_column="Text",        # CSV column holding the text (a .tsv file is read tab-separated)
+    label_column="Label",      # CSV column holding the label: any strings, each distinct one a class
+    balance=True,              # undersample every class to the smallest before splitting (the book's choice)
+    out_dir="runs/cls",        # where split CSVs, checkpoints, metrics.json, log.csv and plots go
+    checkpoint="",             # classifier that training writes and --predict reads; "" = OUT_DIR/spam_classifier.pth
+    init="gpt2",               # gpt2 | gpt2-medium | gpt2-large | gpt2-xl | scratch | PATH.pth | PATH.safetensors
+    model="gpt2",              # architecture when init=scratch: gpt2 | gpt2-medium | gpt2-large | gpt2-xl
+    emb_dim=0,                 # init=scratch only; 0 = the size of --model
+    n_heads=0,                 # init=scratch only; 0 = the size of --model
+    n_layers=0,                # init=scratch only; 0 = the size of --model
+    context_length=0,          # init=scratch only: the position table, in tokens; 0 = max_length
+    drop_rate=0.0,             # dropout probability; 0 = off
+    max_length=0,              # tokens per text, longer texts are cut; 0 = the longest training text (up to context)
+    trainable="last_block",    # head | last_block | last_n:K | all | lora (last_block, last_n also train final_norm)
+    lora_rank=16,              # rank of the adapters with --trainable lora
+    lora_alpha=16.0,           # adapter scale: the low-rank update is multiplied by alpha / rank
+    batch_size=8,              # texts per step
+    grad_accum_steps=1,        # micro-batches summed per optimizer step
+    epochs=5,                  # passes over the training texts; 0 = only evaluate the untrained classifier
+    max_steps=0,               # stop after this many optimizer steps; 0 = off
+    lr=5e-5,                   # peak learning rate
+    weight_decay=0.1,          # AdamW decoupled weight decay
+    lr_schedule="constant",    # constant | cosine (cosine decays to min_lr after warmup)
+    warmup_steps=0,            # linear warmup from 0 to lr; 0 = off
+    min_lr=0.0,                # floor of the cosine schedule
+    grad_clip=0.0,             # clip the global gradient norm to this; 0 = off
+    eval_freq=50,              # log losses and accuracies every this many steps
+    eval_iters=5,              # training batches per evaluation (the validation set is used whole)
+    save_every=0,              # also checkpoint every this many steps; 0 = only at the end and on Ctrl-C/SIGTERM
+    seed=123,                  # seeds balancing, the split, the new head, dropout and data order
+    device="auto",             # auto | cpu | cuda | mps
+    dtype="auto",              # auto | float32 | bfloat16 | float16 (auto: bf16 on GPUs that have it, else fp32)
+    compile=False,             # torch.compile the model (slow start, faster steps on GPUs)
+    resume=False,              # continue from OUT_DIR/model_and_optimizer.pth
+    predict="",                # a text to classify with --checkpoint: prints label and probability; "" = off
+    predict_file="",           # a text file to classify line by line with --checkpoint; "" = off
+    evaluate=False,            # only evaluate --checkpoint on --test_csv (else --csv, else OUT_DIR/test.csv)
+    merge_lora=False,          # fold --checkpoint's LoRA adapters into plain weights, written as NAME_merged.pth
+)
+
+CLASSIFIER = "spam_classifier.pth"
+# what a classifier checkpoint stores beside the weights, so that it can be used alone
+CLS_KEYS = ("class_names", "max_length", "pad_id", "text_column", "label_column", "trainable", "lora", "step",
+            "accuracy")
+
+
+def note(message):
+    print(f"note: {message}", file=sys.stderr)
+
+
+def parse_trainable(spec):
+    """--trainable -> (mode, number of last blocks or None)."""
+    if spec in ("head", "last_block", "all", "lora"):
+        return spec, None
+    m = re.fullmatch(r"last_n:(\d+)", spec)
+    if m and int(m.group(1)) >= 1:
+        return "last_n", int(m.group(1))
+    raise UserError(f"--trainable must be head, last_block, last_n:K (K >= 1), all or lora, got {spec!r}")
+
+
+def check_cls_settings(cfg):
+    # context_length 0 means "max_length" here, so pretrain's check (which wants it >= 1) skips it
+    check_settings({k: v for k, v in cfg.items() if k != "context_length"})
+    for k in ("context_length", "max_length"):
+        if cfg[k] < 0:
+            raise UserError(f"--{k} must be >= 0, got {cfg[k]}")
+    if cfg["lora_rank"] < 1 or not cfg["lora_alpha"] > 0:
+        raise UserError(f"--lora_rank must be >= 1 and --lora_alpha > 0, got {cfg['lora_rank']} and "
+                        f"{cfg['lora_alpha']}")
+    parse_trainable(cfg["trainable"])
+    sized = [f"--{k}" for k in ("emb_dim", "n_heads", "n_layers", "context_length") if cfg[k]]
+    if sized and cfg["init"] != "scratch":
+        raise UserError(f"{', '.join(sized)} only size a --init scratch model; --init {cfg['init']} brings its own")
+    modes = [f"--{k}" for k in ("predict", "predict_file", "evaluate", "merge_lora") if cfg[k]]
+    if len(modes) > 1:
+        raise UserError(f"{' and '.join(modes)} cannot be combined: pick one")
+    if cfg["csv"] and cfg["train_csv"]:
+        raise UserError("--csv and --train_csv cannot be combined: one CSV to split, or ready-made splits")
+    if not modes:
+        given = [bool(cfg[k]) for k in ("train_csv", "val_csv", "test_csv")]
+        if any(given) and not all(given):
+            raise UserError("ready-made splits need all of --train_csv, --val_csv and --test_csv (or pass one "
+                            "--csv to split 70/10/20)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The classifier: GPT-2 with a new head, read at the last real token
+# ---------------------------------------------------------------------------------------------------------------
+
+def replace_head(model, num_classes):
+    """Swap the vocabulary head for Linear(emb_dim, num_classes) (freshly initialized); returns model."""
+    w = model.out_head.weight
+    model.out_head = nn.Linear(model.cfg["emb_dim"], num_classes, device=w.device, dtype=w.dtype)
+    model.cfg["num_classes"] = num_classes
+    return model
+
+
+def set_trainable(model, spec, lora_rank=16, lora_alpha=16.0):
+    """Freeze the model except what --trainable names; the new head always trains. Returns model.
+
+    head: the head alone; last_block / last_n:K: the last 1 / K transformer blocks and final_norm too; all:
+    everything; lora: low-rank adapters on every Linear of the transformer blocks (their weights frozen).
+    """
+    mode, k = parse_trainable(spec)
+    model.requires_grad_(mode == "all")
+    if mode == "lora":
+        replace_linear_with_lora(model.trf_blocks, lora_rank, lora_alpha)  # the new A and B are trainable
+    elif mode in ("last_block", "last_n"):
+        k = k or 1
+        if k > len(model.trf_blocks):
+            raise UserError(f"--trainable last_n:{k} asks for more blocks than the model's {len(model.trf_blocks)}")
+        model.trf_blocks[-k:].requires_grad_(True)
+        model.final_norm.requires_grad_(True)
+    model.out_head.requires_grad_(True)
+    return model
+
+
+def last_token_logits(model, input_ids, lengths):
+    """(B, T) right-padded ids and (B,) real lengths -> (B, num_classes): each row's logits at its last real token.
+
+    Attention is causal, so the padding after a text never changes the outputs before it; the batch is cut to its
+    longest text first, which gives the same numbers with less work.
+    """
+    input_ids = input_ids[:, :int(lengths.max())]
+    logits = model(input_ids)                                        # (B, T, num_classes)
+    return logits[torch.arange(len(lengths), device=logits.device), lengths - 1]
+
+
+def calc_loss_batch(batch, model, device):
+    ids, labels, lengths = (t.to(device) for t in batch)
+    return F.cross_entropy(last_token_logits(model, ids, lengths).float(), labels)
+
+
+@torch.no_grad()
+def predict_loader(model, loader, device, num_batches=None):
+    """Run the classifier over (the first num_batches batches of) loader -> (logits (N, C) float32, labels (N,))."""
+    logits, labels = [], []
+    for i, (ids, y, lengths) in enumerate(loader):
+        if num_batches is not None and i >= num_batches:
+            break
+        logits.append(last_token_logits(model, ids.to(device), lengths.to(device)).float().cpu())
+        labels.append(y)
+    return torch.cat(logits), torch.cat(labels)
+
+
+def loss_and_accuracy(logits, labels):
+    return F.cross_entropy(logits, labels).item(), (logits.argmax(-1) == labels).float().mean().item()
+
+
+def classification_metrics(logits, labels, class_names):
+    """Loss, accuracy, per-class precision/recall/F1/support and the confusion matrix (rows: true class, columns:
+    predicted class). A class never predicted has precision 0."""
+    n = len(class_names)
+    preds = logits.argmax(-1)
+    confusion = torch.zeros(n, n, dtype=torch.long)
+    confusion.index_put_((labels, preds), torch.ones_like(labels), accumulate=True)
+    per_class = {}
+    for c, name in enumerate(class_names):
+        tp, predicted, actual = confusion[c, c].item(), confusion[:, c].sum().item(), confusion[c].sum().item()
+        precision = tp / predicted if predicted else 0.0
+        recall = tp / actual if actual else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[name] = {"precision": round(precision, 4), "recall": round(recall, 4), "f1": round(f1, 4),
+                           "support": actual}
+    loss, accuracy = loss_and_accuracy(logits, labels)
+    return {"examples": len(labels), "loss": round(loss, 5), "accuracy": round(accuracy, 5), "per_class": per_class,
+            "confusion": confusion.tolist()}
+
+
+def format_metrics(split, m, class_names):
+    width = max(8, *map(len, class_names))
+    lines = [f"{split}: accuracy {100 * m['accuracy']:.2f}% on {m['examples']} texts, loss {m['loss']:.3f}",
+             f"  {'class':<{width}}  precision  recall     f1  support"]
+    for name in class_names:
+        c = m["per_class"][name]
+        lines.append(f"  {name:<{width}}  {c['precision']:9.3f}  {c['recall']:6.3f}  {c['f1']:5.3f}  {c['support']:7d}")
+    rows = ", ".join(f"{name} {row}" for name, row in zip(class_names, m["confusion"]))
+    lines.append(f"  confusion (rows true, columns predicted {', '.join(class_names)}): {rows}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------------------------
+
+def check_two_classes(rows, source):
+    names = class_names_of(label for _, label in rows)
+    if len(names) < 2:
+        raise UserError(f"{source} holds a single class ({names[0]!r}, {len(rows)} rows): a classifier needs at "
+                        f"least two; check the data or --label_column")
+    return names
+
+
+def label_ids(rows, class_names, source, known_by="the training data"):
+    """Labels -> class ids; a label outside class_names is refused, naming it."""
+    index = {name: i for i, name in enumerate(class_names)}
+    unknown = Counter(label for _, label in rows if label not in index)
+    if unknown:
+        listed = ", ".join(f"{name!r} ({n} row{'s' * (n > 1)})" for name, n in unknown.most_common(5))
+        raise UserError(f"{source} has labels {known_by} does not know: {listed}; known: {', '.join(class_names)}")
+    return [index[label] for _, label in rows]
+
+
+def load_splits(cfg):
+    """(train, val, test) lists of (text, label): ready-made CSVs, or one CSV (or the SMS data) balanced and split
+    70/10/20 with the seed, the splits written to out_dir."""
+    tc, lc = cfg["text_column"], cfg["label_column"]
+    if cfg["train_csv"]:
+        splits = [read_labelled_csv(cfg[k], tc, lc) for k in ("train_csv", "val_csv", "test_csv")]
+        print(f"data: {len(splits[0])} train / {len(splits[1])} val / {len(splits[2])} test texts from "
+              f"{cfg['train_csv']}, {cfg['val_csv']}, {cfg['test_csv']}")
+        return splits
+    if cfg["csv"]:
+        source, rows = cfg["csv"], read_labelled_csv(cfg["csv"], tc, lc)
+    else:
+        source, rows = "the SMS Spam Collection", read_sms_spam(fetch_sms_spam())
+    check_two_classes(rows, source)
+    counts = Counter(label for _, label in rows)
+    described = f"{len(rows)} texts from {source} ({', '.join(f'{n} {k}' for k, n in sorted(counts.items()))})"
+    if cfg["balance"]:
+        rows = balance_classes(rows, cfg["seed"])
+        described += f", balanced to {min(counts.values())} per class"
+    splits = split_rows(rows, cfg["seed"])
+    written = []
+    for name, part in zip(("train.csv", "validation.csv", "test.csv"), splits):
+        written.append(write_labelled_csv(os.path.join(cfg["out_dir"], name), part, tc, lc))
+    print(f"data: {described}; split {' / '.join(str(len(s)) for s in splits)} into {', '.join(written)}")
+    return splits
+
+
+def make_dataset(rows, class_names, max_length, source, known_by="the training data"):
+    ds = ClassificationDataset([text for text, _ in rows], label_ids(rows, class_names, source, known_by),
+                               max_length=max_length)
+    report_truncated(ds, source)
+    return ds
+
+
+def report_truncated(ds, source):
+    if ds.truncated:
+        note(f"{ds.truncated} of {len(ds)} texts in {source} are longer than {ds.max_length} tokens and were cut "
+             f"to their first {ds.max_length} (raise --max_length to keep more)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Building, saving and loading classifiers
+# ---------------------------------------------------------------------------------------------------------------
+
+def build_base_model(cfg, max_length):
+    """The GPT-2 the classifier starts from: a scratch model sized by the settings, or load_gpt2.init_model."""
+    if cfg["init"] == "scratch":
+        return GPTModel(model_config({**cfg, "context_length": cfg["context_length"] or max_length,
+                                      "qkv_bias": False, "tie_weights": False}))
+    from load_gpt2 import init_model
+    model, _ = init_model(cfg["init"], cfg_overrides={"drop_rate": cfg["drop_rate"]})
+    return model
+
+
+def load_classifier(path, device="cpu"):
+    """A classifier .pth (kind 'cls') -> (model in eval mode, checkpoint dict)."""
+    if not os.path.exists(path):
+        raise UserError(f"no classifier at {path}: train one with `python finetune_cls.py`, or pass --checkpoint")
+    ckpt = read_checkpoint(path)
+    if ckpt.get("kind") != "cls" or not ckpt.get("class_names"):
+        what = f"a {ckpt['kind']!r} checkpoint" if ckpt.get("kind") else "a bare state_dict"
+        raise UserError(f"{path} is {what}, not a classifier: train one with `python finetune_cls.py` and pass its "
+                        f"{CLASSIFIER} as --checkpoint")
+    with torch.device("meta"):  # no memory, no random init: every tensor comes from the file
+        model = replace_head(GPTModel(ckpt["config"]), len(ckpt["class_names"]))
+        if ckpt.get("lora"):
+            replace_linear_with_lora(model.trf_blocks, ckpt["lora"]["rank"], ckpt["lora"]["alpha"])
+    model = model.to_empty(device="cpu")
+    load_state(model, ckpt["model"], path)
+    return model.to(device).eval(), ckpt
+
+
+def classify_texts(model, ckpt, texts, device, dtype, batch_size=8):
+    """texts -> list of (label, probability of that label, {class: probability})."""
+    ds = ClassificationDataset(texts, max_length=ckpt["max_length"], pad_id=ckpt.get("pad_id", EOT_ID))
+    report_truncated(ds, "the input")
+    with autocast(device, dtype):
+        logits, _ = predict_loader(model, DataLoader(ds, batch_size=batch_size), device)
+    probs = torch.softmax(logits, dim=-1)
+    names = ckpt["class_names"]
+    return [(names[int(p.argmax())], p.max().item(), dict(zip(names, p.tolist()))) for p in probs]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The four things the script does: train, predict, evaluate, merge LoRA
+# ---------------------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    cfg = get_config(DEFAULTS, argv, __doc__, check=check_cls_settings)
+    torch.manual_seed(cfg["seed"])
+    device = pick_device(cfg["device"])
+    dtype = pick_dtype(cfg["dtype"], device)
+    checkpoint = cfg["checkpoint"] or os.path.join(cfg["out_dir"], CLASSIFIER)
+    if cfg["predict"] or cfg["predict_file"]:
+        return run_predict(cfg, checkpoint, device, dtype)
+    if cfg["evaluate"]:
+        return run_evaluate(cfg, checkpoint, device, dtype)
+    if cfg["merge_lora"]:
+        return run_merge(checkpoint)
+    return run_training(cfg, checkpoint, device, dtype)
+
+
+def run_predict(cfg, checkpoint, device, dtype):
+    if cfg["predict"]:
+        texts = [cfg["predict"]]
+        if not texts[0].strip():
+            raise UserError("--predict got only whitespace: pass the text to classify")
+    else:
+        path = cfg["predict_file"]
+        if not os.path.isfile(path):
+            raise UserError(f"no file at {path}: check --predict_file")
+        lines = read_text_file(path).splitlines()
+        texts = [line for line in lines if line.strip()]
+        if not texts:
+            raise UserError(f"{path} has no non-empty lines: put one text per line")
+        if len(texts) < len(lines):
+            note(f"skipped {len(lines) - len(texts)} empty line(s) of {path}")
+    model, ckpt = load_classifier(checkpoint, device)
+    results = classify_texts(model, ckpt, texts, device, dtype, cfg["batch_size"])
+    for text, (label, prob, _) in zip(texts, results):
+        print(f"{label}\t{prob:.4f}\t{text}")
+    return [{"text": t, "label": label, "probability": p, "probabilities": ps} for t, (label, p, ps) in
+            zip(texts, results)]
+
+
+def run_evaluate(cfg, checkpoint, device, dtype):
+    path = cfg["test_csv"] or cfg["csv"] or os.path.join(cfg["out_dir"], "test.csv")
+    if not os.path.exists(path):
+        raise UserError(f"no CSV to evaluate at {path}: pass --test_csv (train first to get {path})")
+    model, ckpt = load_classifier(checkpoint, device)
+    rows = read_labelled_csv(path, cfg["text_column"], cfg["label_column"])
+    ds = make_dataset(rows, ckpt["class_names"], ckpt["max_length"], path, known_by="the classifier")
+    with autocast(device, dtype):
+        logits, labels = predict_loader(model, DataLoader(ds, batch_size=cfg["batch_size"]), device)
+    metrics = classification_metrics(logits, labels, ckpt["class_names"])
+    print(f"classifier {checkpoint} ({', '.join(ckpt['class_names'])}, max_length {ckpt['max_length']})")
+    print(format_metrics(path, metrics, ckpt["class_names"]))
+    return metrics
+
+
+def run_merge(checkpoint):
+    model, ckpt = load_classifier(checkpoint)
+    if not ckpt.get("lora"):
+        raise UserError(f"{checkpoint} has no LoRA adapters (trained with --trainable {ckpt.get('trainable')}): "
+                        f"nothing to merge")
+    merge_lora(model)
+    stem = checkpoint[:-4] if checkpoint.endswith(".pth") else checkpoint
+    out = save_checkpoint(stem + "_merged.pth", model, kind="cls",
+                          **{**{k: ckpt[k] for k in CLS_KEYS if k in ckpt}, "lora": None, "merged_from": checkpoint})
+    print(f"folded the rank-{ckpt['lora']['rank']} adapters into the weights of {checkpoint}; wrote {out}")
+    return out
+
+
+def run_training(cfg, checkpoint, device, dtype):
+    out_dir = cfg["out_dir"]
+    check_out_dir(out_dir)
+    train_rows, val_rows, test_rows = load_splits(cfg)
+    class_names = check_two_classes(train_rows, "the training split")
+
+    train_texts, train_labels = [t for t, _ in train_rows], label_ids(train_rows, class_names, "the training split")
+    train_ds = ClassificationDataset(train_texts, train_labels, max_length=cfg["max_length"] or None)
+    model = build_base_model(cfg, train_ds.max_length)
+    context = model.cfg["context_length"]
+    if train_ds.max_length > context:
+        if cfg["max_length"]:
+            raise UserError(f"--max_length {cfg['max_length']} exceeds the model's context_length {context}: lower "
+                            f"it")
+        train_ds = ClassificationDataset(train_texts, train_labels, max_length=context)
+    max_length = train_ds.max_length
+    report_truncated(train_ds, "the training split")
+    val_ds = make_dataset(val_rows, class_names, max_length, "the validation split")
+    test_ds = make_dataset(test_rows, class_names, max_length, "the test split")
+
+    replace_head(model, len(class_names))
+    set_trainable(model, cfg["trainable"], cfg["lora_rank"], cfg["lora_alpha"])
+    model.to(device)
+    if cfg["init"] == "scratch" and cfg["trainable"] != "all":
+        note(f"--init scratch with --trainable {cfg['trainable']} leaves most random weights frozen: pass "
+             f"--trainable all")
+
+    train_loader = DataLoader(train_ds, batch_size=cfg["batch_size"], shuffle=True, drop_last=True)
+    eval_loaders = {name: DataLoader(ds, batch_size=cfg["batch_size"]) for name, ds in
+                    (("train", train_ds), ("val", val_ds), ("test", test_ds))}
+    print(f"device {device}, dtype {str(dtype).replace('torch.', '')}, {count_parameters(model):,} parameters, "
+          f"{count_parameters(model, trainable_only=True):,} trainable (--trainable {cfg['trainable']}); "
+          f"{len(class_names)} classes ({', '.join(class_names)}), max_length {max_length}; "
+          f"{len(train_ds)} train / {len(val_ds)} val / {len(test_ds)} test texts; "
+          f"settings: {changed_settings(cfg, DEFAULTS)}")
+
+    def eval_fn(m):
+        train_loss, train_acc = loss_and_accuracy(*predict_loader(m, eval_loaders["train"], device,
+                                                                  cfg["eval_iters"]))
+        val_loss, val_acc = loss_and_accuracy(*predict_loader(m, eval_loaders["val"], device))
+        return {"train_loss": train_loss, "val_loss": val_loss, "train_acc": train_acc, "val_acc": val_acc}
+
+    epochs = []
+
+    def on_epoch_end(m, epoch):
+        m.eval()
+        with torch.no_grad(), autocast(device, dtype):
+            metrics = eval_fn(m)
+        m.train()
+        epochs.append({"epoch": epoch, **{k: round(v, 5) for k, v in metrics.items()}})
+        tqdm.write(f"epoch {epoch}: train loss {metrics['train_loss']:.3f}, val loss {metrics['val_loss']:.3f}, "
+               f"train acc {100 * metrics['train_acc']:.2f}%, val acc {100 * metrics['val_acc']:.2f}%")
+
+    extra = {"class_names": class_names, "max_length": max_length, "pad_id": EOT_ID,
+             "text_column": cfg["text_column"], "label_column": cfg["label_column"], "trainable": cfg["trainable"],
+             "lora": ({"rank": cfg["lora_rank"], "alpha": cfg["lora_alpha"]} if cfg["trainable"] == "lora"
+                      else None)}
+    start = time.time()
+    rows = []
+    if cfg["epochs"]:
+        rows = train_model(model, train_loader, cfg, loss_fn=lambda m, b: calc_loss_batch(b, m, device),
+                           eval_fn=eval_fn, device=device, dtype=dtype, kind="cls", extra=extra,
+                           on_epoch_end=on_epoch_end)
+    train_time = time.time() - start
+
+    model.eval()
+    results = {}
+    for name, loader in eval_loaders.items():
+        with autocast(device, dtype):
+            results[name] = classification_metrics(*predict_loader(model, loader, device), class_names)
+        print(format_metrics(name, results[name], class_names))
+    summary = {"class_names": class_names, "max_length": max_length, "train_time_s": round(train_time, 1),
+               "parameters": count_parameters(model), "trainable_parameters": count_parameters(model, True),
+               "settings": cfg, "epochs": epochs, **results}
+    written = [os.path.join(out_dir, "metrics.json")]
+    with open(written[0], "w") as f:
+        json.dump(summary, f, indent=2)
+    if not cfg["epochs"]:
+        print(f"no training (--epochs 0); wrote {written[0]}")
+        return summary
+    accuracy = {name: m["accuracy"] for name, m in results.items()}
+    written.insert(0, save_checkpoint(checkpoint, model, kind="cls", **extra, step=rows[-1]["step"] if rows else 0,
+                                      accuracy=accuracy))
+    steps_per_epoch = len(train_loader) // cfg["grad_accum_steps"]
+    plot = plot_losses(rows, steps_per_epoch, os.path.join(out_dir, "accuracy-plot.png"),
+                       keys=("train_acc", "val_acc"), ylabel="accuracy")
+    written += [p for p in (os.path.join(out_dir, "log.csv"), os.path.join(out_dir, "loss-plot.png"), plot)
+                if p and os.path.exists(p)]
+    print(f"done in {train_time:.0f} s of training: accuracy train {100 * accuracy['train']:.2f}%, val "
+          f"{100 * accuracy['val']:.2f}%, test {100 * accuracy['test']:.2f}%; wrote {', '.join(written)}")
+    return summary
+
+
+if __name__ == "__main__":
+    entry(main)
