@@ -187,6 +187,8 @@ def download(url, path, sha256=None, retries=3, timeout=30, desc=None, progress=
                     if have and r.status_code != 206:
                         have = 0  # server ignored the Range header: start over
                     total = int(r.headers.get("content-length", 0)) + have
+                    # keep the bytes of a transfer cut short (urllib3 would drop them); we check the length below
+                    r.raw.enforce_content_length = False
                     with open(part, "ab" if have else "wb") as f, tqdm(
                             total=total or None, initial=have, unit="B", unit_scale=True, unit_divisor=1024,
                             desc=desc or os.path.basename(path), disable=not progress, leave=False) as bar:
@@ -369,3 +371,491 @@ def pick_dtype(name, device):
 def autocast(device, dtype):
     """A context manager: autocast to dtype, or nothing for float32."""
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Instructions and chat: the Alpaca prompt template (shared by training, evaluation and the chat REPL), JSON/JSONL
+# records, the instruction dataset and its collate, and the preference dataset for DPO
+# ---------------------------------------------------------------------------------------------------------------
+
+TEMPLATE_NAME = "alpaca"  # stored in chat checkpoints, so generate.py --chat knows which template a model learned
+ALPACA_INTRO = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
+                "request.")
+RESPONSE_HEADER = "\n\n### Response:\n"
+NEXT_TURN_MARKERS = ("### Instruction:", "### Input:", "### Response:")  # a reply ends where one of these begins
+IGNORE_INDEX = -100  # the target value cross_entropy skips
+
+
+def format_input(entry):
+    """The book's prompt for one record: the intro, ### Instruction, and ### Input when the record has one."""
+    text = f"{ALPACA_INTRO}\n\n### Instruction:\n{entry['instruction']}"
+    if entry.get("input"):
+        text += f"\n\n### Input:\n{entry['input']}"
+    return text
+
+
+def format_prompt(entry):
+    """format_input() followed by the response header: the text the model continues with its answer."""
+    return format_input(entry) + RESPONSE_HEADER
+
+
+def conversation_segments(messages, system=""):
+    """A conversation [{"role": "user"|"assistant"|"system", "content": str}, ...] in the same template, as a list
+    of (text, is_response) pieces.
+
+    Without a system text every user message is an ### Instruction; with one (the --system flag, or a first message
+    with role "system") the system text is the instruction and user messages are ### Input, so a one-turn
+    conversation reads exactly like format_prompt(). There is no end-of-text between turns: the model's reply ends
+    where it starts the next header (NEXT_TURN_MARKERS), or at the end-of-text the collate puts after the last one.
+    """
+    if messages and messages[0]["role"] == "system":
+        system, messages = messages[0]["content"], messages[1:]
+    prompt = ALPACA_INTRO + (f"\n\n### Instruction:\n{system}" if system else "")
+    header = "### Input:" if system else "### Instruction:"
+    segments = []
+    for m in messages:
+        if m["role"] == "user":
+            prompt += f"\n\n{header}\n{m['content']}{RESPONSE_HEADER}"
+        else:
+            segments += [(prompt, False), (m["content"], True)]
+            prompt = ""
+    if prompt:
+        segments.append((prompt, False))
+    return segments
+
+
+def format_conversation(messages, system=""):
+    """The whole conversation as one string (see conversation_segments)."""
+    return "".join(text for text, _ in conversation_segments(messages, system))
+
+
+def record_segments(entry):
+    """(text, is_response) pieces of one training record: an instruction record or a {"messages": [...]} one."""
+    if "messages" in entry:
+        return conversation_segments(entry["messages"])
+    return [(format_prompt(entry), False), (entry["output"], True)]
+
+
+def encode_segments(segments, tokenizer=None):
+    """Tokenize each piece on its own and join them -> (ids, learn): learn[j] is True for response tokens."""
+    tokenizer = tokenizer or get_tokenizer()
+    ids, learn = [], []
+    for text, is_response in segments:
+        piece = tokenizer.encode(text, allowed_special={"<|endoftext|>"})
+        ids += piece
+        learn += [is_response] * len(piece)
+    return ids, learn
+
+
+def _parse_json_records(text, path):
+    """A JSON list of records, or JSON Lines (one record per line); malformed JSON names its line and column."""
+    import json
+
+    def malformed(e, line=None):
+        return UserError(f"{path}, line {line or e.lineno}, column {e.colno}: malformed JSON ({e.msg}): fix the "
+                         f"file (a JSON list of records, or one record per line)")
+
+    if not path.endswith(".jsonl"):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            if e.msg != "Extra data":  # "Extra data" after the first value: probably JSON Lines
+                raise malformed(e) from None
+        else:
+            if not isinstance(records, list):
+                raise UserError(f"{path} holds a JSON {type(records).__name__}, expected a list of records "
+                                f"[{{...}}, ...] or one record per line (JSONL)")
+            return records
+    records = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise malformed(e, n) from None
+    return records
+
+
+def _check_messages(messages, where):
+    if not isinstance(messages, list) or not messages:
+        raise UserError(f"{where}: 'messages' must be a non-empty list of {{\"role\", \"content\"}} objects")
+    expected = "user"
+    for j, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise UserError(f"{where}: messages[{j}] needs a 'role' and a 'content' field")
+        if not isinstance(m["content"], str):
+            raise UserError(f"{where}: messages[{j}].content is a {type(m['content']).__name__}, expected text")
+        if j == 0 and m["role"] == "system":
+            continue
+        if m["role"] != expected:
+            raise UserError(f"{where}: messages[{j}] has role {m['role']!r} where {expected!r} was expected: turns "
+                            f"alternate user, assistant, ... (an optional system message first)")
+        expected = "assistant" if expected == "user" else "user"
+    if messages[-1]["role"] != "assistant":
+        raise UserError(f"{where}: the last message must be the assistant's reply, the text the model learns")
+
+
+def load_records(path, required=("instruction", "output"), optional=("input",), allow_messages=True):
+    """Records of a JSON or JSONL file, checked: each is an object with the required text fields (or, where
+    allow_messages, a "messages" conversation). Raises UserError naming the file, record index and field."""
+    records = _parse_json_records(read_text_file(path), path)
+    if not records:
+        raise UserError(f"{path} holds no records: add some, e.g. "
+                        f"{{\"instruction\": ..., \"input\": \"\", \"output\": ...}}")
+    for i, r in enumerate(records):
+        where = f"{path}: record {i} (0-based)"
+        if not isinstance(r, dict):
+            raise UserError(f"{where} is a JSON {type(r).__name__}, expected an object with "
+                            f"{', '.join(required)}" + (" (or messages)" if allow_messages else ""))
+        if allow_messages and "messages" in r:
+            _check_messages(r["messages"], where)
+            continue
+        for field in required:
+            if field not in r:
+                raise UserError(f"{where} has no {field!r} field: every record needs {', '.join(required)}"
+                                + (", or a 'messages' conversation" if allow_messages else ""))
+        for field in (*required, *optional):
+            if field in r and not isinstance(r[field], str):
+                raise UserError(f"{where}: field {field!r} is a JSON {type(r[field]).__name__}, expected text")
+    return records
+
+
+def load_preference_records(path):
+    """Records with instruction, chosen and rejected (input optional), as instruction-data-with-preference.json."""
+    records = load_records(path, required=("instruction", "chosen", "rejected"), optional=("input", "output"),
+                           allow_messages=False)
+    for i, r in enumerate(records):
+        for field in ("chosen", "rejected"):
+            if not r[field].strip():
+                raise UserError(f"{path}: record {i} (0-based) has an empty {field!r} response: DPO compares two "
+                                f"non-empty answers; fill it in or drop the record")
+    return records
+
+
+def split_records(records, train_ratio=0.85, test_ratio=0.10, seed=None):
+    """(train, test, val) lists: the book's 85/10/5 split, after a shuffle with `seed` (None keeps file order)."""
+    import random
+    records = list(records)
+    if seed is not None:
+        random.Random(seed).shuffle(records)
+    n_train, n_test = int(len(records) * train_ratio), int(len(records) * test_ratio)
+    return records[:n_train], records[n_train:n_train + n_test], records[n_train + n_test:]
+
+
+class InstructionDataset(Dataset):
+    """Instruction records (or conversations), tokenized once in the template.
+
+    Item i is the list of token ids, or (ids, learn) with mask_instruction, where learn[j] marks response tokens.
+    With max_length, records longer than that are counted in `truncated` (the collate cuts them); under
+    mask_instruction, those whose response falls wholly beyond the cut teach nothing and are dropped (`skipped`).
+    """
+
+    def __init__(self, data, tokenizer=None, mask_instruction=False, max_length=None):
+        tokenizer = tokenizer or get_tokenizer()
+        self.mask_instruction = mask_instruction
+        self.encoded_texts, self.learn = [], []
+        self.truncated = self.skipped = 0
+        for entry in data:
+            ids, learn = encode_segments(record_segments(entry), tokenizer)
+            if max_length and len(ids) > max_length:
+                # target j predicts token j + 1; the end-of-text after the record falls beyond the cut
+                if mask_instruction and not any(learn[1:max_length + 1]):
+                    self.skipped += 1
+                    continue
+                self.truncated += 1
+            self.encoded_texts.append(ids)
+            self.learn.append(learn)
+
+    def __len__(self):
+        return len(self.encoded_texts)
+
+    def __getitem__(self, i):
+        if self.mask_instruction:
+            return self.encoded_texts[i], self.learn[i]
+        return self.encoded_texts[i]
+
+
+def custom_collate_fn(batch, pad_token_id=EOT_ID, ignore_index=IGNORE_INDEX, allowed_max_length=None, device=None):
+    """Token id lists (or (ids, learn) pairs) -> (inputs, targets), both (B, T) LongTensors.
+
+    Each sequence gets one end-of-text appended and is padded with pad_token_id to the longest in the batch; the
+    targets are the inputs shifted by one. The end-of-text is a target (the model learns to stop), every padding
+    position after it is ignore_index, and so is every target whose learn flag is False (the prompt, under
+    --mask_instruction). Then both are cut to allowed_max_length.
+    """
+    pairs = [item if isinstance(item, tuple) else (item, None) for item in batch]
+    longest = max(len(ids) for ids, _ in pairs) + 1
+    inputs, targets = [], []
+    for ids, learn in pairs:
+        n = len(ids)
+        padded = torch.tensor(list(ids) + [pad_token_id] * (longest - n))
+        x, y = padded[:-1], padded[1:].clone()  # y[j] = padded[j + 1]; y[n - 1] is the end-of-text
+        y[n:] = ignore_index
+        if learn is not None:
+            prompt = ~torch.tensor(list(learn[1:]), dtype=torch.bool)  # targets 0..n-2 are tokens 1..n-1
+            y[:n - 1][prompt] = ignore_index
+        inputs.append(x)
+        targets.append(y)
+    inputs, targets = torch.stack(inputs), torch.stack(targets)
+    if allowed_max_length is not None:
+        inputs, targets = inputs[:, :allowed_max_length], targets[:, :allowed_max_length]
+    if device is not None:
+        inputs, targets = inputs.to(device), targets.to(device)
+    return inputs, targets
+
+
+class PreferenceDataset(Dataset):
+    """Preference records -> dicts of token ids: prompt (template + response header), chosen and rejected (each
+    the prompt followed by that response). Records whose prompt leaves no room for a response within max_length
+    are dropped and counted in `skipped`; longer ones are counted in `truncated` (the collate cuts them)."""
+
+    def __init__(self, data, tokenizer=None, max_length=None):
+        tokenizer = tokenizer or get_tokenizer()
+        self.encoded, self.truncated, self.skipped = [], 0, 0
+        for entry in data:
+            prompt = tokenizer.encode(format_prompt(entry), allowed_special={"<|endoftext|>"})
+            chosen = prompt + tokenizer.encode(entry["chosen"], allowed_special={"<|endoftext|>"})
+            rejected = prompt + tokenizer.encode(entry["rejected"], allowed_special={"<|endoftext|>"})
+            if max_length and len(prompt) >= max_length:
+                self.skipped += 1
+                continue
+            if max_length and max(len(chosen), len(rejected)) > max_length:
+                self.truncated += 1
+            self.encoded.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+
+    def __len__(self):
+        return len(self.encoded)
+
+    def __getitem__(self, i):
+        return self.encoded[i]
+
+
+def preference_collate_fn(batch, pad_token_id=EOT_ID, allowed_max_length=None, mask_prompt=True, device=None):
+    """PreferenceDataset items -> dict of (B, T) tensors: chosen, rejected (padded to one common length) and
+    chosen_mask, rejected_mask (True on the tokens whose log-probability counts: the response, or with
+    mask_prompt=False every real token)."""
+    longest = max(max(len(item["chosen"]), len(item["rejected"])) for item in batch)
+    out = {"chosen": [], "rejected": [], "chosen_mask": [], "rejected_mask": []}
+    for item in batch:
+        n_prompt = len(item["prompt"]) if mask_prompt else 0
+        for key in ("chosen", "rejected"):
+            ids = item[key]
+            mask = torch.zeros(longest, dtype=torch.bool)
+            mask[n_prompt:len(ids)] = True
+            out[key].append(torch.tensor(list(ids) + [pad_token_id] * (longest - len(ids))))
+            out[key + "_mask"].append(mask)
+    out = {k: torch.stack(v)[:, :allowed_max_length] for k, v in out.items()}
+    if device is not None:
+        out = {k: v.to(device) for k, v in out.items()}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Labelled text for classification (finetune_cls.py): the SMS Spam Collection, labelled CSVs, padded datasets
+# ---------------------------------------------------------------------------------------------------------------
+
+SMS_SPAM_URL = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"
+# sha256 of the extracted SMSSpamCollection; the zip around it is not pinned, so its content is what gets checked
+SMS_SPAM_SHA256 = "7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d"
+
+
+def fetch_sms_spam(data_dir=None, base_url=None):
+    """Path of data_dir/SMSSpamCollection (`label<TAB>text` lines). On first use the UCI zip is downloaded, the file
+    is taken out of it and checked against SMS_SPAM_SHA256, and the zip is deleted. base_url (or the GPT2_DATA_URL
+    environment variable) replaces the zip's host folder."""
+    data_dir = data_dir or DATA_DIR
+    path = os.path.join(data_dir, "SMSSpamCollection")
+    if os.path.exists(path):
+        if sha256_of(path) != SMS_SPAM_SHA256:
+            raise UserError(f"{path} does not match the expected sha256 {SMS_SPAM_SHA256[:12]}...: delete it to "
+                            f"download it again")
+        return path
+    url = SMS_SPAM_URL
+    base_url = base_url or os.environ.get("GPT2_DATA_URL")
+    if base_url:
+        url = f"{base_url.rstrip('/')}/{SMS_SPAM_URL.rsplit('/', 1)[1]}"
+    zip_path = os.path.join(data_dir, "sms_spam_collection.zip")
+    if not os.path.exists(zip_path):
+        print(f"downloading the SMS Spam Collection from {url}")
+        download(url, zip_path)
+    _extract_verified(zip_path, "SMSSpamCollection", path, SMS_SPAM_SHA256, url)
+    os.remove(zip_path)
+    return path
+
+
+def _extract_verified(zip_path, member, path, sha256, url):
+    """Write the zip entry named `member` (in any folder of the zip) to path if its sha256 matches. A zip that
+    cannot be read, lacks the entry or holds the wrong bytes is deleted, so that a rerun downloads it again."""
+    import zipfile
+    import zlib
+
+    by_hand = f"download {url} yourself and place the extracted {member} at {path}"
+
+    def refuse(why):
+        os.remove(zip_path)
+        return DownloadError(f"{zip_path} (from {url}) {why}; it was deleted: rerun to download it again, or "
+                             f"{by_hand}")
+
+    try:
+        with zipfile.ZipFile(zip_path) as z:
+            names = [n for n in z.namelist() if os.path.basename(n) == member]
+            if not names:
+                raise refuse(f"holds no {member} (it has {_few_names(z.namelist())})")
+            raw = z.read(names[0])
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as e:
+        first = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        raise refuse(f"is not a readable zip ({first})") from None
+    digest = hashlib.sha256(raw).hexdigest()
+    if digest != sha256:
+        raise refuse(f"holds a {member} with sha256 {digest[:12]}..., expected {sha256[:12]}...")
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(raw)
+    os.replace(tmp, path)
+
+
+def _few_names(names, n=4):
+    names = list(names)
+    return ", ".join(names[:n]) + (f" (+{len(names) - n} more)" if len(names) > n else "") if names else "nothing"
+
+
+def read_sms_spam(path):
+    """SMSSpamCollection -> list of (text, label), label 'ham' or 'spam'. Lines are split at the first tab only: the
+    file has no quoting, and its texts contain quote characters."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            label, tab, text = line.partition("\t")
+            if not tab or not label.strip():
+                raise UserError(f"{path} line {line_no} is not `label<TAB>text`: delete the file to download it "
+                                f"again")
+            rows.append((text, label.strip()))
+    return rows
+
+
+def read_labelled_csv(path, text_column="Text", label_column="Label"):
+    """A CSV (a .tsv is read tab-separated) with a header row -> list of (text, label).
+
+    Rows with empty text are skipped, with a note on stderr that counts them and names their lines; a row with text
+    but no label is refused. Every problem raises a UserError that says how to fix the file or the flags.
+    """
+    import csv
+    import io
+
+    if not os.path.isfile(path):
+        raise UserError(f"no CSV file at {path}: check the path")
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            content = f.read()
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 (bad byte at offset {e.start}): convert it, e.g. "
+                        f"`iconv -f latin1 -t utf-8`") from None
+    except OSError as e:
+        raise UserError(f"cannot read {path} ({e.strerror}): check its permissions") from None
+    if not content.strip():
+        raise UserError(f"{path} is empty: it needs a header line naming the {label_column!r} and {text_column!r} "
+                        f"columns, then one example per row")
+    reader = csv.DictReader(io.StringIO(content, newline=""), delimiter="\t" if path.endswith(".tsv") else ",")
+    rows, skipped = [], []
+    try:
+        found = [c for c in (reader.fieldnames or []) if c is not None]
+        missing = [c for c in (text_column, label_column) if c not in found]
+        if missing:
+            raise UserError(f"{path} has no column {', '.join(map(repr, missing))} (columns found: "
+                            f"{', '.join(map(repr, found)) or 'none'}): pass --text_column / --label_column")
+        for r in reader:
+            text, label = r.get(text_column) or "", (r.get(label_column) or "").strip()
+            if not text.strip():
+                skipped.append(reader.line_num)
+                continue
+            if not label:
+                raise UserError(f"{path} line {reader.line_num} has text but an empty {label_column!r}: fill in "
+                                f"its label or delete the row")
+            rows.append((text, label))
+    except csv.Error as e:
+        raise UserError(f"{path} line {reader.line_num} is not valid CSV ({e})") from None
+    if skipped:
+        print(f"note: {path}: skipped {len(skipped)} row(s) with empty {text_column!r} (lines "
+              f"{_few_names(map(str, skipped))})", file=sys.stderr)
+    if not rows:
+        raise UserError(f"{path} has no rows with text in column {text_column!r}: add examples")
+    return rows
+
+
+def write_labelled_csv(path, rows, text_column="Text", label_column="Label"):
+    """Write (text, label) rows as a CSV with the columns label_column, text_column."""
+    import csv
+
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8", newline="") as f:
+        w = csv.writer(f)
+        w.writerow([label_column, text_column])
+        w.writerows((label, text) for text, label in rows)
+    os.replace(tmp, path)
+    return path
+
+
+def class_names_of(labels):
+    """The sorted distinct labels (numerically when they are all integers): position = class id."""
+    names = set(labels)
+    if all(re.fullmatch(r"-?\d+", n) for n in names):
+        return sorted(names, key=int)
+    return sorted(names)
+
+
+def balance_classes(rows, seed=123):
+    """Undersample every class to the size of the smallest, picking rows at random with a fixed seed (the book
+    undersamples 'ham' to the 747 'spam' messages)."""
+    import random
+
+    by_class = {}
+    for row in rows:
+        by_class.setdefault(row[1], []).append(row)
+    n = min(len(v) for v in by_class.values())
+    rng = random.Random(seed)
+    return [row for label in class_names_of(by_class) for row in rng.sample(by_class[label], n)]
+
+
+def split_rows(rows, seed=123, train_frac=0.7, val_frac=0.1):
+    """Shuffle with a fixed seed and cut into train / validation / test: int(n * 0.7), int(n * 0.1) and the rest."""
+    import random
+
+    rows = list(rows)
+    random.Random(seed).shuffle(rows)
+    n_train, n_val = int(len(rows) * train_frac), int(len(rows) * val_frac)
+    if n_val == 0 or len(rows) - n_train - n_val == 0:
+        raise UserError(f"{len(rows)} examples are too few to split {train_frac:.0%}/{val_frac:.0%}/rest: need at "
+                        f"least 10, or pass ready-made --train_csv/--val_csv/--test_csv")
+    return rows[:n_train], rows[n_train:n_train + n_val], rows[n_train + n_val:]
+
+
+class ClassificationDataset(Dataset):
+    """Texts as token ids, right-padded with pad_id to max_length: item i is (ids (max_length,), label, length).
+
+    max_length None = the longest text. Longer texts are cut to max_length tokens (`truncated` counts them).
+    `length` is the number of real tokens, so a model can read its prediction off the last real token rather than
+    off padding. labels None (texts to predict) gives label -1.
+    """
+
+    def __init__(self, texts, labels=None, tokenizer=None, max_length=None, pad_id=EOT_ID):
+        tokenizer = tokenizer or get_tokenizer()
+        encoded = [tokenizer.encode_ordinary(t) for t in texts]  # "<|endoftext|>" in a text is just text here
+        self.longest = max(map(len, encoded), default=0)
+        self.max_length = max_length or self.longest
+        self.truncated = sum(len(ids) > self.max_length for ids in encoded)
+        self.input_ids = torch.full((len(encoded), self.max_length), pad_id, dtype=torch.long)
+        self.lengths = torch.zeros(len(encoded), dtype=torch.long)
+        for i, ids in enumerate(encoded):
+            ids = ids[:self.max_length]
+            self.input_ids[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+            self.lengths[i] = len(ids)
+        self.labels = torch.tensor(labels if labels is not None else [-1] * len(encoded), dtype=torch.long)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.input_ids[i], self.labels[i], self.lengths[i]

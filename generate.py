@@ -4,15 +4,17 @@
     python generate.py --prompt "The verdict was" --top_p 0.9 --num_samples 3 --stream
     python generate.py --init gpt2 --prompt "Hello, I am" --temperature 0   # OpenAI's GPT-2, greedy
     python generate.py --show_probs                                # next-token probabilities at three temperatures
+    python generate.py --num_beams 4 --quantize int8               # beam search on int8 weights
+    python generate.py --chat --checkpoint runs/chat/gpt2-medium355M-sft.pth   # talk to finetune_chat.py's model
 """
 import os
 import sys
 
 import torch
 
-from data import (EOT_ID, UserError, autocast, entry, get_config, get_tokenizer, pick_device, pick_dtype,
-                  text_to_token_ids)
-from model import count_parameters, generate_stream, load_model
+from data import (EOT_ID, NEXT_TURN_MARKERS, TEMPLATE_NAME, UserError, autocast, conversation_segments,
+                  encode_segments, entry, get_config, get_tokenizer, pick_device, pick_dtype, text_to_token_ids)
+from model import KVCache, count_parameters, generate_beam, generate_stream, load_model, quantize_int8
 
 DEFAULTS = dict(
     checkpoint="runs/pretrain/model.pth",  # what to sample from (pretrain.py writes it)
@@ -22,11 +24,17 @@ DEFAULTS = dict(
     temperature=0.8,           # 0 = greedy; <1 sharper, >1 more random
     top_k=50,                  # keep the k most likely tokens; 0 = off
     top_p=1.0,                 # keep the smallest set of tokens holding this probability; 1 = off
+    repetition_penalty=1.0,    # >1 makes tokens already in the text less likely; 1 = off
+    num_beams=1,               # beam search over this many beams (deterministic: no temperature/top_k/top_p); 1 = off
+    length_penalty=1.0,        # beam score = log-probability / length ** this; 0 = plain sum, >1 favours longer text
+    quantize="none",           # none | int8: per-channel int8 weights for the Linear layers (faster decoding on CPU)
     num_samples=1,             # continuations to print
     seed=123,                  # sampling seed
     stream=False,              # print tokens as they come
     show_probs=False,          # print the next-token distribution at temperatures 1, 0.1 and 5 and exit
     probs_plot="temperature-plot.png",  # where --show_probs draws its chart (needs matplotlib); "" = off
+    chat=False,                # talk: one message per line on standard input, replies keep the conversation
+    system="",                 # --chat: a first instruction that holds for the whole conversation; "" = none
     device="auto",             # auto | cpu | cuda | mps
     dtype="auto",              # auto | float32 | bfloat16 | float16
 )
@@ -43,6 +51,16 @@ def check_settings(cfg):
         raise UserError("--max_new_tokens must be >= 0 and --num_samples >= 1")
     if not cfg["prompt"].strip():
         raise UserError("--prompt is empty: give some text to continue")
+    if cfg["repetition_penalty"] <= 0 or cfg["num_beams"] < 1:
+        raise UserError("--repetition_penalty must be > 0 (1 = off) and --num_beams >= 1 (1 = off)")
+    if cfg["quantize"] not in ("none", "int8"):
+        raise UserError(f"--quantize must be none or int8, got {cfg['quantize']!r}")
+    if cfg["num_beams"] > 1 and (cfg["stream"] or cfg["num_samples"] > 1 or cfg.get("chat")
+                                 or cfg["repetition_penalty"] != 1):
+        raise UserError("--num_beams gives one deterministic text at the end: drop --stream, --num_samples, "
+                        "--chat and --repetition_penalty, or use --num_beams 1")
+    if cfg.get("chat") and cfg["repetition_penalty"] != 1:
+        raise UserError("--repetition_penalty is not available with --chat")
 
 
 def load_for_sampling(cfg, device):
@@ -110,6 +128,160 @@ def show_next_token_probs(model, idx, tokenizer, plot_path, k=10):
         print(f"wrote {plot_path}")
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Chat (--chat): a conversation with an instruction-tuned model, in the template finetune_chat.py trains with
+# ---------------------------------------------------------------------------------------------------------------
+
+def _settled_length(text):
+    """How much of a growing reply can be shown: not trailing whitespace, and not an end that could still turn
+    into a next-turn header (those are not part of the reply)."""
+    end = len(text)
+    for marker in NEXT_TURN_MARKERS:
+        for k in range(min(len(marker), len(text)), 0, -1):
+            if text.endswith(marker[:k]):
+                end = min(end, len(text) - k)
+                break
+    return len(text[:end].rstrip())
+
+
+def generate_reply(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None, kv_cache=None,
+                   generator=None, out=None, tokenizer=None):
+    """The model's answer to prompt_ids (1, T), a prompt in the chat template ending with the response header.
+
+    Generates until end-of-text or the start of a next-turn header (NEXT_TURN_MARKERS), writes the answer to `out`
+    token by token when given, and returns it stripped. A kv_cache is reused up to the longest prefix it shares
+    with prompt_ids (generate_stream does that), so the earlier turns of a conversation are not recomputed.
+    """
+    tokenizer = tokenizer or get_tokenizer()
+    ids, text, shown = [], "", 0
+    stream = generate_stream(model, prompt_ids, max_new_tokens, model.cfg["context_length"], temperature, top_k,
+                             top_p, eos_id=EOT_ID, kv_cache=kv_cache, generator=generator)
+    try:
+        for next_id in stream:
+            if next_id.item() == EOT_ID:
+                break
+            ids.append(next_id.item())
+            text = tokenizer.decode(ids).lstrip()
+            found = [text.find(m) for m in NEXT_TURN_MARKERS if m in text]
+            if found:
+                text = text[:min(found)]
+                break
+            if out is not None and not text.endswith("\ufffd"):  # a character split across tokens waits
+                settled = _settled_length(text)
+                if settled > shown:
+                    out.write(text[shown:settled])
+                    out.flush()
+                    shown = settled
+    finally:
+        stream.close()
+    text = text.rstrip()
+    if out is not None:
+        out.write(text[shown:])
+        out.flush()
+    return text
+
+
+def chat_prompt(messages, system, context_length, reserve, tokenizer=None):
+    """(ids, dropped): the conversation's token ids, ending with the response header of its last user message,
+    after dropping the `dropped` oldest exchanges needed to leave `reserve` tokens for the answer. The last
+    message is always kept, so ids can still be too long for the context: the caller checks."""
+    dropped = 0
+    while True:
+        ids, _ = encode_segments(conversation_segments(messages[2 * dropped:], system), tokenizer)
+        if len(ids) + reserve <= context_length or 2 * dropped + 1 >= len(messages):
+            return ids, dropped
+        dropped += 1
+
+
+def read_messages(stdin, interactive):
+    """Lines from the user, without the line end. A terminal gets a `you> ` prompt; a line that is not UTF-8 is
+    reported on stderr and skipped."""
+    def lines():
+        if not interactive:
+            yield from getattr(stdin, "buffer", stdin)  # bytes where there is a buffer, to check them ourselves
+            return
+        while True:
+            try:
+                yield input("you> ")
+            except EOFError:
+                print(file=sys.stderr)
+                return
+            except UnicodeDecodeError as e:
+                yield e.object
+
+    for n, line in enumerate(lines(), 1):
+        try:
+            # a terminal may hand over undecodable bytes as surrogates (Python's UTF-8 mode): check those too
+            line = line.decode("utf-8") if isinstance(line, bytes) else line.encode("utf-8").decode("utf-8")
+        except UnicodeError:
+            where = f"input line {n}" if not interactive else "that line"
+            print(f"error: {where} is not UTF-8: skipped; send UTF-8 text", file=sys.stderr)
+            continue
+        yield line.rstrip("\r\n")
+
+
+def chat(model, ckpt, cfg, device, dtype, stdin=None, out=None):
+    """Talk with the model: one user message per line of stdin, each reply streamed to out.
+
+    Every prompt holds the earlier turns in the template (--system first, if given); the KV cache keeps the
+    unchanged prefix between turns; when the conversation outgrows the context the oldest exchanges are dropped.
+    `/reset` forgets the conversation, `/exit` or the end of input leaves. Returns the turns as dicts of user,
+    reply, prompt (the text the model saw) and reused (prompt tokens taken from the cache).
+    """
+    stdin, out = stdin or sys.stdin, out or sys.stdout
+    interactive = stdin.isatty()
+    source = cfg["init"] or cfg["checkpoint"]
+    if ckpt.get("kind") != "chat":
+        print(f"warning: {source} is not an instruction-tuned chat model (kind {ckpt.get('kind')}): continuing "
+              f"with the {TEMPLATE_NAME} template, but replies may not follow it; fine-tune with finetune_chat.py",
+              file=sys.stderr)
+    elif ckpt.get("template", TEMPLATE_NAME) != TEMPLATE_NAME:
+        print(f"warning: {source} was trained with template {ckpt['template']!r}: continuing with "
+              f"{TEMPLATE_NAME}", file=sys.stderr)
+    tokenizer = get_tokenizer()
+    ctx = model.cfg["context_length"]
+    cache = KVCache(model, 1, ctx)
+    gen = torch.Generator(device=device).manual_seed(cfg["seed"])
+    print(f"device {device}, {count_parameters(model):,} parameters, context {ctx}", file=sys.stderr)
+    if interactive:
+        print("chat: type a message; /reset forgets the conversation, /exit (or Ctrl-D) leaves", file=sys.stderr)
+    messages, turns, told = [], [], False
+    for line in read_messages(stdin, interactive):
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/exit":
+            break
+        if text == "/reset":
+            messages = []
+            if interactive:
+                print("(conversation cleared)", file=sys.stderr)
+            continue
+        ids, dropped = chat_prompt(messages + [{"role": "user", "content": text}], cfg["system"], ctx,
+                                   cfg["max_new_tokens"], tokenizer)
+        if len(ids) >= ctx:
+            print(f"error: that message makes a prompt of {len(ids)} tokens, more than the model's context of "
+                  f"{ctx} leaves room for: shorten it", file=sys.stderr)
+            continue
+        if dropped:
+            messages = messages[2 * dropped:]
+            if not told:
+                print(f"(the conversation outgrew the context of {ctx} tokens: dropping the oldest turns)",
+                      file=sys.stderr)
+                told = True
+        idx = torch.tensor([ids], device=device)
+        reused = min(cache.shared_prefix(idx), len(ids) - 1)
+        with autocast(device, dtype):
+            reply = generate_reply(model, idx, min(cfg["max_new_tokens"], ctx - len(ids)), cfg["temperature"],
+                                   cfg["top_k"] or None, cfg["top_p"], kv_cache=cache, generator=gen, out=out,
+                                   tokenizer=tokenizer)
+        out.write("\n\n" if interactive else "\n")
+        out.flush()
+        messages += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
+        turns.append({"user": text, "reply": reply, "prompt": tokenizer.decode(ids), "reused": reused})
+    return turns
+
+
 def main(argv=None):
     cfg = get_config(DEFAULTS, argv, __doc__, check=check_settings)
     torch.manual_seed(cfg["seed"])
@@ -117,6 +289,10 @@ def main(argv=None):
     dtype = pick_dtype(cfg["dtype"], device)
     model, ckpt = load_for_sampling(cfg, device)
     model.eval()
+    if cfg["quantize"] == "int8":
+        quantize_int8(model)  # per-channel int8 weights, computed from the loaded float ones
+    if cfg["chat"]:
+        return chat(model, ckpt, cfg, device, dtype)
     tokenizer = get_tokenizer()
     idx = text_to_token_ids(cfg["prompt"], tokenizer).to(device)
     ctx = model.cfg["context_length"]
@@ -135,11 +311,19 @@ def main(argv=None):
         if cfg["stream"]:
             print(cfg["prompt"], end="", flush=True)
         with autocast(device, dtype):
-            for next_id in generate_stream(model, idx, cfg["max_new_tokens"], ctx, cfg["temperature"],
-                                           cfg["top_k"] or None, cfg["top_p"], eos_id=EOT_ID, generator=gen):
-                if next_id.item() == EOT_ID:
-                    break
-                streamer.put(next_id.item())
+            if cfg["num_beams"] > 1:
+                best = generate_beam(model, idx, cfg["max_new_tokens"], cfg["num_beams"], ctx,
+                                     cfg["length_penalty"], eos_id=EOT_ID)
+                for token_id in best[0, idx.shape[1]:].tolist():
+                    if token_id != EOT_ID:
+                        streamer.put(token_id)
+            else:
+                for next_id in generate_stream(model, idx, cfg["max_new_tokens"], ctx, cfg["temperature"],
+                                               cfg["top_k"] or None, cfg["top_p"], eos_id=EOT_ID, generator=gen,
+                                               repetition_penalty=cfg["repetition_penalty"]):
+                    if next_id.item() == EOT_ID:
+                        break
+                    streamer.put(next_id.item())
         text = cfg["prompt"] + streamer.text()
         print("" if cfg["stream"] else text)
         texts.append(text)

@@ -236,7 +236,7 @@ class KVCache:
     def __init__(self, model, batch_size=1, max_len=None, dtype=None):
         cfg = model.cfg
         self.max_len = max_len or cfg["context_length"]
-        param = model.out_head.weight
+        param = model.pos_emb.weight  # float even when the Linear layers hold int8 weights (quantize_int8)
         head_dim = cfg["emb_dim"] // cfg["n_heads"]
         shape = (batch_size, cfg["n_heads"], self.max_len, head_dim)
         self.layers = [_LayerCache(self, shape, param.device, dtype or param.dtype) for _ in range(cfg["n_layers"])]
@@ -261,8 +261,12 @@ class KVCache:
         return n if bool(same.all()) else int(same.int().argmin())
 
 
-def sample_next_token(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
-    """logits (B, vocab) -> next ids (B, 1). temperature 0 = greedy; top_k/top_p None or 0 = off."""
+def sample_next_token(logits, temperature=0.0, top_k=None, top_p=None, generator=None, *, prev_ids=None,
+                      repetition_penalty=1.0):
+    """logits (B, vocab) -> next ids (B, 1). temperature 0 = greedy; top_k/top_p None or 0 = off.
+
+    repetition_penalty > 1 makes the tokens in prev_ids (B, T) less likely (see apply_repetition_penalty); 1 = off.
+    """
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if top_p is not None and not 0 < top_p <= 1:
@@ -270,6 +274,8 @@ def sample_next_token(logits, temperature=0.0, top_k=None, top_p=None, generator
     if top_k is not None and top_k < 0:
         raise ValueError(f"top_k must be >= 0, got {top_k}")
     logits = logits.float()
+    if repetition_penalty != 1.0 and prev_ids is not None:
+        logits = apply_repetition_penalty(logits, prev_ids, repetition_penalty)
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
     logits = logits / temperature
@@ -287,9 +293,20 @@ def sample_next_token(logits, temperature=0.0, top_k=None, top_p=None, generator
     return torch.multinomial(probs, num_samples=1, generator=generator)
 
 
+def apply_repetition_penalty(logits, prev_ids, penalty):
+    """Make every token that occurs in prev_ids (B, T) less likely: its logit is divided by penalty when positive
+    and multiplied by it when negative (the CTRL paper's rule), so penalty > 1 always lowers it. Returns new logits
+    (B, vocab); the others are unchanged."""
+    if penalty <= 0:
+        raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {penalty}")
+    seen = logits.gather(-1, prev_ids)
+    seen = torch.where(seen > 0, seen / penalty, seen * penalty)
+    return logits.scatter(-1, prev_ids, seen)
+
+
 @torch.no_grad()
 def generate_stream(model, idx, max_new_tokens, context_size=None, temperature=0.0, top_k=None, top_p=None,
-                    eos_id=None, kv_cache=None, use_cache=True, generator=None, stop_ids=None):
+                    eos_id=None, kv_cache=None, use_cache=True, generator=None, stop_ids=None, repetition_penalty=1.0):
     """Yield next-token ids (B, 1) one step at a time; the arguments are those of generate().
 
     Each step sees at most the last context_size tokens. While the sequence fits, the KV cache makes a step cost one
@@ -321,7 +338,8 @@ def generate_stream(model, idx, max_new_tokens, context_size=None, temperature=0
                     logits = model(window)
                 else:
                     logits = model(window[:, keep:], kv_cache=cache)
-            next_id = sample_next_token(logits[:, -1], temperature, top_k, top_p, generator)
+            next_id = sample_next_token(logits[:, -1], temperature, top_k, top_p, generator, prev_ids=idx,
+                                        repetition_penalty=repetition_penalty)
             idx = torch.cat([idx, next_id], dim=1)
             yield next_id
             if stops:
@@ -333,15 +351,203 @@ def generate_stream(model, idx, max_new_tokens, context_size=None, temperature=0
 
 
 def generate(model, idx, max_new_tokens, context_size=None, temperature=0.0, top_k=None, top_p=None, eos_id=None,
-             use_cache=True, generator=None):
+             use_cache=True, generator=None, repetition_penalty=1.0):
     """Extend idx (B, T) by up to max_new_tokens sampled tokens and return the longer (B, T + n) tensor.
 
     temperature 0 = greedy; top_k keeps the k most likely tokens; top_p keeps the smallest set holding that much
-    probability (nucleus sampling); a prompt longer than context_size is cropped from the left for the model's view.
+    probability (nucleus sampling); a prompt longer than context_size is cropped from the left for the model's view;
+    repetition_penalty > 1 discourages tokens already in the sequence (prompt included), 1 = off.
     """
     new = list(generate_stream(model, idx, max_new_tokens, context_size, temperature, top_k, top_p, eos_id,
-                               use_cache=use_cache, generator=generator))
+                               use_cache=use_cache, generator=generator, repetition_penalty=repetition_penalty))
     return torch.cat([idx, *new], dim=1) if new else idx
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Beam search
+# ---------------------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def generate_beam(model, idx, max_new_tokens, num_beams, context_size=None, length_penalty=1.0, eos_id=None):
+    """The most likely continuation of one prompt idx (1, T) by beam search -> (1, T + n), n <= max_new_tokens.
+
+    Each step keeps the num_beams continuations with the highest summed log-probability. One that produces eos_id
+    is finished (eos included in the output) and scored sum / n ** length_penalty over its n new tokens:
+    length_penalty 0 compares plain sums (favours stopping early), 1 compares the mean per token, > 1 favours longer
+    outputs. The search stops at max_new_tokens (unfinished beams are scored then too), or earlier once no
+    unfinished beam can still beat the num_beams best finished ones. num_beams=1 follows the greedy path.
+    The KV cache keeps one row per beam and is reordered as beams are kept, copied or dropped.
+    """
+    if idx.dim() != 2 or idx.shape[0] != 1:
+        raise ValueError(f"generate_beam takes one prompt of shape (1, T), got {tuple(idx.shape)}")
+    if num_beams < 1:
+        raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+    context_size = min(context_size or model.cfg["context_length"], model.cfg["context_length"])
+    was_training = model.training
+    model.eval()
+    try:
+        return _beam_search(model, idx, max_new_tokens, num_beams, context_size, length_penalty, eos_id)
+    finally:
+        model.train(was_training)
+
+
+def _beam_search(model, idx, max_new_tokens, num_beams, context_size, length_penalty, eos_id):
+    finished = []  # (score, sequence (T + n,)), at most num_beams, best first
+    seqs = idx.repeat(num_beams, 1)  # (num_beams, T + step)
+    # every beam starts as the prompt; -inf on all but one keeps the first step from picking the same token n times
+    scores = torch.full((num_beams,), float("-inf"), dtype=torch.float64, device=idx.device)
+    scores[0] = 0.0
+    cache = None
+    for step in range(max_new_tokens):
+        if seqs.shape[1] > context_size:  # the window slides: recompute it (as generate_stream does)
+            cache = None
+            logits = model(seqs[:, -context_size:])[:, -1]
+        elif cache is None:  # first step: run the prompt once, then give each beam its own copy of the cache
+            one = KVCache(model, 1, context_size)
+            logits = model(idx, kv_cache=one)[:, -1].expand(num_beams, -1)
+            cache = _repeat_cache(one, num_beams, model, context_size)
+        else:
+            logits = model(seqs[:, -1:], kv_cache=cache)[:, -1]
+        total = scores[:, None] + torch.log_softmax(logits.double(), dim=-1)  # (num_beams, vocab)
+        vocab = total.shape[1]
+        # 2 * num_beams candidates hold at least num_beams that are not eos (each beam has one eos candidate)
+        top_scores, flat = total.flatten().topk(min(2 * num_beams, total.numel()))
+        n_new = step + 1
+        rows, tokens, kept = [], [], []
+        for s, f in zip(top_scores.tolist(), flat.tolist()):
+            if s == float("-inf") or len(rows) == num_beams:
+                break
+            row, token = divmod(f, vocab)
+            if token == eos_id:
+                done = torch.cat([seqs[row], seqs.new_tensor([token])])
+                _add_finished(finished, s / n_new ** length_penalty, done, num_beams)
+            else:
+                rows.append(row), tokens.append(token), kept.append(s)
+        if not rows:
+            break
+        pad = num_beams - len(rows)  # fewer live candidates than beams: fill with dead (-inf) copies
+        rows, tokens, kept = rows + rows[:1] * pad, tokens + tokens[:1] * pad, kept + [float("-inf")] * pad
+        rows = torch.tensor(rows, device=idx.device)
+        seqs = torch.cat([seqs[rows], torch.tensor(tokens, device=idx.device)[:, None]], dim=1)
+        scores = torch.tensor(kept, dtype=torch.float64, device=idx.device)
+        if cache is not None:
+            _reorder_cache(cache, rows)
+        if len(finished) == num_beams and finished[-1][0] >= _best_possible(scores.max().item(), n_new,
+                                                                            max_new_tokens, length_penalty):
+            break
+    else:
+        for s, seq in zip(scores.tolist(), seqs):
+            if s > float("-inf"):
+                _add_finished(finished, s / max(max_new_tokens, 1) ** length_penalty, seq, num_beams)
+    if not finished:  # max_new_tokens == 0
+        return idx
+    return finished[0][1][None]
+
+
+def _add_finished(finished, score, seq, num_beams):
+    finished.append((score, seq))
+    finished.sort(key=lambda pair: -pair[0])
+    del finished[num_beams:]
+
+
+def _best_possible(log_prob, n_done, max_new_tokens, length_penalty):
+    """Highest score a live beam with summed log_prob after n_done tokens can still reach. More tokens only lower
+    the sum, so the best is at the shortest or the longest remaining length, whichever the penalty favours; at
+    max_new_tokens the beam is complete and its score is final."""
+    if n_done >= max_new_tokens:
+        return log_prob / n_done ** length_penalty
+    return max(log_prob / n ** length_penalty for n in (n_done + 1, max_new_tokens))
+
+
+def _repeat_cache(cache, n, model, max_len):
+    """A cache of n rows, each a copy of the 1-row cache's contents."""
+    big = KVCache(model, n, max_len, dtype=cache.layers[0].k.dtype)
+    for src, dst in zip(cache.layers, big.layers):
+        dst.k[:, :, :cache.pos] = src.k[:, :, :cache.pos]
+        dst.v[:, :, :cache.pos] = src.v[:, :, :cache.pos]
+    big.pos, big.ids = cache.pos, cache.ids.expand(n, -1).clone()
+    return big
+
+
+def _reorder_cache(cache, rows):
+    """Row i of the cache becomes a copy of old row rows[i]."""
+    for layer in cache.layers:
+        layer.k[:, :, :cache.pos] = layer.k[rows, :, :cache.pos]
+        layer.v[:, :, :cache.pos] = layer.v[rows, :, :cache.pos]
+    cache.ids = cache.ids[rows]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Int8 weights for deployment
+# ---------------------------------------------------------------------------------------------------------------
+
+class Int8Linear(nn.Module):
+    """An inference-only Linear whose weight is stored as int8 with one float scale per output channel (row):
+    weight[o] ~ weight_int8[o] * weight_scale[o], scale = max |weight[o]| / 127 (symmetric, so 0 stays 0).
+
+    A quarter of fp32's bytes, and decoding at batch 1 is bound by reading the weights, so it also reads a quarter.
+    state_dict: weight (out, in) int8 in nn.Linear's layout, weight_scale (out,) float32, bias as in nn.Linear.
+    """
+    FEW_ROWS = 16  # up to this many rows per call the int8 kernel beats converting the weights (measured on CPU)
+
+    def __init__(self, in_features, out_features, bias=True, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        # frozen parameters rather than buffers, so parameter counts and .to(device) treat them like nn.Linear's
+        w = torch.zeros(out_features, in_features, dtype=torch.int8, device=device)
+        self.weight = nn.Parameter(w, requires_grad=False)
+        self.weight_scale = nn.Parameter(torch.ones(out_features, device=device), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear, quantize=True):
+        """The int8 version of an nn.Linear; quantize=False gives an empty one of the same shape (to load into)."""
+        w = linear.weight.detach()
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, device=w.device)
+        if quantize:
+            w = w.float()
+            scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127  # (out,); the clamp keeps all-zero rows finite
+            layer.weight.copy_(torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
+            layer.weight_scale.copy_(scale)
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias.detach().float())
+        return layer
+
+    def forward(self, x):
+        lead = x.shape[:-1]
+        x = x.reshape(-1, self.in_features)
+        if x.device.type == "cpu" and x.shape[0] <= self.FEW_ROWS:
+            # decoding: torch's int8 kernel reads the int8 weights directly; on CPU it is fast only with bf16
+            # activations (their rounding adds ~0.3 % relative error to the ~1 % of the int8 weights)
+            y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16).contiguous(), self.weight,
+                                                   self.weight_scale.to(torch.bfloat16)).to(x.dtype)
+        else:
+            # many rows (prefill, evaluation): converting the weights once is cheap next to the matmul
+            y = (x @ self.weight.to(x.dtype).t()) * self.weight_scale.to(x.dtype)  # (x W^T) s = x (W s)^T
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.view(*lead, self.out_features)
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def quantize_int8(model, quantize=True):
+    """Replace every nn.Linear in model (attention, MLP, out_head) by an Int8Linear, in place; returns model.
+
+    quantize=False only swaps in empty int8 layers of the same shapes, to load an int8 state_dict into.
+    The token and position embeddings and the LayerNorms stay float.
+    """
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(module, name, Int8Linear.from_linear(child, quantize))
+    return model
+
+
+def is_int8_state_dict(state_dict):
+    """True for a state_dict written from a quantize_int8 model."""
+    return any(k.endswith(".weight_scale") for k in state_dict)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -370,9 +576,12 @@ def atomic_save(obj, path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError):  # disk full, file too large, permissions
+            raise CheckpointError(f"could not write {path} ({e.strerror or e}): free disk space or choose another "
+                                  f"folder; any earlier file at that path is untouched") from None
         raise
 
 
@@ -391,7 +600,8 @@ def read_checkpoint(path, map_location="cpu"):
     if os.path.getsize(path) == 0:
         raise CheckpointError(f"{path} is empty (0 bytes): the save was interrupted; delete it and rerun")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        # mmap: tensors are read from the file as they are copied into the model, not all at once
+        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=True)
     except Exception as e:  # pickle refusals, truncated zips, not-a-checkpoint files
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"cannot read {path} as a safe .pth checkpoint ({first[:200]})") from None
@@ -458,10 +668,96 @@ def _few(names, n=4):
 def load_model(path, device="cpu", cfg_overrides=None):
     """Build a GPTModel from a .pth (ours or a bare state_dict) -> (model, checkpoint dict)."""
     ckpt = read_checkpoint(path)
-    cfg = dict(ckpt["config"] or infer_config(ckpt["model"]))
+    cfg = dict(ckpt["config"] or infer_config(ckpt["model"], (cfg_overrides or {}).get("n_heads")))
     cfg.update(cfg_overrides or {})
     with torch.device("meta"):
         model = GPTModel(cfg)  # no memory, no random init: every tensor comes from the file
     model = model.to_empty(device="cpu")
+    if cfg.get("tie_weights"):
+        model.out_head.weight = model.tok_emb.weight  # to_empty gave each its own storage
+    if is_int8_state_dict(ckpt["model"]):
+        quantize_int8(model, quantize=False)  # written by quantize_int8: give the model the same int8 layers
     load_state(model, ckpt["model"], path)
     return model.to(device), ckpt
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LoRA: low-rank adapters for nn.Linear layers (finetune_cls.py --trainable lora)
+# ---------------------------------------------------------------------------------------------------------------
+
+class LoRALinear(nn.Module):
+    """A frozen nn.Linear plus a trainable low-rank update: y = base(x) + (alpha / rank) * (x A^T) B^T.
+
+    A (rank, in_features) starts random and B (out_features, rank) starts at zero, so a new adapter leaves the
+    layer's output unchanged until training moves B. `weight`, `bias`, `in_features` and `out_features` are the
+    base layer's, so code that reads them keeps working. merge() folds the update into a plain nn.Linear.
+    """
+
+    def __init__(self, linear, rank=16, alpha=16):
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be at least 1, got {rank}")
+        self.base = linear.requires_grad_(False)
+        self.rank, self.alpha = rank, alpha
+        self.scaling = alpha / rank
+        w = linear.weight
+        self.A = nn.Parameter(torch.empty(rank, linear.in_features, device=w.device, dtype=w.dtype))
+        self.B = nn.Parameter(torch.zeros(linear.out_features, rank, device=w.device, dtype=w.dtype))
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))  # the init nn.Linear gives its own weight
+
+    @property
+    def weight(self):
+        return self.base.weight
+
+    @property
+    def bias(self):
+        return self.base.bias
+
+    @property
+    def in_features(self):
+        return self.base.in_features
+
+    @property
+    def out_features(self):
+        return self.base.out_features
+
+    def forward(self, x):
+        return self.base(x) + F.linear(F.linear(x, self.A), self.B) * self.scaling
+
+    @torch.no_grad()
+    def merge(self):
+        """A plain nn.Linear with weight W + (alpha / rank) B A: the same outputs, no adapter."""
+        w = self.base.weight
+        merged = nn.Linear(self.in_features, self.out_features, bias=self.base.bias is not None, device=w.device,
+                           dtype=w.dtype)
+        merged.weight.copy_(w + self.scaling * (self.B @ self.A).to(w.dtype))
+        if self.base.bias is not None:
+            merged.bias.copy_(self.base.bias)
+        return merged
+
+    def extra_repr(self):
+        return f"rank={self.rank}, alpha={self.alpha}"
+
+
+def replace_linear_with_lora(model, rank=16, alpha=16):
+    """Wrap every nn.Linear inside model (at any depth, in place) in a LoRALinear; returns model.
+
+    The wrapped weights are frozen; other parameters (embeddings, LayerNorms) keep their requires_grad, so call
+    model.requires_grad_(False) first to train the adapters alone.
+    """
+    for name, child in model.named_children():
+        if isinstance(child, nn.Linear):
+            setattr(model, name, LoRALinear(child, rank, alpha))
+        elif not isinstance(child, LoRALinear):
+            replace_linear_with_lora(child, rank, alpha)
+    return model
+
+
+def merge_lora(model):
+    """Replace every LoRALinear inside model by its merged nn.Linear (in place); returns model."""
+    for name, child in model.named_children():
+        if isinstance(child, LoRALinear):
+            setattr(model, name, child.merge())
+        else:
+            merge_lora(child)
+    return model

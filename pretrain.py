@@ -4,9 +4,12 @@
     python pretrain.py --data my_texts/ --n_layers 4 --emb_dim 256 --n_heads 4 --out_dir runs/small
     python pretrain.py --resume                          # continue runs/pretrain after Ctrl-C
     python pretrain.py --init gpt2 --epochs 0            # only evaluate OpenAI's GPT-2 124M on the data
+    torchrun --nproc_per_node 4 pretrain.py              # 4 GPUs (or CPU processes) with DDP; add --fsdp to shard
 
 The training loop (train_model) is shared by finetune_cls.py and finetune_chat.py.
 """
+import atexit
+import contextlib
 import csv
 import math
 import os
@@ -15,13 +18,14 @@ import sys
 import time
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from data import (UserError, autocast, changed_settings, create_dataloader_v1, entry, fetch_data, get_config,
                   get_tokenizer, load_text, pick_device, pick_dtype, text_to_token_ids, token_ids_to_text,
                   DATA_FILES)
-from model import (GPTModel, MODEL_CONFIGS, atomic_save, count_parameters, generate, load_state,
-                   read_checkpoint, save_checkpoint)
+from model import (GPTModel, MODEL_CONFIGS, atomic_save, clean_state_dict, count_parameters, generate,
+                   load_state, read_checkpoint, save_checkpoint)
 
 DEFAULTS = dict(
     data="the-verdict.txt",    # text file or folder of .txt files; the-verdict.txt is downloaded on first use
@@ -57,6 +61,8 @@ DEFAULTS = dict(
     dtype="auto",              # auto | float32 | bfloat16 | float16 (auto: bf16 on GPUs that have it, else fp32)
     compile=False,             # torch.compile the model (slow start, faster steps on GPUs)
     resume=False,              # continue from out_dir/model_and_optimizer.pth
+    fsdp=False,                # under torchrun: shard weights, gradients and optimizer state (FSDP2); off = DDP
+    dry_run=False,             # print parameters, estimated memory, tokens per step and steps per epoch, then exit
 )
 
 TRAIN_STATE = "model_and_optimizer.pth"
@@ -243,6 +249,192 @@ class _StopRequest:
             signal.signal(sig, handler)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Several processes (torchrun): DistributedDataParallel, or FSDP2 with --fsdp. One process needs none of this.
+# ---------------------------------------------------------------------------------------------------------------
+
+_devnull = None
+
+
+def setup_distributed(device):
+    """Join torchrun's process group and return the device this process trains on; one process: returns device.
+
+    torchrun sets RANK, LOCAL_RANK and WORLD_SIZE. The backend is NCCL on CUDA (each process takes GPU LOCAL_RANK)
+    and gloo otherwise. Processes other than rank 0 send stdout to /dev/null, so every print and tqdm.write
+    appears once; errors still reach stderr. Call it at the top of main, before the model is built.
+    """
+    global _devnull
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return device
+    if not dist.is_available():
+        raise UserError("this torch build has no torch.distributed: run one process (python, not torchrun)")
+    if device.type == "mps":
+        raise UserError("torchrun with --device mps is not supported: use --device cpu or cuda")
+    if device.type == "cuda":
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(f"process LOCAL_RANK={local_rank} has no GPU of its own ({torch.cuda.device_count()} "
+                            f"visible): lower --nproc_per_node to the number of GPUs")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)  # so that .to("cuda") elsewhere lands on this process's GPU
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
+        atexit.register(_leave_process_group)
+    if dist.get_rank() != 0:
+        _devnull = _devnull or open(os.devnull, "w")
+        sys.stdout = _devnull
+    return device
+
+
+def _leave_process_group():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _distributed():
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size():
+    """Number of training processes (1 without torchrun)."""
+    return dist.get_world_size() if _distributed() else 1
+
+
+def process_rank():
+    return dist.get_rank() if _distributed() else 0
+
+
+def is_main_process():
+    """True in rank 0, the process that logs and writes files (and in a one-process run)."""
+    return process_rank() == 0
+
+
+def describe_distributed(cfg):
+    """', DDP over 2 processes (gloo)' and the like for the start-up line; '' in one process."""
+    if world_size() == 1:
+        return ""
+    return f", {'FSDP' if cfg.get('fsdp') else 'DDP'} over {world_size()} processes ({dist.get_backend()})"
+
+
+def any_process(flag):
+    """True when flag is true in any process. Every process must call it at the same point (one tiny all-reduce);
+    it keeps the processes in step when only some see a NaN loss or a Ctrl-C."""
+    if not _distributed():
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+@contextlib.contextmanager
+def local_main_first():
+    """Run the body in the first process of each machine (LOCAL_RANK 0) before the others: downloads and caches get
+    written once, then found by the rest. Every process must enter it."""
+    first = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    if _distributed() and not first:
+        dist.barrier()
+    yield
+    if _distributed() and first:
+        dist.barrier()
+
+
+def _grad_sync(step_model, last):
+    """DDP's no_sync() for all but the last micro-batch of a step, so gradients are averaged once per step."""
+    from torch.nn.parallel import DistributedDataParallel
+    if last or not isinstance(step_model, DistributedDataParallel):
+        return contextlib.nullcontext()
+    return step_model.no_sync()
+
+
+def shard_loader(loader, seed):
+    """This process's share of a training DataLoader: a DistributedSampler over the same dataset.
+
+    With seed * 1000 + epoch, the sampler draws the permutation that a one-process run draws for that epoch and
+    deals it out in turn, so N processes with batch b see, step by step, the samples one process sees with batch
+    N * b. A few windows at the end (fewer than N) are dropped so that every process takes the same number of steps.
+    """
+    from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler, SequentialSampler
+    if type(loader.batch_sampler) is not BatchSampler or not isinstance(loader.sampler,
+                                                                         (RandomSampler, SequentialSampler)):
+        raise UserError("the training loader uses its own sampler, which cannot be split between processes: "
+                        "run with one process")
+    sampler = DistributedSampler(loader.dataset, shuffle=isinstance(loader.sampler, RandomSampler),
+                                 seed=seed * 1000, drop_last=True)
+    return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler, drop_last=loader.drop_last,
+                      collate_fn=loader.collate_fn, num_workers=loader.num_workers, pin_memory=loader.pin_memory)
+
+
+def shard_model(model, device):
+    """FSDP2 in place: each transformer block, and the rest (embeddings, final norm, output layer) as one more group,
+    keeps only 1/N of its parameters, gradients and optimizer state per process and gathers the full weights just
+    for its own forward and backward."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh(device.type, (world_size(),))
+    for block in model.trf_blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def is_fsdp(model):
+    if not _distributed():
+        return False
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(model, FSDPModule)
+
+
+def full_state_dict(model):
+    """The model's weights as whole tensors without compile/DDP prefixes. For an FSDP model every process must call
+    it; rank 0 gets the tensors (on the CPU), the others an empty dict."""
+    if not is_fsdp(model):
+        return clean_state_dict(model.state_dict())
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_model(path, model, kind="pretrain", **extra):
+    """model.save_checkpoint that also works under torchrun: every process calls it, FSDP shards are gathered, and
+    rank 0 writes. Returns path."""
+    if not _distributed():
+        return save_checkpoint(path, model, kind, **extra)
+    state = full_state_dict(model)
+    if is_main_process():
+        atomic_save({"model": state, "config": dict(model.cfg), "kind": kind, **extra}, path)
+    dist.barrier()  # written before any process goes on
+    return path
+
+
+def _fsdp_train_state(model, optimizer):
+    """(model, optimizer) state dicts with whole tensors, keyed by parameter name; {} outside rank 0."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, optimizer, options=opts)
+
+
+def _load_fsdp_train_state(model, optimizer, ckpt):
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+    opts = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, ckpt["model"], options=opts)
+    set_optimizer_state_dict(model, optimizer, ckpt["optimizer"], options=opts)
+
+
+def _processes(n, fsdp):
+    return f"{n} process{'es' if n > 1 else ''}" + (" with --fsdp" if fsdp else "")
+
+
+def _rng_states_of_all(device):
+    """Every process's RNG state, gathered on rank 0 (None elsewhere)."""
+    states = [None] * world_size() if is_main_process() else None
+    dist.gather_object(rng_state(device), states, dst=0)
+    return states
+
+
 def train_model(model, train_loader, cfg, *, loss_fn, eval_fn, device, dtype=torch.float32, kind="pretrain",
                 extra=None, on_epoch_end=None, optimizer=None, write=None):
     """Train `model` on train_loader for cfg['epochs'] (or cfg['max_steps']) optimizer steps.
@@ -251,12 +443,29 @@ def train_model(model, train_loader, cfg, *, loss_fn, eval_fn, device, dtype=tor
     and at the end). cfg also needs: out_dir, lr, weight_decay, lr_schedule, warmup_steps, min_lr, grad_clip,
     grad_accum_steps, seed, resume, save_every, compile. Writes out_dir/model_and_optimizer.pth (resumable),
     out_dir/log.csv, out_dir/loss-plot.png; returns the logged rows. `extra` is stored in every checkpoint.
+
+    Under torchrun (after setup_distributed) every process runs this with the same arguments: each trains on its
+    own share of train_loader, gradients are averaged by DDP (or reduce-scattered by FSDP2 with cfg['fsdp']),
+    eval_fn and on_epoch_end run in every process on the whole data, and only rank 0 writes files. loss_fn then
+    gets the DDP wrapper, which can only be called; eval_fn gets the model itself.
     """
     from tqdm import tqdm
     write = write or tqdm.write
     out_dir = cfg["out_dir"]
     state_path = os.path.join(out_dir, TRAIN_STATE)
     accum = cfg.get("grad_accum_steps", 1)
+    world, fsdp = world_size(), bool(cfg.get("fsdp"))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _distributed():
+        raise RuntimeError("started by torchrun, but the script did not call setup_distributed() before training")
+    if fsdp and world == 1:
+        raise UserError("--fsdp shards the model across processes: start with "
+                        "`torchrun --nproc_per_node N` (N >= 2), or drop --fsdp")
+    if fsdp and dtype is torch.float16:
+        raise UserError("--fsdp with float16 is not supported (no sharded gradient scaler): use --dtype bfloat16")
+    if fsdp and optimizer is not None:
+        raise ValueError("with fsdp, train_model builds the optimizer after sharding the model: pass optimizer=None")
+    if world > 1:
+        train_loader = shard_loader(train_loader, cfg["seed"])
     steps_per_epoch = len(train_loader) // accum
     if steps_per_epoch == 0:
         raise UserError(f"the training data gives {len(train_loader)} batches, fewer than one optimizer step "
@@ -264,6 +473,8 @@ def train_model(model, train_loader, cfg, *, loss_fn, eval_fn, device, dtype=tor
     total_steps = cfg["epochs"] * steps_per_epoch
     if cfg.get("max_steps"):
         total_steps = min(total_steps, cfg["max_steps"])
+    if fsdp:
+        shard_model(model, device)  # before the optimizer, which must hold the sharded parameters
     optimizer = optimizer or make_optimizer(model, cfg["lr"], cfg["weight_decay"], device)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype is torch.float16)
     fwd_model = torch.compile(model) if cfg.get("compile") else model
@@ -275,19 +486,44 @@ def train_model(model, train_loader, cfg, *, loss_fn, eval_fn, device, dtype=tor
         ckpt = read_checkpoint(state_path)
         if "optimizer" not in ckpt:
             raise UserError(f"{state_path} holds no optimizer state, so it cannot be resumed")
-        load_state(model, ckpt["model"], state_path)
-        optimizer.load_state_dict(ckpt["optimizer"])
+        saved_world, saved_fsdp = ckpt.get("world_size", 1), bool(ckpt.get("fsdp", False))
+        if (saved_world, saved_fsdp) != (world, fsdp):
+            raise UserError(f"{state_path} was written by {_processes(saved_world, saved_fsdp)}, this run has "
+                            f"{_processes(world, fsdp)}: resume the same way (data order and steps depend on it)")
+        if fsdp:
+            _load_fsdp_train_state(model, optimizer, ckpt)
+        else:
+            load_state(model, ckpt["model"], state_path)
+            optimizer.load_state_dict(ckpt["optimizer"])
         step, epoch, batch_pos = ckpt["step"], ckpt["epoch"], ckpt["batch_pos"]
         tokens_seen, rows = ckpt["tokens_seen"], list(ckpt.get("log", []))
-        set_rng_state(ckpt["rng"], device)
+        set_rng_state(ckpt["rng_per_process"][process_rank()] if world > 1 else ckpt["rng"], device)
         write(f"resumed from {state_path} at step {step} (epoch {epoch + 1}, batch {batch_pos})")
+    elif world > 1:
+        torch.manual_seed(cfg["seed"] + 1 + process_rank())  # same initial weights, own dropout masks per process
+    # the module that runs training steps: DDP averages the gradients in backward (FSDP2 does so by itself)
+    step_model = fwd_model
+    if world > 1 and not fsdp:
+        from torch.nn.parallel import DistributedDataParallel
+        gpu = [torch.cuda.current_device()] if device.type == "cuda" else None  # set by setup_distributed
+        step_model = DistributedDataParallel(fwd_model, device_ids=gpu, gradient_as_bucket_view=True)
 
     def save_state(path=state_path):
-        atomic_save({"model": model.state_dict(), "config": dict(model.cfg), "kind": kind,
-                     "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch, "batch_pos": batch_pos,
-                     "tokens_seen": tokens_seen, "rng": rng_state(device), "log": rows,
-                     "train_settings": {k: v for k, v in cfg.items() if isinstance(v, (int, float, str, bool))},
-                     **(extra or {})}, path)
+        # every process calls this (gathering shards and RNG states needs them all); rank 0 writes
+        if fsdp:
+            model_state, optimizer_state = _fsdp_train_state(model, optimizer)
+        else:
+            model_state, optimizer_state = model.state_dict(), optimizer.state_dict()
+        per_process = {"world_size": world, "fsdp": fsdp, "rng_per_process": _rng_states_of_all(device)} \
+            if world > 1 else {}
+        if is_main_process():
+            atomic_save({"model": model_state, "config": dict(model.cfg), "kind": kind,
+                         "optimizer": optimizer_state, "step": step, "epoch": epoch, "batch_pos": batch_pos,
+                         "tokens_seen": tokens_seen, "rng": rng_state(device), "log": rows,
+                         "train_settings": {k: v for k, v in cfg.items() if isinstance(v, (int, float, str, bool))},
+                         **per_process, **(extra or {})}, path)
+        if world > 1:
+            dist.barrier()  # the file is there for every process (e.g. a --resume right after) once this returns
 
     def log_eval():
         model.eval()
@@ -305,14 +541,20 @@ def train_model(model, train_loader, cfg, *, loss_fn, eval_fn, device, dtype=tor
     model.train()
     speed_tokens, speed_time = 0, 0.0
     bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True, leave=False,
-               disable=cfg.get("quiet", False))
+               disable=cfg.get("quiet", False) or not is_main_process())
     with _StopRequest() as stop:
         while step < total_steps:
             sampler = getattr(train_loader, "sampler", None)
             if isinstance(sampler, torch.utils.data.RandomSampler):
                 # the order of each epoch depends only on (seed, epoch), so a resumed run sees the same batches
                 sampler.generator = torch.Generator().manual_seed(cfg["seed"] * 1000 + epoch)
+            elif isinstance(sampler, torch.utils.data.DistributedSampler):
+                sampler.set_epoch(epoch)  # the same (seed, epoch) permutation, dealt out to the processes
+            # creating a loader iterator draws a worker seed from the global RNG; keep that draw from shifting the
+            # dropout stream, so a resumed run matches an uninterrupted one
+            rng = torch.get_rng_state()
             batches = iter(train_loader)
+            torch.set_rng_state(rng)
             for _ in range(batch_pos):
                 next(batches)
             while batch_pos + accum <= len(train_loader) and step < total_steps:
@@ -322,19 +564,21 @@ def train_model(model, train_loader, cfg, *, loss_fn, eval_fn, device, dtype=tor
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 loss_sum = 0.0
-                for _ in range(accum):
+                for i in range(accum):
                     batch = next(batches)
-                    with autocast(device, dtype):
-                        loss = loss_fn(fwd_model, batch)
-                    if not torch.isfinite(loss):
-                        kept = (f"the last good checkpoint {state_path} is kept" if os.path.exists(state_path)
-                                else "no checkpoint was written")
-                        raise UserError(f"loss became {loss.item()} at step {step + 1}; stopped, {kept}; lower "
-                                        f"--lr or set --grad_clip 1.0")
-                    scaler.scale(loss / accum).backward()
+                    with _grad_sync(step_model, last=i == accum - 1):
+                        with autocast(device, dtype):
+                            loss = loss_fn(step_model, batch)
+                        if any_process(not torch.isfinite(loss)):
+                            kept = (f"the last good checkpoint {state_path} is kept" if os.path.exists(state_path)
+                                    else "no checkpoint was written")
+                            bad = loss.item() if not torch.isfinite(loss) else "non-finite in another process"
+                            raise UserError(f"loss became {bad} at step {step + 1}; stopped, {kept}; "
+                                            f"lower --lr or set --grad_clip 1.0")
+                        scaler.scale(loss / accum).backward()
                     loss_sum += loss.item() / accum
-                    tokens_seen += batch_tokens(batch)
-                    speed_tokens += batch_tokens(batch)
+                    tokens_seen += batch_tokens(batch) * world
+                    speed_tokens += batch_tokens(batch) * world
                 if cfg.get("grad_clip"):
                     scaler.unscale_(optimizer)
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
@@ -354,12 +598,14 @@ def train_model(model, train_loader, cfg, *, loss_fn, eval_fn, device, dtype=tor
                         on_epoch_end(model, epoch)
                 if step == 1 or step % cfg["eval_freq"] == 0 or step == total_steps:
                     log_eval()
-                    write_log(os.path.join(out_dir, "log.csv"), rows)
-                if stop.signal is not None:
+                    if is_main_process():
+                        write_log(os.path.join(out_dir, "log.csv"), rows)
+                if any_process(stop.signal is not None):  # all processes stop at the same step
                     save_state()
                     bar.close()
                     name = "SIGTERM" if stop.signal == getattr(signal, "SIGTERM", None) else "Ctrl-C"
-                    print(f"{name} at step {step}: saved {state_path}; continue with --resume", file=sys.stderr)
+                    if is_main_process():
+                        print(f"{name} at step {step}: saved {state_path}; continue with --resume", file=sys.stderr)
                     sys.exit(130 if stop.signal == signal.SIGINT else 143)
                 if cfg.get("save_every") and step % cfg["save_every"] == 0 and step < total_steps:
                     save_state()
@@ -367,8 +613,9 @@ def train_model(model, train_loader, cfg, *, loss_fn, eval_fn, device, dtype=tor
                     break
     bar.close()
     save_state()
-    write_log(os.path.join(out_dir, "log.csv"), rows)
-    plot_losses(rows, steps_per_epoch, os.path.join(out_dir, "loss-plot.png"))
+    if is_main_process():
+        write_log(os.path.join(out_dir, "log.csv"), rows)
+        plot_losses(rows, steps_per_epoch, os.path.join(out_dir, "loss-plot.png"))
     return rows
 
 
@@ -376,6 +623,100 @@ def batch_tokens(batch):
     """Tokens in a batch: the first tensor's element count."""
     first = batch[0] if isinstance(batch, (list, tuple)) else next(iter(batch.values()))
     return first.numel()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Memory estimate (--dry_run in every training script)
+# ---------------------------------------------------------------------------------------------------------------
+
+def estimate_memory(model_cfg, batch_size, context_length, dtype=torch.float32, trainable_params=None,
+                    total_params=None, trainable_layers=None, out_dim=None, world_size=1, fsdp=False,
+                    device_type="cpu"):
+    """Estimated bytes that one training process holds, as a dict: weights, gradients, optimizer, activations, total.
+
+    weights: fp32 parameters, plus the 16-bit copies of the matmul weights autocast keeps for backward.
+    gradients: fp32, one per trainable parameter. optimizer: AdamW's two fp32 moments per trainable parameter.
+    activations: what backward keeps for one micro-batch, counted with saved_tensors_hooks on torch 2.13: per
+    transformer block 16 values per token and channel (the two residual-stream ones stay fp32 under autocast, the
+    other 14 are 16-bit), 1 byte per dropout mask, and where dropout sends CPU attention down the unfused path about
+    13 bytes per attention score (B, n_heads, T, T); plus three fp32 copies of the logits (B, T, out_dim) around the
+    loss. trainable_layers: blocks (counted from the top) that need backward, None = all. With fsdp the first three
+    are split over world_size processes, plus the gathered weights of the non-block layers and of two blocks.
+    The total is a slight overestimate (gradients and activations do not peak together); Python, torch and the CUDA
+    context come on top (about 0.35 GB on CPU, 0.5-1 GB on a GPU).
+    """
+    if total_params is None:
+        with torch.device("meta"):
+            total_params = count_parameters(GPTModel(model_cfg))  # no memory, no init
+    trainable = total_params if trainable_params is None else trainable_params
+    d, L, h = model_cfg["emb_dim"], model_cfg["n_layers"], model_cfg["n_heads"]
+    out_dim = out_dim or model_cfg["vocab_size"]
+    B, T = batch_size, context_length
+    half = dtype in (torch.bfloat16, torch.float16)
+    act = 2 if half else 4
+    block_params = 12 * d * d + 13 * d  # attention 4 d^2, MLP 8 d^2, biases and norms
+    matmul_params = L * 12 * d * d + out_dim * d
+
+    weights, gradients, optimizer = 4 * total_params, 4 * trainable, 8 * trainable
+    if fsdp and world_size > 1:
+        gathered = total_params - (L - 2) * block_params  # non-block layers stay whole; two blocks in flight
+        weights = weights // world_size + 4 * gathered
+        gradients //= world_size
+        optimizer //= world_size
+    weights += 2 * matmul_params if half else 0
+    per_block = B * T * d * (2 * 4 + 14 * act)
+    if model_cfg.get("drop_rate", 0) > 0:
+        per_block += 2 * B * T * d
+        if device_type == "cpu":
+            per_block += 13 * B * h * T * T
+    blocks = L if trainable_layers is None else min(L, trainable_layers)
+    activations = blocks * per_block + 3 * 4 * B * T * out_dim
+    return {"weights": weights, "gradients": gradients, "optimizer": optimizer, "activations": activations,
+            "total": weights + gradients + optimizer + activations}
+
+
+def _size(n):
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def print_dry_run(model_cfg, cfg, train_batches, dtype, device=None, total_params=None, trainable_params=None,
+                  context_length=None, write=print, **estimate_kw):
+    """What --dry_run prints: parameters, estimated memory per process, tokens per step and steps per epoch.
+
+    cfg supplies batch_size, grad_accum_steps, epochs, max_steps and fsdp; train_batches is len(train_loader) in one
+    process; context_length defaults to cfg['context_length']; estimate_kw goes to estimate_memory (trainable_layers,
+    out_dim). Trains nothing and writes nothing; returns the numbers as a dict.
+    """
+    device = device or torch.device("cpu")
+    if total_params is None:
+        with torch.device("meta"):
+            total_params = count_parameters(GPTModel(model_cfg))
+    trainable = total_params if trainable_params is None else trainable_params
+    T = context_length or cfg.get("context_length") or model_cfg["context_length"]
+    world, accum = world_size(), cfg.get("grad_accum_steps", 1)
+    est = estimate_memory(model_cfg, cfg["batch_size"], T, dtype, trainable, total_params, world_size=world,
+                          fsdp=cfg.get("fsdp", False), device_type=device.type, **estimate_kw)
+    steps_per_epoch = train_batches // world // accum
+    total_steps = cfg.get("epochs", 1) * steps_per_epoch
+    if cfg.get("max_steps"):
+        total_steps = min(total_steps, cfg["max_steps"])
+    tokens_per_step = cfg["batch_size"] * T * accum * world
+    dtype_name = str(dtype).replace("torch.", "")
+    write(f"dry run: {total_params:,} parameters ({trainable:,} trainable), {_shape(model_cfg)}, device "
+          f"{device}, dtype {dtype_name}, {world} process{'es' if world > 1 else ''}"
+          f"{' with FSDP' if cfg.get('fsdp') and world > 1 else ''}")
+    write(f"estimated memory per process: weights {_size(est['weights'])}, gradients {_size(est['gradients'])}, "
+          f"AdamW state {_size(est['optimizer'])}, activations {_size(est['activations'])} (micro-batch "
+          f"{cfg['batch_size']} x {T} tokens); total {_size(est['total'])} plus the framework's own")
+    write(f"tokens per step {tokens_per_step:,} ({cfg['batch_size']} x {T} x {accum} micro-batches x {world} "
+          f"process{'es' if world > 1 else ''}), {steps_per_epoch} steps per epoch, {total_steps} steps in all; "
+          f"nothing trained or written (--dry_run)")
+    return {**est, "total_params": total_params, "trainable_params": trainable, "tokens_per_step": tokens_per_step,
+            "steps_per_epoch": steps_per_epoch, "total_steps": total_steps}
+
+
+def _shape(model_cfg):
+    return f"{model_cfg['n_layers']} layers x {model_cfg['emb_dim']} wide, {model_cfg['n_heads']} heads"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -439,14 +780,21 @@ def make_loaders(text, cfg):
 def main(argv=None):
     cfg = get_config(DEFAULTS, argv, __doc__, check=check_settings)
     torch.manual_seed(cfg["seed"])
-    device = pick_device(cfg["device"])
+    device = setup_distributed(pick_device(cfg["device"]))  # under torchrun: join the group, take this GPU
     dtype = pick_dtype(cfg["dtype"], device)
     out_dir = cfg["out_dir"]
-    text = load_text(resolve_data(cfg["data"]))
+    with local_main_first():  # under torchrun one process per machine downloads, the others then find the file
+        text = load_text(resolve_data(cfg["data"]))
     train_loader, val_loader = make_loaders(text, cfg)
-    model = build_model(cfg, device)
+    if cfg["dry_run"]:
+        model_cfg = model_config(cfg) if cfg["init"] == "scratch" else build_model(cfg, torch.device("cpu")).cfg
+        return print_dry_run(model_cfg, cfg, len(train_loader), dtype, device)
+    with local_main_first():  # the same for --init gpt2's weights
+        # with --fsdp the whole model stays in CPU memory; train_model moves only this process's shard to the GPU
+        model = build_model(cfg, torch.device("cpu") if cfg["fsdp"] and world_size() > 1 else device)
     print(f"device {device}, dtype {str(dtype).replace('torch.', '')}, {count_parameters(model):,} parameters, "
-          f"{len(train_loader)} train / {len(val_loader)} val batches; settings: {changed_settings(cfg, DEFAULTS)}")
+          f"{len(train_loader)} train / {len(val_loader)} val batches{describe_distributed(cfg)}; "
+          f"settings: {changed_settings(cfg, DEFAULTS)}")
 
     def eval_fn(m):
         train_loss, val_loss = evaluate_model(m, eval_train, val_loader, device, cfg["eval_iters"])
@@ -472,8 +820,8 @@ def main(argv=None):
     rows = train_model(model, train_loader, cfg, device=device, dtype=dtype, kind="pretrain",
                        loss_fn=lambda m, b: calc_loss_batch(b[0], b[1], m, device), eval_fn=eval_fn,
                        on_epoch_end=sample)
-    path = save_checkpoint(os.path.join(out_dir, "model.pth"), model, kind="pretrain", step=rows[-1]["step"],
-                           train_loss=rows[-1]["train_loss"], val_loss=rows[-1]["val_loss"])
+    path = save_model(os.path.join(out_dir, "model.pth"), model, kind="pretrain", step=rows[-1]["step"],
+                      train_loss=rows[-1]["train_loss"], val_loss=rows[-1]["val_loss"])
     written = [path, os.path.join(out_dir, TRAIN_STATE), os.path.join(out_dir, "log.csv")]
     if os.path.exists(os.path.join(out_dir, "loss-plot.png")):
         written.append(os.path.join(out_dir, "loss-plot.png"))

@@ -1,0 +1,475 @@
+"""Measure this machine: matmul and memory ceilings, training tokens/s and MFU, decoding and prefill tokens/s.
+
+    python bench.py                                  # 124M, context 256, batch 2 (the book's run), one table
+    python bench.py --size gpt2-medium --steps 2 --json bench.json
+    python bench.py --bf16 on --compile on           # also the entries this CPU is slow at (bf16) or slow to start
+
+Numbers, never pass/fail: each is the median of --repeats runs (--steps for training). MFU is the model's FLOPs per
+second over the measured fp32 matmul ceiling, counting 6 FLOPs per matmul weight per token (forward and backward)
+plus 12 * n_layers * emb_dim * context per token for attention. Decode tokens/s is (n - 1) / (time(n) - time(1)) for
+n new tokens at batch 1, so the prompt's prefill is left out. With transformers installed, its GPT-2 (random
+weights, same sizes) runs beside ours.
+"""
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+from tqdm import tqdm
+
+from data import UserError, autocast, changed_settings, entry, get_config, pick_device
+from model import GPT_CONFIG_124M, MODEL_CONFIGS, GPTModel, count_parameters, generate, quantize_int8
+from pretrain import calc_loss_batch, make_optimizer
+
+DEFAULTS = dict(
+    size="gpt2",               # gpt2 | gpt2-medium | gpt2-large | gpt2-xl | tiny (2 layers, width 32: a smoke test)
+    context_length=256,        # tokens per training window (and the model's position table)
+    batch_size=2,              # windows per training step
+    steps=3,                   # timed training steps per entry, after one warm-up step; 0 = skip training
+    repeats=3,                 # runs per matmul, bandwidth, decode and prefill entry
+    decode_tokens=32,          # new tokens per decode run; 0 = skip decoding
+    prompt_tokens=16,          # prompt length of the decode runs
+    matmul_size=2048,          # side of the square matmuls that measure the FLOP/s ceiling
+    bandwidth_mib=256,         # buffer size that measures memory bandwidth
+    bf16="auto",               # auto | on | off: auto runs bf16 entries only where the hardware has native bf16
+    compile="auto",            # auto | on | off: torch.compile training entries; auto = on for CUDA only
+    int8=True,                 # int8 decode, prefill and file size; false = off
+    compare="auto",            # auto | on | off: transformers' GPT-2 beside ours; auto = when it is installed
+    json="",                   # also write the results as JSON to this path; "-" = stdout; "" = off
+    threads=0,                 # torch CPU threads; 0 = torch's default
+    device="auto",             # auto | cpu | cuda | mps
+    seed=123,                  # seeds the random weights and tokens
+)
+
+SIZES = [*MODEL_CONFIGS, "tiny"]
+
+
+def check_settings(cfg):
+    if cfg["size"] not in SIZES:
+        raise UserError(f"--size must be one of {', '.join(SIZES)}, got {cfg['size']!r}")
+    for k in ("bf16", "compile", "compare"):
+        if cfg[k] not in ("auto", "on", "off"):
+            raise UserError(f"--{k} must be auto, on or off, got {cfg[k]!r}")
+    for k in ("context_length", "batch_size", "repeats", "prompt_tokens", "matmul_size", "bandwidth_mib"):
+        if cfg[k] < 1:
+            raise UserError(f"--{k} must be at least 1, got {cfg[k]}")
+    for k in ("steps", "decode_tokens", "threads"):
+        if cfg[k] < 0:
+            raise UserError(f"--{k} must be >= 0, got {cfg[k]}")
+    if cfg["decode_tokens"] and cfg["prompt_tokens"] + cfg["decode_tokens"] > cfg["context_length"]:
+        raise UserError(f"--prompt_tokens + --decode_tokens ({cfg['prompt_tokens'] + cfg['decode_tokens']}) must fit "
+                        f"in --context_length {cfg['context_length']}")
+
+
+def model_config(size, context_length):
+    base = dict(GPT_CONFIG_124M, emb_dim=32, n_layers=2, n_heads=2) if size == "tiny" else MODEL_CONFIGS[size]
+    return dict(base, context_length=context_length)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Timing and memory helpers
+# ---------------------------------------------------------------------------------------------------------------
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def median_time(fn, repeats, device, warmup=1):
+    """Median wall time of fn() in seconds over repeats runs, after warmup untimed runs."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def reset_peak_memory(device):
+    """Start a new high-water mark (Linux: /proc/self/clear_refs; CUDA: the allocator's peak)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # elsewhere the peak covers the whole process so far
+
+
+def peak_memory_mib(device):
+    """Peak memory since reset_peak_memory: CUDA allocations on a GPU, else the process's resident set (RSS)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
+def has_native_bf16(device):
+    """Whether bf16 matmuls run at hardware speed: AVX512-BF16 or AMX on x86 CPUs, compute capability 8+ on CUDA."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    cpu = getattr(torch, "cpu", None)
+    flags = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if any(f is not None for f in flags):
+        return any(f() for f in flags if f is not None)
+    # no CPU flags to ask: a small bf16 matmul at least half as fast as fp32 counts as native
+    a = torch.randn(256, 256)
+    fp32 = median_time(lambda: a @ a, 5, device)
+    b = a.bfloat16()
+    return median_time(lambda: b @ b, 5, device) < 2 * fp32
+
+
+def free():
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Machine ceilings
+# ---------------------------------------------------------------------------------------------------------------
+
+def matmul_gflops(n, dtype, device, repeats):
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    return 2 * n**3 / median_time(lambda: a @ b, repeats, device) / 1e9
+
+
+def memory_bandwidth(mib, device, repeats):
+    """(read GB/s from summing a buffer, copy GB/s counting bytes read plus bytes written)"""
+    a = torch.rand(mib * 2**20 // 4, device=device)
+    b = torch.empty_like(a)
+    nbytes = a.numel() * 4
+    read = nbytes / median_time(lambda: a.sum(), repeats, device) / 1e9
+    copy = 2 * nbytes / median_time(lambda: b.copy_(a), repeats, device) / 1e9
+    return read, copy
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------------------------
+
+def train_flops_per_token(mcfg, context_length):
+    """6 per matmul weight (forward 2, backward 4) plus attention's scores and weighted sums."""
+    d, layers, vocab = mcfg["emb_dim"], mcfg["n_layers"], mcfg["vocab_size"]
+    matmul_weights = layers * 12 * d * d + d * vocab  # q, k, v, out (4 d^2) and the MLP (8 d^2) per layer; out_head
+    return 6 * matmul_weights + 12 * layers * d * context_length
+
+
+def train_step_time(make_step, steps, device):
+    """(median seconds per step, peak memory MiB) over steps timed steps after one warm-up (which compiles)."""
+    reset_peak_memory(device)
+    step_fn = make_step()
+    step_fn()
+    sync(device)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step_fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), peak_memory_mib(device)
+
+
+def our_train_step(mcfg, batch, device, dtype, compiled):
+    def make():
+        model = GPTModel(dict(mcfg, drop_rate=0.1)).to(device)
+        optimizer = make_optimizer(model, 4e-4, 0.1, device)
+        run = torch.compile(model) if compiled else model
+        x, y = batch
+
+        def step():
+            with autocast(device, dtype):
+                loss = calc_loss_batch(x, y, run, device)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return step
+    return make
+
+
+def hf_config(mcfg):
+    from transformers import GPT2Config
+    return GPT2Config(vocab_size=mcfg["vocab_size"], n_positions=mcfg["context_length"], n_embd=mcfg["emb_dim"],
+                      n_layer=mcfg["n_layers"], n_head=mcfg["n_heads"], resid_pdrop=0.1, embd_pdrop=0.1,
+                      attn_pdrop=0.1)
+
+
+def hf_train_step(mcfg, batch, device, dtype):
+    def make():
+        from transformers import GPT2LMHeadModel
+        model = GPT2LMHeadModel(hf_config(mcfg)).to(device).train()
+        optimizer = make_optimizer(model, 4e-4, 0.1, device)
+        x, _ = batch
+
+        def step():
+            with autocast(device, dtype):
+                loss = model(input_ids=x, labels=x).loss  # shifts the labels itself
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return step
+    return make
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Inference
+# ---------------------------------------------------------------------------------------------------------------
+
+def decode_rate(generate_n, n, repeats, device):
+    """Tokens/s of the decode phase: (n - 1) / (time for n new tokens - time for 1), both medians."""
+    t1 = median_time(lambda: generate_n(1), repeats, device)
+    tn = median_time(lambda: generate_n(n), repeats, device)
+    return (n - 1) / max(tn - t1, 1e-9)
+
+
+def our_decode(model, prompt, use_cache, dtype=torch.float32):
+    def generate_n(n):
+        with autocast(prompt.device, dtype):
+            return generate(model, prompt, n, use_cache=use_cache)
+    return generate_n
+
+
+def hf_decode(model, prompt, use_cache):
+    def generate_n(n):
+        return model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
+                              do_sample=False, use_cache=use_cache, pad_token_id=0)
+    return generate_n
+
+
+def prefill_rate(model, tokens, repeats, device):
+    with torch.no_grad():
+        return tokens.numel() / median_time(lambda: model(tokens), repeats, device)
+
+
+def file_mib(model):
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "model.pth")
+        torch.save(model.state_dict(), path)
+        return os.path.getsize(path) / 2**20
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------------------------
+
+ROWS = [  # key, label, unit
+    ("matmul_fp32_gflops", "matmul fp32", "GFLOP/s"),
+    ("matmul_bf16_gflops", "matmul bf16", "GFLOP/s"),
+    ("mem_read_gbs", "memory read", "GB/s"),
+    ("mem_copy_gbs", "memory copy (read + write)", "GB/s"),
+    ("train_fp32_tok_s", "train fp32", "tokens/s"),
+    ("train_fp32_mfu", "train fp32 MFU", "%"),
+    ("train_fp32_peak_mib", "train fp32 peak memory", "MiB"),
+    ("train_fp32_compile_tok_s", "train fp32 + compile", "tokens/s"),
+    ("train_fp32_compile_mfu", "train fp32 + compile MFU", "%"),
+    ("train_bf16_tok_s", "train bf16", "tokens/s"),
+    ("train_bf16_mfu", "train bf16 MFU", "%"),
+    ("train_bf16_peak_mib", "train bf16 peak memory", "MiB"),
+    ("train_bf16_compile_tok_s", "train bf16 + compile", "tokens/s"),
+    ("decode_fp32_cache_tok_s", "decode fp32, KV cache (batch 1)", "tokens/s"),
+    ("decode_fp32_nocache_tok_s", "decode fp32, no cache (batch 1)", "tokens/s"),
+    ("decode_bf16_cache_tok_s", "decode bf16 weights, KV cache", "tokens/s"),
+    ("decode_int8_cache_tok_s", "decode int8 weights, KV cache", "tokens/s"),
+    ("prefill_fp32_tok_s", "prefill fp32 (batch 1, full context)", "tokens/s"),
+    ("prefill_int8_tok_s", "prefill int8", "tokens/s"),
+    ("file_fp32_mib", "weights file fp32", "MiB"),
+    ("file_int8_mib", "weights file int8", "MiB"),
+]
+
+
+def plan(cfg, device):
+    """Which entries run, and why the others do not: (flags, {key: reason})."""
+    native_bf16 = has_native_bf16(device)
+    skipped = {}
+    bf16 = cfg["bf16"] == "on" or (cfg["bf16"] == "auto" and native_bf16)
+    if not bf16:
+        why = "--bf16 off" if cfg["bf16"] == "off" else "no native bf16 here (--bf16 on to force)"
+        skipped.update({k: why for k, _, _ in ROWS if "bf16" in k})
+    compiled = cfg["compile"] == "on" or (cfg["compile"] == "auto" and device.type == "cuda")
+    if not compiled:
+        why = "--compile off" if cfg["compile"] == "off" else "off on CPU by default (--compile on)"
+        skipped.update({k: why for k, _, _ in ROWS if "compile" in k})
+    if not cfg["steps"]:
+        skipped.update({k: "--steps 0" for k, _, _ in ROWS if k.startswith("train")})
+    if not cfg["decode_tokens"]:
+        skipped.update({k: "--decode_tokens 0" for k, _, _ in ROWS if k.startswith("decode")})
+    if not cfg["int8"]:
+        skipped.update({k: "--int8 false" for k, _, _ in ROWS if "int8" in k})
+    if device.type != "cpu":
+        skipped.update({k: "int8 kernels are measured on CPU" for k, _, _ in ROWS if "int8" in k and "file" not in k})
+    compare = None
+    if cfg["compare"] != "off":
+        try:
+            import transformers
+            compare = transformers.__version__
+        except ImportError:
+            if cfg["compare"] == "on":
+                raise UserError("--compare on needs transformers: pip install transformers, or --compare auto")
+    return dict(bf16=bf16, native_bf16=native_bf16, compiled=compiled, compare=compare), skipped
+
+
+def run_all(cfg, device, flags, skipped):
+    """Every entry not in skipped -> (ours {key: value}, transformers {key: value})."""
+    torch.manual_seed(cfg["seed"])
+    mcfg = model_config(cfg["size"], cfg["context_length"])
+    ours, theirs, todo = {}, {}, []
+    want = lambda key: key not in skipped  # noqa: E731
+    ceiling = {}
+
+    def ceilings():
+        ours["matmul_fp32_gflops"] = ceiling["fp32"] = matmul_gflops(cfg["matmul_size"], torch.float32, device,
+                                                                      cfg["repeats"])
+        if want("matmul_bf16_gflops"):
+            ours["matmul_bf16_gflops"] = matmul_gflops(cfg["matmul_size"], torch.bfloat16, device, cfg["repeats"])
+        ours["mem_read_gbs"], ours["mem_copy_gbs"] = memory_bandwidth(cfg["bandwidth_mib"], device, cfg["repeats"])
+    todo.append(("machine ceilings", ceilings))
+
+    tokens = cfg["batch_size"] * cfg["context_length"]
+    flops = train_flops_per_token(mcfg, cfg["context_length"]) * tokens
+    data = torch.randint(0, mcfg["vocab_size"], (cfg["batch_size"], cfg["context_length"] + 1), device=device)
+    batch = (data[:, :-1], data[:, 1:])
+
+    def train_entry(prefix, make_step, out):
+        def run():
+            seconds, peak = train_step_time(make_step, cfg["steps"], device)
+            out[f"{prefix}_tok_s"] = tokens / seconds
+            out[f"{prefix}_mfu"] = 100 * flops / seconds / 1e9 / ceiling["fp32"]
+            out[f"{prefix}_peak_mib"] = peak
+            free()
+        return run
+
+    for dtype_name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        key = f"train_{dtype_name}"
+        if want(f"{key}_tok_s"):
+            todo.append((f"train {dtype_name}", train_entry(key, our_train_step(mcfg, batch, device, dtype, False),
+                                                            ours)))
+            if flags["compare"]:
+                todo.append((f"transformers train {dtype_name}",
+                             train_entry(key, hf_train_step(mcfg, batch, device, dtype), theirs)))
+        if want(f"{key}_compile_tok_s"):
+            todo.append((f"train {dtype_name} + compile",
+                         train_entry(f"{key}_compile", our_train_step(mcfg, batch, device, dtype, True), ours)))
+
+    prompt = data[:1, :cfg["prompt_tokens"]]
+    full = data[:1, :cfg["context_length"]]
+    n, repeats = cfg["decode_tokens"], cfg["repeats"]
+
+    def inference():
+        model = GPTModel(dict(mcfg, drop_rate=0.0)).to(device).eval()
+        if want("decode_fp32_cache_tok_s"):
+            ours["decode_fp32_cache_tok_s"] = decode_rate(our_decode(model, prompt, True), n, repeats, device)
+            ours["decode_fp32_nocache_tok_s"] = decode_rate(our_decode(model, prompt, False), n, repeats, device)
+        ours["prefill_fp32_tok_s"] = prefill_rate(model, full, repeats, device)
+        if want("file_fp32_mib"):
+            ours["file_fp32_mib"] = file_mib(model)
+        if want("decode_bf16_cache_tok_s"):
+            model.to(torch.bfloat16)
+            ours["decode_bf16_cache_tok_s"] = decode_rate(our_decode(model, prompt, True), n, repeats, device)
+            model.float()
+        if cfg["int8"]:
+            quantize_int8(model)
+            ours["file_int8_mib"] = file_mib(model)
+            if want("decode_int8_cache_tok_s"):
+                ours["decode_int8_cache_tok_s"] = decode_rate(our_decode(model, prompt, True), n, repeats, device)
+            if want("prefill_int8_tok_s"):
+                ours["prefill_int8_tok_s"] = prefill_rate(model, full, repeats, device)
+        del model
+        free()
+    todo.append(("decode and prefill", inference))
+
+    def hf_inference():
+        from transformers import GPT2LMHeadModel
+        model = GPT2LMHeadModel(hf_config(dict(mcfg))).to(device).eval()
+        model.generation_config.eos_token_id = None  # random weights: never stop early
+        if want("decode_fp32_cache_tok_s"):
+            theirs["decode_fp32_cache_tok_s"] = decode_rate(hf_decode(model, prompt, True), n, repeats, device)
+            theirs["decode_fp32_nocache_tok_s"] = decode_rate(hf_decode(model, prompt, False), n, repeats, device)
+        theirs["prefill_fp32_tok_s"] = prefill_rate(model, full, repeats, device)
+        del model
+        free()
+    if flags["compare"]:
+        todo.append(("transformers decode and prefill", hf_inference))
+
+    bar = tqdm(todo, desc="bench", unit="entry", file=sys.stderr)
+    for name, fn in bar:
+        bar.set_postfix_str(name)
+        fn()
+    return ours, theirs
+
+
+def format_table(ours, theirs, skipped, compare):
+    header = ["", "unit", "ours", f"transformers {compare}" if compare else "transformers"]
+    lines = []
+    for key, label, unit in ROWS:
+        def cell(results, is_ours):
+            if key in results:
+                return f"{results[key]:,.1f}"
+            if is_ours or key not in skipped:
+                return skipped.get(key, "-") if is_ours else "-"
+            return "-"
+        other = cell(theirs, False) if compare else "not installed"
+        lines.append([label, unit, cell(ours, True), other])
+    widths = [max(len(row[i]) for row in [header, *lines]) for i in range(4)]
+    fmt = lambda row: "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()  # noqa: E731
+    return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *map(fmt, lines)])
+
+
+def main(argv=None):
+    cfg = get_config(DEFAULTS, argv, __doc__, check=check_settings)
+    torch.manual_seed(cfg["seed"])
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
+    device = pick_device(cfg["device"])
+    flags, skipped = plan(cfg, device)
+    mcfg = model_config(cfg["size"], cfg["context_length"])
+    n_params = count_parameters(GPTModel(mcfg))
+    machine = dict(platform=platform.platform(), processor=platform.processor() or platform.machine(),
+                   torch=torch.__version__, device=str(device), threads=torch.get_num_threads(),
+                   cpu_capability=torch.backends.cpu.get_cpu_capability(), native_bf16=flags["native_bf16"],
+                   transformers=flags["compare"])
+    print(f"device {device} ({machine['threads']} threads, {machine['cpu_capability']}, native bf16: "
+          f"{'yes' if flags['native_bf16'] else 'no'}), {cfg['size']}: {n_params:,} parameters; "
+          f"settings: {changed_settings(cfg, DEFAULTS)}")
+    ours, theirs = run_all(cfg, device, flags, skipped)
+    print(f"\n{cfg['size']}, context {cfg['context_length']}, batch {cfg['batch_size']}; medians of {cfg['steps']} "
+          f"training steps and {cfg['repeats']} runs otherwise\n")
+    print(format_table(ours, theirs, skipped, flags["compare"]))
+    result = dict(machine=machine, settings=cfg, parameters=n_params, results=ours,
+                  transformers=theirs if flags["compare"] else "not installed" if cfg["compare"] == "auto" else "off",
+                  skipped={k: v for k, v in skipped.items()})
+    if cfg["json"] == "-":
+        print(json.dumps(result, indent=1))
+    elif cfg["json"]:
+        with open(cfg["json"], "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"wrote {cfg['json']}")
+    else:
+        print("nothing written (--json PATH saves the numbers)")
+    return result
+
+
+if __name__ == "__main__":
+    entry(main)
