@@ -29,8 +29,10 @@ from data import (DATA_FILES, TEMPLATE_NAME, InstructionDataset, PreferenceDatas
                   changed_settings, conversation_segments, custom_collate_fn, encode_segments, entry, fetch_data,
                   format_prompt, get_config, load_preference_records, load_records, pick_device, pick_dtype,
                   preference_collate_fn, split_records)
-from model import GPTModel, count_parameters, save_checkpoint
-from pretrain import TRAIN_STATE, calc_loss_batch, check_out_dir, evaluate_model, model_config, train_model
+from model import GPTModel, count_parameters
+from pretrain import (TRAIN_STATE, calc_loss_batch, check_out_dir, describe_distributed, evaluate_model,
+                      is_main_process, local_main_first, model_config, print_dry_run, save_model, setup_distributed,
+                      train_model, world_size)
 from pretrain import check_settings as check_training_settings
 
 DEFAULTS = dict(
@@ -72,6 +74,8 @@ DEFAULTS = dict(
     dtype="auto",              # auto | float32 | bfloat16 | float16 (auto: bf16 on GPUs that have it, else fp32)
     compile=False,             # torch.compile the model (slow start, faster steps on GPUs)
     resume=False,              # continue from out_dir/model_and_optimizer.pth
+    fsdp=False,                # under torchrun: shard weights, gradients and optimizer state (FSDP2); off = DDP
+    dry_run=False,             # print parameters, estimated memory, tokens per step and steps per epoch, then exit
 )
 
 # the book's settings for each method, used where a setting is left at None / ""
@@ -121,6 +125,9 @@ def check_settings(cfg):
     if cfg["max_new_tokens"] < 0:
         raise UserError(f"--max_new_tokens must be >= 0 (0 = skip answering the test split), got "
                         f"{cfg['max_new_tokens']}")
+    if cfg["fsdp"] and cfg["trainable"] == "lora":
+        raise UserError("--fsdp with --trainable lora is not supported (the adapters are merged into sharded "
+                        "weights when saved): drop --fsdp to train the adapters with DDP")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -290,18 +297,23 @@ def evaluate_dpo(policy, reference, loader, beta, device, num_batches=None, dtyp
 def resolve_data(cfg):
     """--data as given, or the book's file for --method, downloaded on first use."""
     path = cfg["data"]
-    if path in DATA_FILES and not os.path.exists(path):
-        return fetch_data(path)
+    with local_main_first():  # under torchrun one process per machine downloads, the others then find the file
+        if path in DATA_FILES and not os.path.exists(path):
+            return fetch_data(path)
     return path
 
 
 def build_model(cfg, device):
     """(model, name): a scratch model or the one --init names; name is used for the output file."""
+    if cfg["dry_run"] or (cfg["fsdp"] and world_size() > 1):
+        # with --fsdp the whole model stays in CPU memory; train_model moves only this process's shard to the GPU
+        device = torch.device("cpu")
     if cfg["init"] == "scratch":
         mcfg = model_config({**cfg, "qkv_bias": False, "tie_weights": False})
         return GPTModel(mcfg).to(device), "scratch"
     from load_gpt2 import init_model
-    model, info = init_model(cfg["init"], cfg_overrides={"drop_rate": cfg["drop_rate"]}, device=device)
+    with local_main_first():  # under torchrun one process per machine downloads the weights, the others find them
+        model, info = init_model(cfg["init"], cfg_overrides={"drop_rate": cfg["drop_rate"]}, device=device)
     if cfg["method"] == "dpo" and info["kind"] != "chat":
         print(f"warning: --init {cfg['init']} is not an instruction-tuned model (kind {info['kind']}); DPO is "
               f"meant to start from finetune_chat.py's SFT checkpoint")
@@ -343,7 +355,7 @@ def report_cut(name, dataset, max_length):
 def startup_line(cfg, device, dtype, model, counts):
     trainable = count_parameters(model, trainable_only=True)
     print(f"device {device}, dtype {str(dtype).replace('torch.', '')}, {count_parameters(model):,} parameters "
-          f"({trainable:,} trainable), {counts}; settings: {cfg['changed']}")
+          f"({trainable:,} trainable), {counts}{describe_distributed(cfg)}; settings: {cfg['changed']}")
 
 
 def run_sft(cfg, device, dtype):
@@ -363,6 +375,9 @@ def run_sft(cfg, device, dtype):
     val_loader = DataLoader(datasets["val"], cfg["batch_size"], shuffle=False, collate_fn=collate)
     if cfg["trainable"] == "lora":
         add_lora(model, cfg)
+    if cfg["dry_run"]:
+        return print_dry_run(model.cfg, cfg, len(train_loader), dtype, device, total_params=count_parameters(model),
+                             trainable_params=count_parameters(model, True), context_length=max_len)
     startup_line(cfg, device, dtype, model, f"{len(train)} train / {len(test)} test / {len(val)} val records "
                                             f"from {path}")
     check_out_dir(cfg["out_dir"])
@@ -378,9 +393,10 @@ def run_sft(cfg, device, dtype):
     train_time = time.time() - start
     model = finished_model(model, cfg)
     out_dir = cfg["out_dir"]
-    ckpt_path = save_checkpoint(os.path.join(out_dir, f"{name}-sft.pth"), model, kind="chat",
-                                template=TEMPLATE_NAME, method="sft", step=rows[-1]["step"],
-                                train_loss=rows[-1]["train_loss"], val_loss=rows[-1]["val_loss"])
+    # every process calls save_model (FSDP gathers the shards), rank 0 writes
+    ckpt_path = save_model(os.path.join(out_dir, f"{name}-sft.pth"), model, kind="chat",
+                           template=TEMPLATE_NAME, method="sft", step=rows[-1]["step"],
+                           train_loss=rows[-1]["train_loss"], val_loss=rows[-1]["val_loss"])
     metrics = {"train_loss": rows[-1]["train_loss"], "val_loss": rows[-1]["val_loss"],
                "train_seconds": round(train_time, 1), "test_records": len(test)}
     written = [ckpt_path, os.path.join(out_dir, TRAIN_STATE), os.path.join(out_dir, "log.csv")]
@@ -390,15 +406,18 @@ def run_sft(cfg, device, dtype):
         metrics.update(score_responses(answers, references))
         metrics["perplexity"] = reference_perplexity(model, test, device, max_len, cfg["batch_size"], dtype)
         responses_path = os.path.join(out_dir, "instruction-data-with-response.json")
-        with open(responses_path, "w", encoding="utf-8") as f:
-            json.dump([{**r, "model_response": a} for r, a in zip(test, answers)], f, indent=4, ensure_ascii=False)
+        if is_main_process():
+            with open(responses_path, "w", encoding="utf-8") as f:
+                json.dump([{**r, "model_response": a} for r, a in zip(test, answers)], f, indent=4,
+                          ensure_ascii=False)
         written.append(responses_path)
         print(f"test split ({len(test)} records): exact match {metrics['exact_match']:.3f}, token F1 "
               f"{metrics['token_f1']:.3f}, ROUGE-L {metrics['rouge_l']:.3f}, perplexity of the references "
               f"{metrics['perplexity']:.2f}")
     metrics_path = os.path.join(out_dir, "metrics.json")
-    with open(metrics_path, "w") as f:
-        json.dump(metrics, f, indent=2)
+    if is_main_process():
+        with open(metrics_path, "w") as f:
+            json.dump(metrics, f, indent=2)
     written.append(metrics_path)
     print(f"done in {train_time:.0f} s of training: train loss {metrics['train_loss']:.3f}, val loss "
           f"{metrics['val_loss']:.3f}; wrote {', '.join(written)}")
@@ -412,7 +431,9 @@ def run_dpo(cfg, device, dtype):
     path = resolve_data(cfg)
     train, test, val = split_data(load_preference_records(path), cfg)
     policy, name = build_model(cfg, device)
-    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    # the frozen reference, a copy of the policy as built; under --fsdp it is not sharded: whole on this device
+    reference_params = count_parameters(policy)
+    reference = None if cfg["dry_run"] else copy.deepcopy(policy).to(device).eval().requires_grad_(False)
     max_len = min(cfg["allowed_max_length"], policy.cfg["context_length"])
     collate = partial(preference_collate_fn, allowed_max_length=max_len)
     loaders = {}
@@ -427,6 +448,10 @@ def run_dpo(cfg, device, dtype):
                               collate_fn=collate)
     if cfg["trainable"] == "lora":
         add_lora(policy, cfg)
+    if cfg["dry_run"]:
+        return print_dry_run(policy.cfg, cfg, len(train_loader), dtype, device,
+                             total_params=count_parameters(policy) + reference_params,
+                             trainable_params=count_parameters(policy, True), context_length=max_len)
     startup_line(cfg, device, dtype, policy, f"{len(train)} train / {len(test)} test / {len(val)} val preference "
                                              f"pairs from {path}, beta {cfg['beta']}")
     check_out_dir(cfg["out_dir"])
@@ -444,7 +469,9 @@ def run_dpo(cfg, device, dtype):
         return {f"{split}_{k}": scores[split][k] for k in ("loss", "reward_margin", "reward_acc")
                 for split in ("train", "val")}
 
-    before = evaluate(policy)
+    # before training the policy equals the reference; under --fsdp the policy is whole on the CPU until
+    # train_model shards it, so its twin, already on this device, is scored instead
+    before = evaluate(reference if cfg["fsdp"] and world_size() > 1 else policy)
     print("before: " + ", ".join(f"{split} loss {v['loss']:.3f} margin {v['reward_margin']:.3f}"
                                  for split, v in before.items()))
     start = time.time()
@@ -457,13 +484,15 @@ def run_dpo(cfg, device, dtype):
     policy = finished_model(policy, cfg)
     out_dir = cfg["out_dir"]
     stem = re.sub(r"-sft$", "", name)
-    ckpt_path = save_checkpoint(os.path.join(out_dir, f"{stem}-dpo.pth"), policy, kind="chat",
-                                template=TEMPLATE_NAME, method="dpo", beta=cfg["beta"], step=rows[-1]["step"],
-                                val_loss=after["val"]["loss"], val_reward_margin=after["val"]["reward_margin"])
+    # every process calls save_model (FSDP gathers the shards), rank 0 writes
+    ckpt_path = save_model(os.path.join(out_dir, f"{stem}-dpo.pth"), policy, kind="chat",
+                           template=TEMPLATE_NAME, method="dpo", beta=cfg["beta"], step=rows[-1]["step"],
+                           val_loss=after["val"]["loss"], val_reward_margin=after["val"]["reward_margin"])
     metrics = {"before": before, "after": after, "beta": cfg["beta"], "train_seconds": round(train_time, 1)}
     metrics_path = os.path.join(out_dir, "metrics.json")
-    with open(metrics_path, "w") as f:
-        json.dump(metrics, f, indent=2)
+    if is_main_process():
+        with open(metrics_path, "w") as f:
+            json.dump(metrics, f, indent=2)
     for split in after:
         print(f"{split}: loss {before[split]['loss']:.3f} -> {after[split]['loss']:.3f}, reward margin "
               f"{before[split]['reward_margin']:.3f} -> {after[split]['reward_margin']:.3f}, reward accuracy "
@@ -477,7 +506,7 @@ def main(argv=None):
     given = get_config(DEFAULTS, argv, __doc__, check=check_settings)
     cfg = {**resolve_settings(given), "changed": changed_settings(given, DEFAULTS)}
     torch.manual_seed(cfg["seed"])
-    device = pick_device(cfg["device"])
+    device = setup_distributed(pick_device(cfg["device"]))  # under torchrun: join the group, take this GPU
     dtype = pick_dtype(cfg["dtype"], device)
     if cfg["method"] == "dpo":
         return run_dpo(cfg, device, dtype)

@@ -28,7 +28,9 @@ from data import (EOT_ID, ClassificationDataset, UserError, autocast, balance_cl
                   read_sms_spam, read_text_file, split_rows, write_labelled_csv)
 from model import (GPTModel, count_parameters, load_state, merge_lora, read_checkpoint, replace_linear_with_lora,
                    save_checkpoint)
-from pretrain import check_out_dir, check_settings, model_config, plot_losses, train_model
+from pretrain import (check_out_dir, check_settings, describe_distributed, is_main_process, local_main_first,
+                      model_config, plot_losses, print_dry_run, save_model, setup_distributed, train_model,
+                      world_size)
 
 DEFAULTS = dict(
     csv="",                    # one labelled CSV, balanced and split 70/10/20 here; "" = the SMS Spam Collection
@@ -73,6 +75,8 @@ DEFAULTS = dict(
     predict_file="",           # a text file to classify line by line with --checkpoint; "" = off
     evaluate=False,            # only evaluate --checkpoint on --test_csv (else --csv, else OUT_DIR/test.csv)
     merge_lora=False,          # fold --checkpoint's LoRA adapters into plain weights, written as NAME_merged.pth
+    fsdp=False,                # under torchrun: shard weights, gradients and optimizer state (FSDP2); off = DDP
+    dry_run=False,             # print parameters, estimated memory, tokens per step and steps per epoch, then exit
 )
 
 CLASSIFIER = "spam_classifier.pth"
@@ -250,7 +254,8 @@ def load_splits(cfg):
     if cfg["csv"]:
         source, rows = cfg["csv"], read_labelled_csv(cfg["csv"], tc, lc)
     else:
-        source, rows = "the SMS Spam Collection", read_sms_spam(fetch_sms_spam())
+        with local_main_first():  # under torchrun one process per machine downloads, the others then find the file
+            source, rows = "the SMS Spam Collection", read_sms_spam(fetch_sms_spam())
     check_two_classes(rows, source)
     counts = Counter(label for _, label in rows)
     described = f"{len(rows)} texts from {source} ({', '.join(f'{n} {k}' for k, n in sorted(counts.items()))})"
@@ -258,10 +263,12 @@ def load_splits(cfg):
         rows = balance_classes(rows, cfg["seed"])
         described += f", balanced to {min(counts.values())} per class"
     splits = split_rows(rows, cfg["seed"])
-    written = []
-    for name, part in zip(("train.csv", "validation.csv", "test.csv"), splits):
-        written.append(write_labelled_csv(os.path.join(cfg["out_dir"], name), part, tc, lc))
-    print(f"data: {described}; split {' / '.join(str(len(s)) for s in splits)} into {', '.join(written)}")
+    written = [os.path.join(cfg["out_dir"], name) for name in ("train.csv", "validation.csv", "test.csv")]
+    if is_main_process() and not cfg["dry_run"]:
+        for path, part in zip(written, splits):
+            write_labelled_csv(path, part, tc, lc)
+    where = "(not written: --dry_run)" if cfg["dry_run"] else f"into {', '.join(written)}"
+    print(f"data: {described}; split {' / '.join(str(len(s)) for s in splits)} {where}")
     return splits
 
 
@@ -328,7 +335,7 @@ def classify_texts(model, ckpt, texts, device, dtype, batch_size=8):
 def main(argv=None):
     cfg = get_config(DEFAULTS, argv, __doc__, check=check_cls_settings)
     torch.manual_seed(cfg["seed"])
-    device = pick_device(cfg["device"])
+    device = setup_distributed(pick_device(cfg["device"]))  # under torchrun: join the group, take this GPU
     dtype = pick_dtype(cfg["dtype"], device)
     checkpoint = cfg["checkpoint"] or os.path.join(cfg["out_dir"], CLASSIFIER)
     if cfg["predict"] or cfg["predict_file"]:
@@ -393,13 +400,15 @@ def run_merge(checkpoint):
 
 def run_training(cfg, checkpoint, device, dtype):
     out_dir = cfg["out_dir"]
-    check_out_dir(out_dir)
+    if not cfg["dry_run"]:
+        check_out_dir(out_dir)
     train_rows, val_rows, test_rows = load_splits(cfg)
     class_names = check_two_classes(train_rows, "the training split")
 
     train_texts, train_labels = [t for t, _ in train_rows], label_ids(train_rows, class_names, "the training split")
     train_ds = ClassificationDataset(train_texts, train_labels, max_length=cfg["max_length"] or None)
-    model = build_base_model(cfg, train_ds.max_length)
+    with local_main_first():  # the same for --init gpt2's weights
+        model = build_base_model(cfg, train_ds.max_length)
     context = model.cfg["context_length"]
     if train_ds.max_length > context:
         if cfg["max_length"]:
@@ -413,7 +422,6 @@ def run_training(cfg, checkpoint, device, dtype):
 
     replace_head(model, len(class_names))
     set_trainable(model, cfg["trainable"], cfg["lora_rank"], cfg["lora_alpha"])
-    model.to(device)
     if cfg["init"] == "scratch" and cfg["trainable"] != "all":
         note(f"--init scratch with --trainable {cfg['trainable']} leaves most random weights frozen: pass "
              f"--trainable all")
@@ -421,10 +429,18 @@ def run_training(cfg, checkpoint, device, dtype):
     train_loader = DataLoader(train_ds, batch_size=cfg["batch_size"], shuffle=True, drop_last=True)
     eval_loaders = {name: DataLoader(ds, batch_size=cfg["batch_size"]) for name, ds in
                     (("train", train_ds), ("val", val_ds), ("test", test_ds))}
+    if cfg["dry_run"]:
+        mode, k = parse_trainable(cfg["trainable"])
+        blocks = {"head": 0, "last_block": 1, "last_n": k}.get(mode)  # blocks that need backward; None = all
+        return print_dry_run(model.cfg, cfg, len(train_loader), dtype, device, total_params=count_parameters(model),
+                             trainable_params=count_parameters(model, True), context_length=max_length,
+                             trainable_layers=blocks, out_dim=len(class_names))
+    # with --fsdp the whole model stays in CPU memory; train_model moves only this process's shard to the GPU
+    model.to(torch.device("cpu") if cfg["fsdp"] and world_size() > 1 else device)
     print(f"device {device}, dtype {str(dtype).replace('torch.', '')}, {count_parameters(model):,} parameters, "
           f"{count_parameters(model, trainable_only=True):,} trainable (--trainable {cfg['trainable']}); "
           f"{len(class_names)} classes ({', '.join(class_names)}), max_length {max_length}; "
-          f"{len(train_ds)} train / {len(val_ds)} val / {len(test_ds)} test texts; "
+          f"{len(train_ds)} train / {len(val_ds)} val / {len(test_ds)} test texts{describe_distributed(cfg)}; "
           f"settings: {changed_settings(cfg, DEFAULTS)}")
 
     def eval_fn(m):
@@ -466,17 +482,21 @@ def run_training(cfg, checkpoint, device, dtype):
                "parameters": count_parameters(model), "trainable_parameters": count_parameters(model, True),
                "settings": cfg, "epochs": epochs, **results}
     written = [os.path.join(out_dir, "metrics.json")]
-    with open(written[0], "w") as f:
-        json.dump(summary, f, indent=2)
+    if is_main_process():
+        with open(written[0], "w") as f:
+            json.dump(summary, f, indent=2)
     if not cfg["epochs"]:
         print(f"no training (--epochs 0); wrote {written[0]}")
         return summary
     accuracy = {name: m["accuracy"] for name, m in results.items()}
-    written.insert(0, save_checkpoint(checkpoint, model, kind="cls", **extra, step=rows[-1]["step"] if rows else 0,
-                                      accuracy=accuracy))
-    steps_per_epoch = len(train_loader) // cfg["grad_accum_steps"]
-    plot = plot_losses(rows, steps_per_epoch, os.path.join(out_dir, "accuracy-plot.png"),
-                       keys=("train_acc", "val_acc"), ylabel="accuracy")
+    # every process calls save_model (FSDP gathers the shards), rank 0 writes
+    written.insert(0, save_model(checkpoint, model, kind="cls", **extra, step=rows[-1]["step"] if rows else 0,
+                                 accuracy=accuracy))
+    steps_per_epoch = len(train_loader) // world_size() // cfg["grad_accum_steps"]  # each process's share
+    plot = None
+    if is_main_process():
+        plot = plot_losses(rows, steps_per_epoch, os.path.join(out_dir, "accuracy-plot.png"),
+                           keys=("train_acc", "val_acc"), ylabel="accuracy")
     written += [p for p in (os.path.join(out_dir, "log.csv"), os.path.join(out_dir, "loss-plot.png"), plot)
                 if p and os.path.exists(p)]
     print(f"done in {train_time:.0f} s of training: accuracy train {100 * accuracy['train']:.2f}%, val "
