@@ -453,6 +453,10 @@ def train_model(model, train_loader, cfg, *, loss_fn, eval_fn, device, dtype=tor
     write = write or tqdm.write
     out_dir = cfg["out_dir"]
     state_path = os.path.join(out_dir, TRAIN_STATE)
+    if is_main_process() and os.path.isdir(out_dir):  # half-written saves of a run that was killed mid-write
+        for name in os.listdir(out_dir):
+            if name.endswith(".tmp") and name.startswith(TRAIN_STATE + "."):
+                os.remove(os.path.join(out_dir, name))
     accum = cfg.get("grad_accum_steps", 1)
     world, fsdp = world_size(), bool(cfg.get("fsdp"))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _distributed():
