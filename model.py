@@ -579,9 +579,12 @@ def atomic_save(obj, path):
     except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
-        if isinstance(e, OSError):  # disk full, file too large, permissions
-            raise CheckpointError(f"could not write {path} ({e.strerror or e}): free disk space or choose another "
-                                  f"folder; any earlier file at that path is untouched") from None
+        # disk full, file too large, permissions; torch's zip writer reports these as a RuntimeError raised while
+        # handling the OSError, so look one exception back as well
+        err = e if isinstance(e, OSError) else e.__context__ if isinstance(e.__context__, OSError) else None
+        if err is not None:
+            raise CheckpointError(f"could not write {path} ({err.strerror or err}): free disk space or choose "
+                                  f"another folder; any earlier file at that path is untouched") from None
         raise
 
 
