@@ -38,7 +38,7 @@ DEFAULTS = dict(
     matmul_size=2048,          # side of the square matmuls that measure the FLOP/s ceiling
     bandwidth_mib=256,         # buffer size that measures memory bandwidth
     bf16="auto",               # auto | on | off: auto runs bf16 entries only where the hardware has native bf16
-    compile="auto",            # auto | on | off: torch.compile training entries; auto = on for CUDA only
+    compile="auto",            # auto | on | off: torch.compile training entries; auto = where bf16 is native too
     int8=True,                 # int8 decode, prefill and file size; false = off
     compare="auto",            # auto | on | off: transformers' GPT-2 beside ours; auto = when it is installed
     json="",                   # also write the results as JSON to this path; "-" = stdout; "" = off
@@ -211,7 +211,9 @@ def our_train_step(mcfg, batch, device, dtype, compiled):
 
 
 def hf_config(mcfg):
+    import transformers
     from transformers import GPT2Config
+    transformers.logging.set_verbosity_error()
     return GPT2Config(vocab_size=mcfg["vocab_size"], n_positions=mcfg["context_length"], n_embd=mcfg["emb_dim"],
                       n_layer=mcfg["n_layers"], n_head=mcfg["n_heads"], resid_pdrop=0.1, embd_pdrop=0.1,
                       attn_pdrop=0.1)
@@ -308,9 +310,10 @@ def plan(cfg, device):
     if not bf16:
         why = "--bf16 off" if cfg["bf16"] == "off" else "no native bf16 here (--bf16 on to force)"
         skipped.update({k: why for k, _, _ in ROWS if "bf16" in k})
-    compiled = cfg["compile"] == "on" or (cfg["compile"] == "auto" and device.type == "cuda")
+    # compiling takes a minute or more on a CPU and gains little on one without native bf16: off there by default
+    compiled = cfg["compile"] == "on" or (cfg["compile"] == "auto" and native_bf16)
     if not compiled:
-        why = "--compile off" if cfg["compile"] == "off" else "off on CPU by default (--compile on)"
+        why = "--compile off" if cfg["compile"] == "off" else "off where bf16 is not native (--compile on)"
         skipped.update({k: why for k, _, _ in ROWS if "compile" in k})
     if not cfg["steps"]:
         skipped.update({k: "--steps 0" for k, _, _ in ROWS if k.startswith("train")})
@@ -445,7 +448,8 @@ def main(argv=None):
     device = pick_device(cfg["device"])
     flags, skipped = plan(cfg, device)
     mcfg = model_config(cfg["size"], cfg["context_length"])
-    n_params = count_parameters(GPTModel(mcfg))
+    with torch.device("meta"):
+        n_params = count_parameters(GPTModel(mcfg))  # shapes only, no memory
     machine = dict(platform=platform.platform(), processor=platform.processor() or platform.machine(),
                    torch=torch.__version__, device=str(device), threads=torch.get_num_threads(),
                    cpu_capability=torch.backends.cpu.get_cpu_capability(), native_bf16=flags["native_bf16"],
