@@ -24,7 +24,8 @@ import torch
 from tqdm import tqdm
 
 from data import UserError, autocast, changed_settings, entry, get_config, pick_device
-from model import GPT_CONFIG_124M, MODEL_CONFIGS, GPTModel, count_parameters, generate, quantize_int8
+from model import (GPT_CONFIG_124M, MODEL_CONFIGS, GPTModel, count_parameters, generate, optimize_for_decoding,
+                   quantize_int8)
 from pretrain import calc_loss_batch, make_optimizer
 
 DEFAULTS = dict(
@@ -139,6 +140,14 @@ def has_native_bf16(device):
     fp32 = median_time(lambda: a @ a, 5, device)
     b = a.bfloat16()
     return median_time(lambda: b @ b, 5, device) < 2 * fp32
+
+
+def load_average():
+    """The 1-minute load average (None where the OS has none): other work on the machine lowers every number."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
 
 
 def free():
@@ -261,9 +270,10 @@ def hf_decode(model, prompt, use_cache):
     return generate_n
 
 
-def prefill_rate(model, tokens, repeats, device):
+def prefill_rate(model, tokens, repeats, device, **last_only):
+    """Prompt tokens/s of generation's first pass: every position through the blocks, logits for the last only."""
     with torch.no_grad():
-        return tokens.numel() / median_time(lambda: model(tokens), repeats, device)
+        return tokens.numel() / median_time(lambda: model(tokens, **last_only), repeats, device)
 
 
 def file_mib(model):
@@ -292,6 +302,7 @@ ROWS = [  # key, label, unit
     ("train_bf16_peak_mib", "train bf16 peak memory", "MiB"),
     ("train_bf16_compile_tok_s", "train bf16 + compile", "tokens/s"),
     ("decode_fp32_cache_tok_s", "decode fp32, KV cache (batch 1)", "tokens/s"),
+    ("decode_fp32_cache_linear_layout_tok_s", "  same, nn.Linear's weight layout", "tokens/s"),
     ("decode_fp32_nocache_tok_s", "decode fp32, no cache (batch 1)", "tokens/s"),
     ("decode_bf16_cache_tok_s", "decode bf16 weights, KV cache", "tokens/s"),
     ("decode_int8_cache_tok_s", "decode int8 weights, KV cache", "tokens/s"),
@@ -383,9 +394,12 @@ def run_all(cfg, device, flags, skipped):
     def inference():
         model = GPTModel(dict(mcfg, drop_rate=0.0)).to(device).eval()
         if want("decode_fp32_cache_tok_s"):
+            ours["decode_fp32_cache_linear_layout_tok_s"] = decode_rate(our_decode(model, prompt, True), n, repeats,
+                                                                        device)
+            optimize_for_decoding(model)  # as generate.py does
             ours["decode_fp32_cache_tok_s"] = decode_rate(our_decode(model, prompt, True), n, repeats, device)
             ours["decode_fp32_nocache_tok_s"] = decode_rate(our_decode(model, prompt, False), n, repeats, device)
-        ours["prefill_fp32_tok_s"] = prefill_rate(model, full, repeats, device)
+        ours["prefill_fp32_tok_s"] = prefill_rate(model, full, repeats, device, last_only=True)
         if want("file_fp32_mib"):
             ours["file_fp32_mib"] = file_mib(model)
         if want("decode_bf16_cache_tok_s"):
@@ -398,7 +412,7 @@ def run_all(cfg, device, flags, skipped):
             if want("decode_int8_cache_tok_s"):
                 ours["decode_int8_cache_tok_s"] = decode_rate(our_decode(model, prompt, True), n, repeats, device)
             if want("prefill_int8_tok_s"):
-                ours["prefill_int8_tok_s"] = prefill_rate(model, full, repeats, device)
+                ours["prefill_int8_tok_s"] = prefill_rate(model, full, repeats, device, last_only=True)
         del model
         free()
     todo.append(("decode and prefill", inference))
@@ -410,7 +424,7 @@ def run_all(cfg, device, flags, skipped):
         if want("decode_fp32_cache_tok_s"):
             theirs["decode_fp32_cache_tok_s"] = decode_rate(hf_decode(model, prompt, True), n, repeats, device)
             theirs["decode_fp32_nocache_tok_s"] = decode_rate(hf_decode(model, prompt, False), n, repeats, device)
-        theirs["prefill_fp32_tok_s"] = prefill_rate(model, full, repeats, device)
+        theirs["prefill_fp32_tok_s"] = prefill_rate(model, full, repeats, device, logits_to_keep=1)
         del model
         free()
     if flags["compare"]:
@@ -457,9 +471,15 @@ def main(argv=None):
     print(f"device {device} ({machine['threads']} threads, {machine['cpu_capability']}, native bf16: "
           f"{'yes' if flags['native_bf16'] else 'no'}), {cfg['size']}: {n_params:,} parameters; "
           f"settings: {changed_settings(cfg, DEFAULTS)}")
+    machine["load_average_before"] = load_average()
     ours, theirs = run_all(cfg, device, flags, skipped)
+    machine["load_average_after"] = load_average()
     print(f"\n{cfg['size']}, context {cfg['context_length']}, batch {cfg['batch_size']}; medians of {cfg['steps']} "
           f"training steps and {cfg['repeats']} runs otherwise\n")
+    busy = max(machine["load_average_before"] or 0, machine["load_average_after"] or 0)
+    if busy > 0.5 * (os.cpu_count() or 1):
+        print(f"note: 1-minute load average up to {busy:.1f} on {os.cpu_count()} CPUs: other processes shared the "
+              f"machine, so these numbers are low\n")
     print(format_table(ours, theirs, skipped, flags["compare"]))
     result = dict(machine=machine, settings=cfg, parameters=n_params, results=ours,
                   transformers=theirs if flags["compare"] else "not installed" if cfg["compare"] == "auto" else "off",

@@ -14,7 +14,8 @@ import torch
 
 from data import (EOT_ID, NEXT_TURN_MARKERS, TEMPLATE_NAME, UserError, autocast, conversation_segments,
                   encode_segments, entry, get_config, get_tokenizer, pick_device, pick_dtype, text_to_token_ids)
-from model import KVCache, count_parameters, generate_beam, generate_stream, load_model, quantize_int8
+from model import (KVCache, count_parameters, generate_beam, generate_stream, load_model, optimize_for_decoding,
+                   quantize_int8)
 
 DEFAULTS = dict(
     checkpoint="runs/pretrain/model.pth",  # what to sample from (pretrain.py writes it)
@@ -291,6 +292,8 @@ def main(argv=None):
     model.eval()
     if cfg["quantize"] == "int8":
         quantize_int8(model)  # per-channel int8 weights, computed from the loaded float ones
+    else:
+        optimize_for_decoding(model)  # the same weights in a memory order that decodes faster on CPU
     if cfg["chat"]:
         return chat(model, ckpt, cfg, device, dtype)
     tokenizer = get_tokenizer()

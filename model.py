@@ -182,8 +182,10 @@ class GPTModel(nn.Module):
         if cfg.get("tie_weights"):
             self.out_head.weight = self.tok_emb.weight  # GPT-2 shares the output layer with the token embedding
 
-    def forward(self, in_idx, kv_cache=None):
-        """in_idx: (B, T) token ids -> logits (B, T, vocab_size). With a KVCache, T new tokens follow its contents."""
+    def forward(self, in_idx, kv_cache=None, last_only=False):
+        """in_idx: (B, T) token ids -> logits (B, T, vocab_size). With a KVCache, T new tokens follow its contents.
+        last_only=True returns the last position's logits (B, 1, vocab_size), all that generation needs: the
+        50257-wide output layer then runs on one row instead of T."""
         B, T = in_idx.shape
         start = kv_cache.pos if kv_cache is not None else 0
         if start + T > self.pos_emb.num_embeddings:
@@ -196,6 +198,8 @@ class GPTModel(nn.Module):
             for block, layer_cache in zip(self.trf_blocks, kv_cache.layers):
                 x = block(x, layer_cache)
             kv_cache.advance(in_idx)
+        if last_only:
+            x = x[:, -1:]
         return self.out_head(self.final_norm(x))
 
     def set_fused_attention(self, fused=True):
@@ -325,7 +329,7 @@ def generate_stream(model, idx, max_new_tokens, context_size=None, temperature=0
         for _ in range(max_new_tokens):
             window = idx[:, -context_size:]
             if cache is None:
-                logits = model(window)
+                logits = model(window, last_only=True)
             else:
                 if window.shape[1] != idx.shape[1] or window.shape[1] > cache.max_len:
                     cache.truncate(0)  # the window slid: positions changed, nothing cached is valid
@@ -335,9 +339,9 @@ def generate_stream(model, idx, max_new_tokens, context_size=None, temperature=0
                     keep = min(keep, window.shape[1] - 1)  # always run at least the last token
                     cache.truncate(keep)
                 if window.shape[1] > cache.max_len:
-                    logits = model(window)
+                    logits = model(window, last_only=True)
                 else:
-                    logits = model(window[:, keep:], kv_cache=cache)
+                    logits = model(window[:, keep:], kv_cache=cache, last_only=True)
             next_id = sample_next_token(logits[:, -1], temperature, top_k, top_p, generator, prev_ids=idx,
                                         repetition_penalty=repetition_penalty)
             idx = torch.cat([idx, next_id], dim=1)
@@ -401,10 +405,10 @@ def _beam_search(model, idx, max_new_tokens, num_beams, context_size, length_pen
     for step in range(max_new_tokens):
         if seqs.shape[1] > context_size:  # the window slides: recompute it (as generate_stream does)
             cache = None
-            logits = model(seqs[:, -context_size:])[:, -1]
+            logits = model(seqs[:, -context_size:], last_only=True)[:, -1]
         elif cache is None:  # first step: run the prompt once, then give each beam its own copy of the cache
             one = KVCache(model, 1, context_size)
-            logits = model(idx, kv_cache=one)[:, -1].expand(num_beams, -1)
+            logits = model(idx, kv_cache=one, last_only=True)[:, -1].expand(num_beams, -1)
             cache = _repeat_cache(one, num_beams, model, context_size)
         else:
             logits = model(seqs[:, -1:], kv_cache=cache)[:, -1]
@@ -478,8 +482,26 @@ def _reorder_cache(cache, rows):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Int8 weights for deployment
+# Deployment: weight layout for decoding, int8 weights
 # ---------------------------------------------------------------------------------------------------------------
+
+def optimize_for_decoding(model):
+    """Store the weights of the widening Linear layers (in_features < out_features: ff.layers[0] and out_head)
+    column-major, in place, on CPU; returns model.
+
+    Values, shapes and state_dict keys stay the same (checkpoints are unaffected); only the memory order changes,
+    so F.linear reads the weight as a row-major (in, out) matrix. Decoding at batch 1 streams every weight once per
+    token, and for these shapes that order streams faster (measured on a 2-core AVX2 CPU: out_head 12 vs 7 GB/s,
+    MLP up-projection 14 vs 10 GB/s; the narrowing layers are faster as they are). Training is faster in the
+    usual order, so use this on models that only generate (generate.py does).
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and module.in_features < module.out_features:
+            w = module.weight
+            if w.device.type == "cpu" and w.is_contiguous():
+                w.data = w.data.t().contiguous().t()  # (out, in) shape, (in, out) memory
+    return model
+
 
 class Int8Linear(nn.Module):
     """An inference-only Linear whose weight is stored as int8 with one float scale per output channel (row):

@@ -4,6 +4,10 @@ Sections: the core (model.py, data.py, pretrain.py, generate.py), then OpenAI we
 instructions and chat, speed (int8, beam search, bench.py), several processes (DDP, FSDP, --dry_run), and faults
 (kills, bad input, hostile files, disk full; GPT2_LONG_TESTS=1 runs the long kill variant).
 
+Sections: the core (model.py, data.py, pretrain.py, generate.py), then OpenAI weights (load_gpt2.py), classification,
+instructions and chat, speed (int8, beam search, bench.py), several processes (DDP, FSDP, --dry_run), and faults
+(kills, bad input, hostile files, disk full; GPT2_LONG_TESTS=1 runs the long kill variant).
+
 The tokenizer files and the corpora come from ../shared (TIKTOKEN_CACHE_DIR and a local HTTP server on 127.0.0.1);
 tests that need them are skipped when that folder is absent.
 """
@@ -545,6 +549,7 @@ from model import count_parameters
 from model import generate
 from model import generate_beam
 from model import load_model
+from model import optimize_for_decoding
 from model import quantize_int8
 from model import read_checkpoint
 from model import sample_next_token
@@ -1922,6 +1927,66 @@ def test_bench_rejects_bad_settings():
     assert e.value.code == 2
     with pytest.raises(SystemExit):
         bench.main(["--context_length", "16", "--prompt_tokens", "10", "--decode_tokens", "10"])
+
+
+# -----------------------------------------------------------------------------------------------------
+# Speed: the decoding weight layout
+# -----------------------------------------------------------------------------------------------------
+os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared",
+                                                         "tiktoken-cache"))
+
+
+DECODE_TINY = dict(GPT_CONFIG_124M, n_layers=2, n_heads=2, emb_dim=32, context_length=32, drop_rate=0.0)
+
+
+def test_decoding_layout_changes_memory_order_only():
+    torch.manual_seed(0)
+    model = GPTModel(DECODE_TINY).eval()
+    idx = torch.randint(0, DECODE_TINY["vocab_size"], (1, 12))
+    with torch.no_grad():
+        before_logits = model(idx)
+    before_text = generate(model, idx, 8)
+    before_sd = {k: v.clone() for k, v in model.state_dict().items()}
+    assert optimize_for_decoding(model) is model
+    # widening layers (32 -> 128, 32 -> vocab) now hold (in, out) memory; the others keep nn.Linear's order
+    assert model.out_head.weight.stride() == (1, DECODE_TINY["vocab_size"])
+    assert model.trf_blocks[0].ff.layers[0].weight.stride() == (1, 128)
+    assert model.trf_blocks[0].ff.layers[2].weight.is_contiguous()
+    assert model.trf_blocks[0].att.W_query.weight.is_contiguous()
+    with torch.no_grad():
+        assert torch.allclose(model(idx), before_logits, atol=1e-5)
+    assert torch.equal(generate(model, idx, 8), before_text)
+    # the state_dict has the same keys, shapes and values, and loads into a fresh model
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    assert saved.keys() == before_sd.keys() and all(torch.equal(saved[k], before_sd[k]) for k in saved)
+    fresh = GPTModel(DECODE_TINY).eval()
+    fresh.load_state_dict(saved)
+    with torch.no_grad():
+        assert torch.allclose(fresh(idx), before_logits, atol=1e-5)
+
+
+def test_decoding_layout_with_tied_weights():
+    torch.manual_seed(1)
+    model = GPTModel(dict(DECODE_TINY, tie_weights=True)).eval()
+    idx = torch.randint(0, DECODE_TINY["vocab_size"], (1, 6))
+    before = generate(model, idx, 6)
+    optimize_for_decoding(model)
+    assert model.out_head.weight is model.tok_emb.weight  # still one shared tensor
+    assert torch.equal(generate(model, idx, 6), before)
+
+
+def test_bench_reports_both_decode_layouts(tmp_path):
+    import bench
+    out = tmp_path / "bench.json"
+    bench.main(["--size", "tiny", "--context_length", "32", "--steps", "0", "--repeats", "1", "--decode_tokens", "3",
+                "--prompt_tokens", "4", "--matmul_size", "64", "--bandwidth_mib", "1", "--compare", "off",
+                "--int8", "false", "--json", str(out)])
+    results = json.loads(out.read_text())["results"]
+    assert results["decode_fp32_cache_tok_s"] > 0 and results["decode_fp32_cache_linear_layout_tok_s"] > 0
+    assert "train_fp32_tok_s" not in results and "decode_int8_cache_tok_s" not in results
 
 
 # -----------------------------------------------------------------------------------------------------
