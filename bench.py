@@ -3,6 +3,7 @@
     python bench.py                                  # 124M, context 256, batch 2 (the book's run), one table
     python bench.py --size gpt2-medium --steps 2 --json bench.json
     python bench.py --bf16 on --compile on           # also the entries this CPU is slow at (bf16) or slow to start
+    python bench.py --wait_idle 60                   # on a shared machine: time each run when the CPUs are idle
 
 Numbers, never pass/fail: each is the median of --repeats runs (--steps for training). MFU is the model's FLOPs per
 second over the measured fp32 matmul ceiling, counting 6 FLOPs per matmul weight per token (forward and backward)
@@ -36,7 +37,7 @@ DEFAULTS = dict(
     repeats=3,                 # runs per matmul, bandwidth, decode and prefill entry
     decode_tokens=32,          # new tokens per decode run; 0 = skip decoding
     prompt_tokens=16,          # prompt length of the decode runs
-    matmul_size=2048,          # side of the square matmuls that measure the FLOP/s ceiling
+    matmul_size=2048,          # side of the middle one of three square matmuls that measure the FLOP/s ceiling
     bandwidth_mib=256,         # buffer size that measures memory bandwidth
     bf16="auto",               # auto | on | off: auto runs bf16 entries only where the hardware has native bf16
     compile="auto",            # auto | on | off: torch.compile training entries; auto = where bf16 is native too
@@ -44,6 +45,7 @@ DEFAULTS = dict(
     compare="auto",            # auto | on | off: transformers' GPT-2 beside ours; auto = when it is installed
     json="",                   # also write the results as JSON to this path; "-" = stdout; "" = off
     threads=0,                 # torch CPU threads; 0 = torch's default
+    wait_idle=0.0,             # seconds each timed run may wait for other processes to leave the CPUs idle; 0 = off
     device="auto",             # auto | cpu | cuda | mps
     seed=123,                  # seeds the random weights and tokens
 )
@@ -60,7 +62,7 @@ def check_settings(cfg):
     for k in ("context_length", "batch_size", "repeats", "prompt_tokens", "matmul_size", "bandwidth_mib"):
         if cfg[k] < 1:
             raise UserError(f"--{k} must be at least 1, got {cfg[k]}")
-    for k in ("steps", "decode_tokens", "threads"):
+    for k in ("steps", "decode_tokens", "threads", "wait_idle"):
         if cfg[k] < 0:
             raise UserError(f"--{k} must be >= 0, got {cfg[k]}")
     if cfg["decode_tokens"] and cfg["prompt_tokens"] + cfg["decode_tokens"] > cfg["context_length"]:
@@ -84,18 +86,53 @@ def sync(device):
         torch.mps.synchronize()
 
 
+IDLE = dict(max_wait=0.0, runs=0, busy_runs=0)  # --wait_idle, and how many timed runs started on a busy machine
+
+
+def others_cpu_share(window=0.2):
+    """Share of all CPUs used over `window` seconds while this process sleeps, i.e. by other processes (Linux's
+    /proc/stat; 0 elsewhere)."""
+    def busy_and_total():
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:]]
+        return sum(ticks) - ticks[3] - ticks[4], sum(ticks)  # minus idle and iowait
+    try:
+        busy0, total0 = busy_and_total()
+        time.sleep(window)
+        busy1, total1 = busy_and_total()
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return (busy1 - busy0) / max(total1 - total0, 1)
+
+
+def wait_for_idle():
+    """Wait up to IDLE["max_wait"] seconds for other processes to leave the CPUs (nearly) idle; count the runs that
+    start on a busy machine anyway. On a shared machine this keeps other work out of most measurements."""
+    if IDLE["max_wait"] <= 0:
+        return
+    deadline = time.time() + IDLE["max_wait"]
+    busy = others_cpu_share() > 0.1
+    while busy and time.time() < deadline:
+        busy = others_cpu_share() > 0.1
+    IDLE["runs"] += 1
+    IDLE["busy_runs"] += busy
+
+
+def timed(fn, device):
+    """Seconds for one fn() call, started once the CPUs are idle."""
+    wait_for_idle()
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
 def median_time(fn, repeats, device, warmup=1):
     """Median wall time of fn() in seconds over repeats runs, after warmup untimed runs."""
     for _ in range(warmup):
         fn()
     sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(timed(fn, device) for _ in range(repeats))
 
 
 def reset_peak_memory(device):
@@ -161,9 +198,13 @@ def free():
 # ---------------------------------------------------------------------------------------------------------------
 
 def matmul_gflops(n, dtype, device, repeats):
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    return 2 * n**3 / median_time(lambda: a @ b, repeats, device) / 1e9
+    """The ceiling: the best median GFLOP/s of square matmuls of sides n/2, n and 3n/2 (kernels favour some sizes)."""
+    best = 0.0
+    for side in (n // 2, n, 3 * n // 2):
+        a = torch.randn(side, side, device=device).to(dtype)
+        b = torch.randn(side, side, device=device).to(dtype)
+        best = max(best, 2 * side**3 / median_time(lambda: a @ b, repeats, device) / 1e9)
+    return best
 
 
 def memory_bandwidth(mib, device, repeats):
@@ -193,12 +234,7 @@ def train_step_time(make_step, steps, device):
     step_fn = make_step()
     step_fn()
     sync(device)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step_fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
+    times = [timed(step_fn, device) for _ in range(steps)]
     return statistics.median(times), peak_memory_mib(device)
 
 
@@ -437,7 +473,7 @@ def run_all(cfg, device, flags, skipped):
     return ours, theirs
 
 
-def format_table(ours, theirs, skipped, compare):
+def format_table(ours, theirs, skipped, compare, missing="not installed"):
     header = ["", "unit", "ours", f"transformers {compare}" if compare else "transformers"]
     lines = []
     for key, label, unit in ROWS:
@@ -447,7 +483,7 @@ def format_table(ours, theirs, skipped, compare):
             if is_ours or key not in skipped:
                 return skipped.get(key, "-") if is_ours else "-"
             return "-"
-        other = cell(theirs, False) if compare else "not installed"
+        other = cell(theirs, False) if compare else missing
         lines.append([label, unit, cell(ours, True), other])
     widths = [max(len(row[i]) for row in [header, *lines]) for i in range(4)]
     fmt = lambda row: "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()  # noqa: E731
@@ -472,15 +508,21 @@ def main(argv=None):
           f"{'yes' if flags['native_bf16'] else 'no'}), {cfg['size']}: {n_params:,} parameters; "
           f"settings: {changed_settings(cfg, DEFAULTS)}")
     machine["load_average_before"] = load_average()
+    IDLE.update(max_wait=cfg["wait_idle"] if device.type == "cpu" else 0.0, runs=0, busy_runs=0)
     ours, theirs = run_all(cfg, device, flags, skipped)
     machine["load_average_after"] = load_average()
+    machine["timed_runs"], machine["timed_runs_on_busy_cpus"] = IDLE["runs"], IDLE["busy_runs"]
     print(f"\n{cfg['size']}, context {cfg['context_length']}, batch {cfg['batch_size']}; medians of {cfg['steps']} "
           f"training steps and {cfg['repeats']} runs otherwise\n")
-    busy = max(machine["load_average_before"] or 0, machine["load_average_after"] or 0)
-    if busy > 0.5 * (os.cpu_count() or 1):
-        print(f"note: 1-minute load average up to {busy:.1f} on {os.cpu_count()} CPUs: other processes shared the "
-              f"machine, so these numbers are low\n")
-    print(format_table(ours, theirs, skipped, flags["compare"]))
+    if IDLE["busy_runs"]:
+        print(f"note: {IDLE['busy_runs']} of {IDLE['runs']} timed runs started while other processes used the CPUs "
+              f"(waited up to {cfg['wait_idle']:g} s each): those numbers are low\n")
+    elif not IDLE["runs"]:
+        load = max(machine["load_average_before"] or 0, machine["load_average_after"] or 0)
+        if load > 0.5 * (os.cpu_count() or 1):
+            print(f"note: 1-minute load average up to {load:.1f} on {os.cpu_count()} CPUs: other processes shared "
+                  f"the machine, so these numbers are low\n")
+    print(format_table(ours, theirs, skipped, flags["compare"], "off" if cfg["compare"] == "off" else "not installed"))
     result = dict(machine=machine, settings=cfg, parameters=n_params, results=ours,
                   transformers=theirs if flags["compare"] else "not installed" if cfg["compare"] == "auto" else "off",
                   skipped={k: v for k, v in skipped.items()})

@@ -8,6 +8,10 @@ Sections: the core (model.py, data.py, pretrain.py, generate.py), then OpenAI we
 instructions and chat, speed (int8, beam search, bench.py), several processes (DDP, FSDP, --dry_run), and faults
 (kills, bad input, hostile files, disk full; GPT2_LONG_TESTS=1 runs the long kill variant).
 
+Sections: the core (model.py, data.py, pretrain.py, generate.py), then OpenAI weights (load_gpt2.py), classification,
+instructions and chat, speed (int8, beam search, bench.py), several processes (DDP, FSDP, --dry_run), and faults
+(kills, bad input, hostile files, disk full; GPT2_LONG_TESTS=1 runs the long kill variant).
+
 The tokenizer files and the corpora come from ../shared (TIKTOKEN_CACHE_DIR and a local HTTP server on 127.0.0.1);
 tests that need them are skipped when that folder is absent.
 """
@@ -544,6 +548,7 @@ from model import CheckpointError
 from model import GPTModel
 from model import GPT_CONFIG_124M
 from model import Int8Linear
+from model import KVCache
 from model import apply_repetition_penalty
 from model import count_parameters
 from model import generate
@@ -1987,6 +1992,46 @@ def test_bench_reports_both_decode_layouts(tmp_path):
     results = json.loads(out.read_text())["results"]
     assert results["decode_fp32_cache_tok_s"] > 0 and results["decode_fp32_cache_linear_layout_tok_s"] > 0
     assert "train_fp32_tok_s" not in results and "decode_int8_cache_tok_s" not in results
+
+
+# -----------------------------------------------------------------------------------------------------
+# Speed: bench.py's idle wait and ceiling
+# -----------------------------------------------------------------------------------------------------
+os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared",
+                                                         "tiktoken-cache"))
+
+
+BENCH_TINY = dict(GPT_CONFIG_124M, n_layers=2, n_heads=2, emb_dim=32, context_length=32, drop_rate=0.0)
+
+
+def test_last_only_logits_are_the_last_row():
+    torch.manual_seed(0)
+    model = GPTModel(BENCH_TINY).eval()
+    idx = torch.randint(0, BENCH_TINY["vocab_size"], (2, 10))
+    with torch.no_grad():
+        full = model(idx)
+        last = model(idx, last_only=True)
+        assert last.shape == (2, 1, BENCH_TINY["vocab_size"])
+        assert torch.allclose(last, full[:, -1:], atol=1e-5)
+        cache = KVCache(model, 2)
+        model(idx[:, :6], kv_cache=cache, last_only=True)  # the cache still gets every position's keys and values
+        assert cache.pos == 6
+        assert torch.allclose(model(idx[:, 6:], kv_cache=cache, last_only=True), full[:, -1:], atol=1e-5)
+
+
+def test_bench_waits_for_idle_cpus_and_counts_runs(tmp_path):
+    import bench
+    share = bench.others_cpu_share(0.05)
+    assert 0.0 <= share <= 1.0
+    out = tmp_path / "bench.json"
+    bench.main(["--size", "tiny", "--context_length", "32", "--steps", "1", "--repeats", "1", "--decode_tokens", "3",
+                "--prompt_tokens", "4", "--matmul_size", "64", "--bandwidth_mib", "1", "--compare", "off",
+                "--int8", "false", "--wait_idle", "0.1", "--json", str(out)])
+    machine = json.loads(out.read_text())["machine"]
+    # 3 matmul sizes + read + copy, 1 training step, 2 timings (1 and n tokens) for each of 3 decode entries, prefill
+    assert machine["timed_runs"] == 5 + 1 + 3 * 2 + 1
+    assert 0 <= machine["timed_runs_on_busy_cpus"] <= machine["timed_runs"]
+    assert machine["load_average_before"] is None or machine["load_average_before"] >= 0
 
 
 # -----------------------------------------------------------------------------------------------------
