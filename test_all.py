@@ -1033,7 +1033,6 @@ def test_offline_names_url_and_where_to_put_files(tmp_path):
 # -----------------------------------------------------------------------------------------------------
 CLS_SHARED = os.environ.get("GPT2_SHARED_DIR", os.path.join(HERE, "..", "shared"))
 SMS_FILE = os.path.join(CLS_SHARED, "data", "SMSSpamCollection")
-os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(CLS_SHARED, "tiktoken-cache"))
 sys.path.insert(0, HERE)
 
 
@@ -1399,7 +1398,6 @@ def test_bad_flags_exit_2(argv):
 # -----------------------------------------------------------------------------------------------------
 # finetune_chat.py and generate.py --chat
 # -----------------------------------------------------------------------------------------------------
-os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(HERE, "..", "shared", "tiktoken-cache"))
 CHAT_SHARED_DATA = os.path.join(HERE, "..", "shared", "data")
 sys.path.insert(0, HERE)
 
@@ -1730,8 +1728,6 @@ def test_command_line_error_is_one_line_without_traceback(tmp_path):
 # -----------------------------------------------------------------------------------------------------
 # Speed: int8 weights, beam search, repetition penalty, bench.py
 # -----------------------------------------------------------------------------------------------------
-os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared",
-                                                         "tiktoken-cache"))
 
 
 SPEED_TINY = dict(GPT_CONFIG_124M, n_layers=2, n_heads=2, emb_dim=32, context_length=32, drop_rate=0.0)
@@ -1937,8 +1933,6 @@ def test_bench_rejects_bad_settings():
 # -----------------------------------------------------------------------------------------------------
 # Speed: the decoding weight layout
 # -----------------------------------------------------------------------------------------------------
-os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared",
-                                                         "tiktoken-cache"))
 
 
 DECODE_TINY = dict(GPT_CONFIG_124M, n_layers=2, n_heads=2, emb_dim=32, context_length=32, drop_rate=0.0)
@@ -1997,21 +1991,16 @@ def test_bench_reports_both_decode_layouts(tmp_path):
 # -----------------------------------------------------------------------------------------------------
 # Speed: bench.py's idle wait and ceiling
 # -----------------------------------------------------------------------------------------------------
-os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared",
-                                                         "tiktoken-cache"))
-
-
-BENCH_TINY = dict(GPT_CONFIG_124M, n_layers=2, n_heads=2, emb_dim=32, context_length=32, drop_rate=0.0)
 
 
 def test_last_only_logits_are_the_last_row():
     torch.manual_seed(0)
-    model = GPTModel(BENCH_TINY).eval()
-    idx = torch.randint(0, BENCH_TINY["vocab_size"], (2, 10))
+    model = GPTModel(DECODE_TINY).eval()
+    idx = torch.randint(0, DECODE_TINY["vocab_size"], (2, 10))
     with torch.no_grad():
         full = model(idx)
         last = model(idx, last_only=True)
-        assert last.shape == (2, 1, BENCH_TINY["vocab_size"])
+        assert last.shape == (2, 1, DECODE_TINY["vocab_size"])
         assert torch.allclose(last, full[:, -1:], atol=1e-5)
         cache = KVCache(model, 2)
         model(idx[:, :6], kv_cache=cache, last_only=True)  # the cache still gets every position's keys and values
@@ -2037,7 +2026,6 @@ def test_bench_waits_for_idle_cpus_and_counts_runs(tmp_path):
 # -----------------------------------------------------------------------------------------------------
 # Several processes: DDP, FSDP, --dry_run, dtype, tied weights, gradient accumulation
 # -----------------------------------------------------------------------------------------------------
-os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(HERE, "..", "shared", "tiktoken-cache"))
 sys.path.insert(0, HERE)
 
 
@@ -2049,7 +2037,6 @@ DIST_TINY = ["--data", VERDICT, "--n_layers", "2", "--n_heads", "2", "--emb_dim"
 
 def run(out_dir, *extra):
     return pretrain.main(DIST_TINY + ["--out_dir", str(out_dir), *extra])
-
 
 
 def weights(path):
@@ -2223,7 +2210,6 @@ def test_grad_accum_equals_one_big_batch(tmp_path):
 # -----------------------------------------------------------------------------------------------------
 # Fine-tuning under torchrun and --dry_run
 # -----------------------------------------------------------------------------------------------------
-os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(HERE, "..", "shared", "tiktoken-cache"))
 sys.path.insert(0, HERE)
 
 
@@ -2235,7 +2221,6 @@ CHAT_FLAGS = ["--init", "scratch", "--n_layers", "2", "--n_heads", "2", "--emb_d
 FDIST_TINY = dict(vocab_size=50257, context_length=32, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.0, qkv_bias=False)
 PLAN_WORDS = ("parameters", "trainable", "weights", "gradients", "AdamW state", "activations", "tokens per step",
               "steps per epoch", "--dry_run")
-
 
 
 def write_cls_csv(path, n=24):
@@ -2362,13 +2347,13 @@ def test_cls_two_processes_equal_one_process(tmp_path):
 # -----------------------------------------------------------------------------------------------------
 # Faults: kill and resume, bad input, hostile files, disk full
 # -----------------------------------------------------------------------------------------------------
-os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(HERE, "..", "shared", "tiktoken-cache"))
 sys.path.insert(0, HERE)
 
 
 LONG = os.environ.get("GPT2_LONG_TESTS") == "1"
 ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", MPLBACKEND="Agg", PYTHONUNBUFFERED="1",
-           TIKTOKEN_CACHE_DIR=os.path.abspath(os.environ["TIKTOKEN_CACHE_DIR"]))
+           TIKTOKEN_CACHE_DIR=os.path.abspath(os.environ.get("TIKTOKEN_CACHE_DIR",
+                                                             os.path.join(SHARED, "tiktoken-cache"))))
 FAULTS_TINY = ["--n_layers", "2", "--n_heads", "2", "--emb_dim", "32", "--device", "cpu"]
 STATE = "model_and_optimizer.pth"
 
