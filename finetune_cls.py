@@ -2,6 +2,8 @@
 
     python finetune_cls.py                                      # SMS spam, GPT-2 124M, last block + new head
     python finetune_cls.py --predict "You won a free cruise, call now!"
+    python finetune_cls.py --evaluate --quantize int8                 # test accuracy with int8 weights
+    python finetune_cls.py --save_int8 runs/cls/spam_classifier-int8.pth   # a smaller classifier for --predict
     python finetune_cls.py --csv reviews.csv --text_column review --label_column stars --trainable lora
     python finetune_cls.py --init scratch --trainable all --n_layers 4 --n_heads 4 --emb_dim 128 --max_length 128 \\
         --drop_rate 0.1 --lr 5e-4 --epochs 3 --out_dir runs/cls-scratch    # no pretrained weights needed
@@ -26,8 +28,8 @@ from tqdm import tqdm
 from data import (EOT_ID, ClassificationDataset, UserError, autocast, balance_classes, changed_settings,
                   class_names_of, entry, fetch_sms_spam, get_config, pick_device, pick_dtype, read_labelled_csv,
                   read_sms_spam, read_text_file, split_rows, write_labelled_csv)
-from model import (GPTModel, count_parameters, load_state, merge_lora, read_checkpoint, replace_linear_with_lora,
-                   save_checkpoint)
+from model import (GPTModel, Int8Linear, count_parameters, is_int8_state_dict, load_state, merge_lora,
+                   quantize_int8, read_checkpoint, replace_linear_with_lora, save_checkpoint)
 from pretrain import (check_out_dir, check_settings, describe_distributed, is_main_process, local_main_first,
                       model_config, plot_losses, print_dry_run, save_model, setup_distributed, train_model,
                       world_size)
@@ -75,6 +77,8 @@ DEFAULTS = dict(
     predict_file="",           # a text file to classify line by line with --checkpoint; "" = off
     evaluate=False,            # only evaluate --checkpoint on --test_csv (else --csv, else OUT_DIR/test.csv)
     merge_lora=False,          # fold --checkpoint's LoRA adapters into plain weights, written as NAME_merged.pth
+    quantize="none",           # none | int8: --predict / --evaluate with per-channel int8 Linear weights
+    save_int8="",              # write --checkpoint with int8 weights (LoRA merged) to this .pth and exit; "" = off
     fsdp=False,                # under torchrun: shard weights, gradients and optimizer state (FSDP2); off = DDP
     dry_run=False,             # print parameters, estimated memory, tokens per step and steps per epoch, then exit
 )
@@ -112,9 +116,14 @@ def check_cls_settings(cfg):
     sized = [f"--{k}" for k in ("emb_dim", "n_heads", "n_layers", "context_length") if cfg[k]]
     if sized and cfg["init"] != "scratch":
         raise UserError(f"{', '.join(sized)} only size a --init scratch model; --init {cfg['init']} brings its own")
-    modes = [f"--{k}" for k in ("predict", "predict_file", "evaluate", "merge_lora") if cfg[k]]
+    modes = [f"--{k}" for k in ("predict", "predict_file", "evaluate", "merge_lora", "save_int8") if cfg[k]]
     if len(modes) > 1:
         raise UserError(f"{' and '.join(modes)} cannot be combined: pick one")
+    if cfg["quantize"] not in ("none", "int8"):
+        raise UserError(f"--quantize must be none or int8, got {cfg['quantize']!r}")
+    if cfg["quantize"] == "int8" and not (cfg["predict"] or cfg["predict_file"] or cfg["evaluate"]):
+        raise UserError("--quantize int8 is for --predict, --predict_file and --evaluate (training needs float "
+                        "weights); to write an int8 classifier use --save_int8 PATH")
     if cfg["csv"] and cfg["train_csv"]:
         raise UserError("--csv and --train_csv cannot be combined: one CSV to split, or ready-made splits")
     if not modes:
@@ -299,8 +308,12 @@ def build_base_model(cfg, max_length):
     return model
 
 
-def load_classifier(path, device="cpu"):
-    """A classifier .pth (kind 'cls') -> (model in eval mode, checkpoint dict)."""
+def load_classifier(path, device="cpu", quantize="none"):
+    """A classifier .pth (kind 'cls') -> (model in eval mode, checkpoint dict).
+
+    quantize="int8" merges any LoRA adapters and stores every Linear as int8 (model.quantize_int8); a checkpoint
+    written with --save_int8 comes back int8 whatever quantize says.
+    """
     if not os.path.exists(path):
         raise UserError(f"no classifier at {path}: train one with `python finetune_cls.py`, or pass --checkpoint")
     ckpt = read_checkpoint(path)
@@ -312,8 +325,12 @@ def load_classifier(path, device="cpu"):
         model = replace_head(GPTModel(ckpt["config"]), len(ckpt["class_names"]))
         if ckpt.get("lora"):
             replace_linear_with_lora(model.trf_blocks, ckpt["lora"]["rank"], ckpt["lora"]["alpha"])
+        if is_int8_state_dict(ckpt["model"]):
+            quantize_int8(model, quantize=False)  # written by --save_int8: the same int8 layers, to load into
     model = model.to_empty(device="cpu")
     load_state(model, ckpt["model"], path)
+    if quantize == "int8":
+        quantize_int8(merge_lora(model))  # only swaps layers that are still float
     return model.to(device).eval(), ckpt
 
 
@@ -344,6 +361,8 @@ def main(argv=None):
         return run_evaluate(cfg, checkpoint, device, dtype)
     if cfg["merge_lora"]:
         return run_merge(checkpoint)
+    if cfg["save_int8"]:
+        return run_save_int8(checkpoint, cfg["save_int8"])
     return run_training(cfg, checkpoint, device, dtype)
 
 
@@ -362,7 +381,7 @@ def run_predict(cfg, checkpoint, device, dtype):
             raise UserError(f"{path} has no non-empty lines: put one text per line")
         if len(texts) < len(lines):
             note(f"skipped {len(lines) - len(texts)} empty line(s) of {path}")
-    model, ckpt = load_classifier(checkpoint, device)
+    model, ckpt = load_classifier(checkpoint, device, cfg["quantize"])
     results = classify_texts(model, ckpt, texts, device, dtype, cfg["batch_size"])
     for text, (label, prob, _) in zip(texts, results):
         print(f"{label}\t{prob:.4f}\t{text}")
@@ -374,13 +393,14 @@ def run_evaluate(cfg, checkpoint, device, dtype):
     path = cfg["test_csv"] or cfg["csv"] or os.path.join(cfg["out_dir"], "test.csv")
     if not os.path.exists(path):
         raise UserError(f"no CSV to evaluate at {path}: pass --test_csv (train first to get {path})")
-    model, ckpt = load_classifier(checkpoint, device)
+    model, ckpt = load_classifier(checkpoint, device, cfg["quantize"])
     rows = read_labelled_csv(path, cfg["text_column"], cfg["label_column"])
     ds = make_dataset(rows, ckpt["class_names"], ckpt["max_length"], path, known_by="the classifier")
     with autocast(device, dtype):
         logits, labels = predict_loader(model, DataLoader(ds, batch_size=cfg["batch_size"]), device)
     metrics = classification_metrics(logits, labels, ckpt["class_names"])
-    print(f"classifier {checkpoint} ({', '.join(ckpt['class_names'])}, max_length {ckpt['max_length']})")
+    int8 = ", int8 weights" if any(isinstance(m, Int8Linear) for m in model.modules()) else ""
+    print(f"classifier {checkpoint} ({', '.join(ckpt['class_names'])}, max_length {ckpt['max_length']}{int8})")
     print(format_metrics(path, metrics, ckpt["class_names"]))
     return metrics
 
@@ -395,6 +415,15 @@ def run_merge(checkpoint):
     out = save_checkpoint(stem + "_merged.pth", model, kind="cls",
                           **{**{k: ckpt[k] for k in CLS_KEYS if k in ckpt}, "lora": None, "merged_from": checkpoint})
     print(f"folded the rank-{ckpt['lora']['rank']} adapters into the weights of {checkpoint}; wrote {out}")
+    return out
+
+
+def run_save_int8(checkpoint, out):
+    model, ckpt = load_classifier(checkpoint, quantize="int8")
+    save_checkpoint(out, model, kind="cls", **{**{k: ckpt[k] for k in CLS_KEYS if k in ckpt}, "lora": None,
+                                               "quantize": "int8", "quantized_from": checkpoint})
+    print(f"wrote {out} ({os.path.getsize(out) / 2**20:.1f} MiB, int8 weights; {checkpoint}: "
+          f"{os.path.getsize(checkpoint) / 2**20:.1f} MiB)")
     return out
 
 

@@ -5,6 +5,7 @@
     python generate.py --init gpt2 --prompt "Hello, I am" --temperature 0   # OpenAI's GPT-2, greedy
     python generate.py --show_probs                                # next-token probabilities at three temperatures
     python generate.py --num_beams 4 --quantize int8               # beam search on int8 weights
+    python generate.py --quantize int8 --save_int8 runs/pretrain/model-int8.pth   # write the int8 model, ~43 % size
     python generate.py --chat --checkpoint runs/chat/gpt2-medium355M-sft.pth   # talk to finetune_chat.py's model
 """
 import os
@@ -15,7 +16,7 @@ import torch
 from data import (EOT_ID, NEXT_TURN_MARKERS, TEMPLATE_NAME, UserError, autocast, conversation_segments,
                   encode_segments, entry, get_config, get_tokenizer, pick_device, pick_dtype, text_to_token_ids)
 from model import (KVCache, count_parameters, generate_beam, generate_stream, load_model, optimize_for_decoding,
-                   quantize_int8)
+                   quantize_int8, save_checkpoint)
 
 DEFAULTS = dict(
     checkpoint="runs/pretrain/model.pth",  # what to sample from (pretrain.py writes it)
@@ -29,6 +30,7 @@ DEFAULTS = dict(
     num_beams=1,               # beam search over this many beams (deterministic: no temperature/top_k/top_p); 1 = off
     length_penalty=1.0,        # beam score = log-probability / length ** this; 0 = plain sum, >1 favours longer text
     quantize="none",           # none | int8: per-channel int8 weights for the Linear layers (faster decoding on CPU)
+    save_int8="",              # with --quantize int8: write the int8 model to this .pth and exit ("" = off)
     num_samples=1,             # continuations to print
     seed=123,                  # sampling seed
     stream=False,              # print tokens as they come
@@ -56,6 +58,8 @@ def check_settings(cfg):
         raise UserError("--repetition_penalty must be > 0 (1 = off) and --num_beams >= 1 (1 = off)")
     if cfg["quantize"] not in ("none", "int8"):
         raise UserError(f"--quantize must be none or int8, got {cfg['quantize']!r}")
+    if cfg["save_int8"] and cfg["quantize"] != "int8":
+        raise UserError("--save_int8 writes int8 weights: add --quantize int8")
     if cfg["num_beams"] > 1 and (cfg["stream"] or cfg["num_samples"] > 1 or cfg.get("chat")
                                  or cfg["repetition_penalty"] != 1):
         raise UserError("--num_beams gives one deterministic text at the end: drop --stream, --num_samples, "
@@ -68,7 +72,7 @@ def load_for_sampling(cfg, device):
     """The model named by --init, or the one in --checkpoint."""
     if cfg["init"]:
         from load_gpt2 import init_model
-        model, _ = init_model(cfg["init"], device=device)
+        model, _ = init_model(cfg["init"], device=device, int8_ok=True)
         return model, {"kind": "pretrained"}
     if not os.path.exists(cfg["checkpoint"]):
         raise UserError(f"no checkpoint at {cfg['checkpoint']}: run `python pretrain.py` first or pass "
@@ -78,6 +82,14 @@ def load_for_sampling(cfg, device):
         raise UserError(f"{cfg['checkpoint']} is a classifier (kind cls): sample from a language model, e.g. "
                         f"runs/pretrain/model.pth, or use finetune_cls.py --predict")
     return model, ckpt
+
+
+def save_int8(model, ckpt, path):
+    """Write the int8 model with the checkpoint's other entries (template, step, ...); load_model reads it as is."""
+    keep = {k: v for k, v in ckpt.items() if k not in ("model", "config", "kind", "optimizer")}
+    save_checkpoint(path, model, kind=ckpt.get("kind") or "pretrain", **{**keep, "quantize": "int8"})
+    print(f"wrote {path} ({os.path.getsize(path) / 2**20:.1f} MiB, int8 weights)")
+    return path
 
 
 class TextStreamer:
@@ -292,6 +304,8 @@ def main(argv=None):
     model.eval()
     if cfg["quantize"] == "int8":
         quantize_int8(model)  # per-channel int8 weights, computed from the loaded float ones
+        if cfg["save_int8"]:
+            return save_int8(model, ckpt, cfg["save_int8"])
     else:
         optimize_for_decoding(model)  # the same weights in a memory order that decodes faster on CPU
     if cfg["chat"]:

@@ -17,8 +17,8 @@ import tempfile
 import torch
 
 from data import DownloadError, UserError, download, entry, get_config, sha256_of
-from model import (GPT_CONFIG_124M, HEADS_FOR_WIDTH, CheckpointError, GPTModel, count_parameters, load_model,
-                   save_checkpoint)
+from model import (GPT_CONFIG_124M, HEADS_FOR_WIDTH, CheckpointError, GPTModel, count_parameters,
+                   is_int8_state_dict, load_model, read_checkpoint, save_checkpoint)
 
 DEFAULTS = dict(
     model="gpt2",          # gpt2 | gpt2-medium | gpt2-large | gpt2-xl, or a local model.safetensors / folder
@@ -515,11 +515,12 @@ def load_gpt2(model_name, models_dir="models", drop_rate=0.0, hub_url=None, veri
     return load_hf_checkpoint(folder, drop_rate)
 
 
-def init_model(init, cfg_overrides=None, models_dir="models", device="cpu", **download_kw):
+def init_model(init, cfg_overrides=None, models_dir="models", device="cpu", int8_ok=False, **download_kw):
     """The model a script starts from, for --init: a published name (downloaded), `scratch` (GPT_CONFIG_124M plus
     cfg_overrides, random weights), a .pth (ours or a bare state_dict), or a model.safetensors / folder holding one.
 
-    For pretrained weights, cfg_overrides may change drop_rate; other keys must agree with the weights.
+    For pretrained weights, cfg_overrides may change drop_rate; other keys must agree with the weights. An int8
+    .pth (quantize_int8) is refused unless int8_ok: its weights are for inference, not for training further.
     Returns (model, info) with info = {"init", "path", "kind", "checkpoint"} (checkpoint: the .pth dict, or None).
     """
     overrides = dict(cfg_overrides or {})
@@ -533,6 +534,13 @@ def init_model(init, cfg_overrides=None, models_dir="models", device="cpu", **do
     elif init.endswith(".pth"):
         if not os.path.isfile(init):
             raise UserError(f"no checkpoint at {init}: check the path, or pass --init gpt2 or scratch")
+        peek = read_checkpoint(init)  # memory-mapped: nothing is read yet but the names
+        if peek.get("kind") == "cls":
+            raise UserError(f"{init} is a classifier (finetune_cls.py): start from a language model's .pth, e.g. "
+                            f"runs/pretrain/model.pth, or use finetune_cls.py --predict / --evaluate")
+        if not int8_ok and is_int8_state_dict(peek["model"]):
+            raise UserError(f"{init} holds int8 weights (--quantize int8), which cannot be trained: start from the "
+                            f"float checkpoint it was made from")
         model, ckpt = load_model(init, "cpu", overrides)
         info.update(path=init, kind=ckpt.get("kind"), checkpoint=ckpt)
     elif os.path.isdir(init) or init.endswith(".safetensors"):

@@ -1295,6 +1295,31 @@ def test_evaluate_matches_training_metrics_and_rejects_unknown_labels(small_run,
         finetune_cls.main(["--evaluate", "--test_csv", unknown, "--out_dir", out, "--device", "cpu"])
 
 
+def test_int8_classifier_evaluates_predicts_and_saves_smaller(small_run, tmp_path, capsys):
+    _, out = small_run
+    ckpt = os.path.join(out, "spam_classifier.pth")
+    fp32 = finetune_cls.main(["--evaluate", "--out_dir", out, "--device", "cpu"])
+    q = finetune_cls.main(["--evaluate", "--out_dir", out, "--device", "cpu", "--quantize", "int8"])
+    assert "int8 weights" in capsys.readouterr().out
+    # int8 moves each weight by at most half a step: on 60 texts at most a couple of borderline answers may flip
+    assert abs(q["accuracy"] - fp32["accuracy"]) <= 2 / 60 and abs(q["loss"] - fp32["loss"]) < 0.05
+    small = str(tmp_path / "int8.pth")
+    finetune_cls.main(["--save_int8", small, "--checkpoint", ckpt])
+    model, saved = finetune_cls.load_classifier(small)
+    assert saved["quantize"] == "int8" and saved["class_names"] == ["ham", "spam"]
+    assert isinstance(model.out_head, Int8Linear) and isinstance(model.trf_blocks[0].att.W_query, Int8Linear)
+    assert finetune_cls.main(["--evaluate", "--out_dir", out, "--checkpoint", small, "--device", "cpu"]) == q
+    text = "You won a free cruise, call now!"
+    on_the_fly = finetune_cls.main(["--predict", text, "--checkpoint", ckpt, "--quantize", "int8"])
+    assert finetune_cls.main(["--predict", text, "--checkpoint", small]) == on_the_fly
+    with pytest.raises(SystemExit) as e:
+        finetune_cls.main(["--quantize", "int8", "--out_dir", out])
+    assert e.value.code == 2 and "--quantize int8 is for --predict" in capsys.readouterr().err
+    with pytest.raises(UserError, match="is a classifier"):  # fine-tuning starts from a language model
+        finetune_cls.main(["--init", small, "--csv", os.path.join(out, "train.csv"), "--device", "cpu",
+                           "--out_dir", str(tmp_path / "o")])
+
+
 def test_non_classifier_checkpoints_are_refused(small_run, tmp_path):
     path = M.save_checkpoint(str(tmp_path / "model.pth"), M.GPTModel(CLS_TINY), kind="pretrain")
     with pytest.raises(data.UserError, match="'pretrain' checkpoint, not a classifier"):
@@ -1796,6 +1821,27 @@ def test_int8_checkpoint_with_tied_weights(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(idx), model(idx))
     assert loaded.tok_emb.weight.dtype == torch.float32 and loaded.out_head.weight.dtype == torch.int8
+
+
+def test_generate_save_int8_writes_a_smaller_model_that_trains_nothing(tmp_path, capsys):
+    model = speed_tiny_model(vocab_size=256)
+    fp32 = save_checkpoint(str(tmp_path / "fp32.pth"), model, kind="sft", template="alpaca", step=7)
+    int8 = str(tmp_path / "int8.pth")
+    generate_script.main(["--checkpoint", fp32, "--quantize", "int8", "--save_int8", int8, "--device", "cpu"])
+    assert os.path.getsize(int8) < 0.5 * os.path.getsize(fp32)
+    loaded, ckpt = load_model(int8)
+    # the other entries survive (generate.py --chat reads the template), and the weights are the quantized ones
+    assert (ckpt["kind"], ckpt["template"], ckpt["step"], ckpt["quantize"]) == ("sft", "alpaca", 7, "int8")
+    idx = torch.randint(0, 256, (1, 10))
+    with torch.no_grad():
+        assert torch.equal(loaded(idx), quantize_int8(model)(idx))
+    with pytest.raises(SystemExit) as e:
+        generate_script.main(["--checkpoint", fp32, "--save_int8", int8])
+    assert e.value.code == 2 and "--save_int8 writes int8 weights: add --quantize int8" in capsys.readouterr().err
+    # the training scripts start from float weights only
+    with pytest.raises(UserError, match="holds int8 weights"):
+        init_model(int8)
+    assert isinstance(init_model(int8, int8_ok=True)[0].out_head, Int8Linear)
 
 
 # ---------------------------------------------------------------------------------------------------------------
