@@ -338,7 +338,7 @@ ROWS = [  # key, label, unit
     ("train_bf16_peak_mib", "train bf16 peak memory", "MiB"),
     ("train_bf16_compile_tok_s", "train bf16 + compile", "tokens/s"),
     ("decode_fp32_cache_tok_s", "decode fp32, KV cache (batch 1)", "tokens/s"),
-    ("decode_fp32_cache_linear_layout_tok_s", "  same, nn.Linear's weight layout", "tokens/s"),
+    ("decode_fp32_cache_linear_layout_tok_s", "  same, plain nn.Linear layers", "tokens/s"),
     ("decode_fp32_nocache_tok_s", "decode fp32, no cache (batch 1)", "tokens/s"),
     ("decode_bf16_cache_tok_s", "decode bf16 weights, KV cache", "tokens/s"),
     ("decode_int8_cache_tok_s", "decode int8 weights, KV cache", "tokens/s"),

@@ -545,6 +545,7 @@ from load_gpt2 import main
 from load_gpt2 import read_safetensors
 from load_gpt2 import write_safetensors
 from model import CheckpointError
+from model import DecodingLinear
 from model import GPTModel
 from model import GPT_CONFIG_124M
 from model import Int8Linear
@@ -1993,14 +1994,22 @@ def test_decoding_layout_changes_memory_order_only():
     before_text = generate(model, idx, 8)
     before_sd = {k: v.clone() for k, v in model.state_dict().items()}
     assert optimize_for_decoding(model) is model
-    # widening layers (32 -> 128, 32 -> vocab) now hold (in, out) memory; the others keep nn.Linear's order
+    # layers with in <= out (32 -> 32, 32 -> 128, 32 -> vocab) now hold (in, out) memory; 128 -> 32 keeps its order
     assert model.out_head.weight.stride() == (1, DECODE_TINY["vocab_size"])
     assert model.trf_blocks[0].ff.layers[0].weight.stride() == (1, 128)
+    assert model.trf_blocks[0].att.W_query.weight.stride() == (1, 32)
     assert model.trf_blocks[0].ff.layers[2].weight.is_contiguous()
-    assert model.trf_blocks[0].att.W_query.weight.is_contiguous()
-    with torch.no_grad():
-        assert torch.allclose(model(idx), before_logits, atol=1e-5)
-    assert torch.equal(generate(model, idx, 8), before_text)
+    assert all(type(m) is DecodingLinear for m in model.modules() if isinstance(m, torch.nn.Linear))
+    before_threads = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):  # 1: plain F.linear; 2: every layer split; 3: 32 and 128 don't split in 3 parts
+            torch.set_num_threads(threads)
+            with torch.no_grad():
+                assert torch.allclose(model(idx), before_logits, atol=1e-5)  # 12 rows: the split path
+                assert torch.allclose(model(idx[:, :1]), before_logits[:, :1], atol=1e-5)
+            assert torch.equal(generate(model, idx, 8), before_text)
+    finally:
+        torch.set_num_threads(before_threads)
     # the state_dict has the same keys, shapes and values, and loads into a fresh model
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
@@ -2011,6 +2020,26 @@ def test_decoding_layout_changes_memory_order_only():
     fresh.load_state_dict(saved)
     with torch.no_grad():
         assert torch.allclose(fresh(idx), before_logits, atol=1e-5)
+
+
+def test_decoding_linear_splits_match_f_linear():
+    torch.manual_seed(2)
+    before_threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        for in_f, out_f, bias in ((64, 48, True), (48, 64, False), (64, 37, True)):  # 37: only the input splits
+            layer = torch.nn.Linear(in_f, out_f, bias=bias)
+            fast = optimize_for_decoding(torch.nn.Sequential(torch.nn.Linear(in_f, out_f, bias=bias)))[0]
+            fast.load_state_dict(layer.state_dict())  # copies the values, keeps fast's memory order
+            assert isinstance(fast, DecodingLinear)
+            for shape in ((1, in_f), (3, 1, in_f), (1, 16, in_f), (2, 20, in_f)):  # 40 rows: plain F.linear
+                x = torch.randn(*shape)
+                assert torch.allclose(fast(x), layer(x), atol=1e-5), (in_f, out_f, shape)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                x = torch.randn(1, in_f)
+                assert fast(x).dtype == layer(x).dtype == torch.bfloat16
+    finally:
+        torch.set_num_threads(before_threads)
 
 
 def test_decoding_layout_with_tied_weights():
