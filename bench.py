@@ -2,14 +2,14 @@
 
     python bench.py                                  # 124M, context 256, batch 2 (the book's run), one table
     python bench.py --size gpt2-medium --steps 2 --json bench.json
-    python bench.py --bf16 on --compile on           # also the entries this CPU is slow at (bf16) or slow to start
+    python bench.py --bf16 on --compile on           # bf16 and compile entries even on a CPU without native bf16
     python bench.py --wait_idle 60                   # on a shared machine: time each run when the CPUs are idle
 
 Numbers, never pass/fail: each is the median of --repeats runs (--steps for training). MFU is the model's FLOPs per
-second over the measured fp32 matmul ceiling, counting 6 FLOPs per matmul weight per token (forward and backward)
-plus 12 * n_layers * emb_dim * context per token for attention. Decode tokens/s is (n - 1) / (time(n) - time(1)) for
-n new tokens at batch 1, so the prompt's prefill is left out. With transformers installed, its GPT-2 (random
-weights, same sizes) runs beside ours.
+second over the measured matmul ceiling of the dtype it trains in (fp32 or bf16), counting 6 FLOPs per matmul
+weight per token (forward and backward) plus 12 * n_layers * emb_dim * context per token for attention. Decode
+tokens/s is (n - 1) / (time(n) - time(1)) for n new tokens at batch 1, so the prompt's prefill is left out. With
+transformers installed, its GPT-2 (random weights, same sizes) runs beside ours.
 """
 import gc
 import json
@@ -24,7 +24,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from data import UserError, autocast, changed_settings, entry, get_config, pick_device
+from data import UserError, autocast, changed_settings, entry, get_config, keep_freed_memory, pick_device
 from model import (GPT_CONFIG_124M, MODEL_CONFIGS, GPTModel, count_parameters, generate, optimize_for_decoding,
                    quantize_int8)
 from pretrain import calc_loss_batch, make_optimizer
@@ -334,7 +334,7 @@ ROWS = [  # key, label, unit
     ("train_fp32_compile_tok_s", "train fp32 + compile", "tokens/s"),
     ("train_fp32_compile_mfu", "train fp32 + compile MFU", "%"),
     ("train_bf16_tok_s", "train bf16", "tokens/s"),
-    ("train_bf16_mfu", "train bf16 MFU", "%"),
+    ("train_bf16_mfu", "train bf16 MFU (of bf16 matmul)", "%"),
     ("train_bf16_peak_mib", "train bf16 peak memory", "MiB"),
     ("train_bf16_compile_tok_s", "train bf16 + compile", "tokens/s"),
     ("decode_fp32_cache_tok_s", "decode fp32, KV cache (batch 1)", "tokens/s"),
@@ -393,7 +393,8 @@ def run_all(cfg, device, flags, skipped):
         ours["matmul_fp32_gflops"] = ceiling["fp32"] = matmul_gflops(cfg["matmul_size"], torch.float32, device,
                                                                       cfg["repeats"])
         if want("matmul_bf16_gflops"):
-            ours["matmul_bf16_gflops"] = matmul_gflops(cfg["matmul_size"], torch.bfloat16, device, cfg["repeats"])
+            ours["matmul_bf16_gflops"] = ceiling["bf16"] = matmul_gflops(cfg["matmul_size"], torch.bfloat16, device,
+                                                                          cfg["repeats"])
         ours["mem_read_gbs"], ours["mem_copy_gbs"] = memory_bandwidth(cfg["bandwidth_mib"], device, cfg["repeats"])
     todo.append(("machine ceilings", ceilings))
 
@@ -406,7 +407,8 @@ def run_all(cfg, device, flags, skipped):
         def run():
             seconds, peak = train_step_time(make_step, cfg["steps"], device)
             out[f"{prefix}_tok_s"] = tokens / seconds
-            out[f"{prefix}_mfu"] = 100 * flops / seconds / 1e9 / ceiling["fp32"]
+            # against the matmul ceiling of the dtype the matmuls run in
+            out[f"{prefix}_mfu"] = 100 * flops / seconds / 1e9 / ceiling["bf16" if "bf16" in prefix else "fp32"]
             out[f"{prefix}_peak_mib"] = peak
             free()
         return run
@@ -496,6 +498,7 @@ def main(argv=None):
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
     device = pick_device(cfg["device"])
+    keep_freed_memory()  # as the training scripts do (pretrain.train_model); it applies to transformers too
     flags, skipped = plan(cfg, device)
     mcfg = model_config(cfg["size"], cfg["context_length"])
     with torch.device("meta"):

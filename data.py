@@ -329,6 +329,24 @@ def changed_settings(cfg, defaults):
 # Device, dtype, seed
 # ---------------------------------------------------------------------------------------------------------------
 
+def keep_freed_memory():
+    """Ask glibc's malloc to keep freed memory for reuse instead of returning it to the system; True if it could.
+
+    A training step frees and re-allocates the same big buffers every time (gradients, bf16 copies of the weights,
+    the logits). glibc gives buffers over 32 MiB back to the system when they are freed, and the next step pays a
+    page fault for every 4 KiB it touches again: measured on a 2-core CPU, one 124M step spent ~0.2 s zero-filling
+    the 154 MB embedding gradient. Kept, the memory is reused: bf16 training 271 -> 321 tokens/s, fp32 +8 %.
+    Peak memory is unchanged; the process just does not shrink after its peak. Elsewhere (macOS, musl) a no-op.
+    """
+    import ctypes
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's malloc.h
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+
+
 def pick_device(name="auto"):
     """auto -> cuda, then mps, then cpu."""
     if name == "auto":

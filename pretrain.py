@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from data import (UserError, autocast, changed_settings, create_dataloader_v1, entry, fetch_data, get_config,
-                  get_tokenizer, load_text, pick_device, pick_dtype, text_to_token_ids, token_ids_to_text,
+                  get_tokenizer, keep_freed_memory, load_text, pick_device, pick_dtype, text_to_token_ids, token_ids_to_text,
                   DATA_FILES)
 from model import (GPTModel, MODEL_CONFIGS, atomic_save, clean_state_dict, count_parameters, generate,
                    load_state, read_checkpoint, save_checkpoint)
@@ -470,6 +470,7 @@ def train_model(model, train_loader, cfg, *, loss_fn, eval_fn, device, dtype=tor
         raise ValueError("with fsdp, train_model builds the optimizer after sharding the model: pass optimizer=None")
     if world > 1:
         train_loader = shard_loader(train_loader, cfg["seed"])
+    keep_freed_memory()  # every step re-allocates the same big buffers: reuse them instead of page-faulting anew
     steps_per_epoch = len(train_loader) // accum
     if steps_per_epoch == 0:
         raise UserError(f"the training data gives {len(train_loader)} batches, fewer than one optimizer step "

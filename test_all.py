@@ -2090,7 +2090,7 @@ def test_bench_waits_for_idle_cpus_and_counts_runs(tmp_path):
     out = tmp_path / "bench.json"
     bench.main(["--size", "tiny", "--context_length", "32", "--steps", "1", "--repeats", "1", "--decode_tokens", "3",
                 "--prompt_tokens", "4", "--matmul_size", "64", "--bandwidth_mib", "1", "--compare", "off",
-                "--int8", "false", "--wait_idle", "0.1", "--json", str(out)])
+                "--int8", "false", "--bf16", "off", "--compile", "off", "--wait_idle", "0.1", "--json", str(out)])
     machine = json.loads(out.read_text())["machine"]
     # 3 matmul sizes + read + copy, 1 training step, 2 timings (1 and n tokens) for each of 3 decode entries, prefill
     assert machine["timed_runs"] == 5 + 1 + 3 * 2 + 1
