@@ -498,7 +498,8 @@ def main(argv=None):
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
     device = pick_device(cfg["device"])
-    keep_freed_memory()  # as the training scripts do (pretrain.train_model); it applies to transformers too
+    if device.type == "cpu":
+        keep_freed_memory()  # as the training scripts do (pretrain.train_model); it applies to transformers too
     flags, skipped = plan(cfg, device)
     mcfg = model_config(cfg["size"], cfg["context_length"])
     with torch.device("meta"):

@@ -470,7 +470,8 @@ def train_model(model, train_loader, cfg, *, loss_fn, eval_fn, device, dtype=tor
         raise ValueError("with fsdp, train_model builds the optimizer after sharding the model: pass optimizer=None")
     if world > 1:
         train_loader = shard_loader(train_loader, cfg["seed"])
-    keep_freed_memory()  # every step re-allocates the same big buffers: reuse them instead of page-faulting anew
+    if device.type == "cpu":
+        keep_freed_memory()  # every step re-allocates the same big buffers: reuse them instead of page-faulting anew
     steps_per_epoch = len(train_loader) // accum
     if steps_per_epoch == 0:
         raise UserError(f"the training data gives {len(train_loader)} batches, fewer than one optimizer step "

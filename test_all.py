@@ -2083,6 +2083,29 @@ def test_last_only_logits_are_the_last_row():
         assert torch.allclose(model(idx[:, 6:], kv_cache=cache, last_only=True), full[:, -1:], atol=1e-5)
 
 
+def test_keep_freed_memory_stops_big_buffers_from_going_back_to_the_system():
+    import ctypes
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2
+    except (OSError, AttributeError):
+        pytest.skip("not glibc >= 2.33: keep_freed_memory is a no-op here")
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                          "fsmblks", "uordblks", "fordblks", "keepcost")]
+    libc.mallinfo2.restype = MallInfo2
+
+    def mmapped_growth_mib():  # a 64 MiB buffer: glibc's default is to mmap it (and unmap it when freed)
+        before = libc.mallinfo2().hblkhd
+        buf = torch.empty(16 * 2**20)
+        grown = (libc.mallinfo2().hblkhd - before) / 2**20
+        del buf
+        return grown
+    assert data.keep_freed_memory() is True
+    assert mmapped_growth_mib() == 0  # taken from the heap, whose freed memory stays for the next step
+
+
 def test_bench_waits_for_idle_cpus_and_counts_runs(tmp_path):
     import bench
     share = bench.others_cpu_share(0.05)
