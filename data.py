@@ -796,7 +796,9 @@ def read_labelled_csv(path, text_column="Text", label_column="Label"):
                                 f"its label or delete the row")
             rows.append((text, label))
     except csv.Error as e:
-        raise UserError(f"{path} line {reader.line_num} is not valid CSV ({e})") from None
+        fix = ("shorten that text (GPT-2 reads at most 1,024 tokens of it), or fix a quote that is never closed "
+               "and runs on into the lines after it" if "field larger" in str(e) else "check its quotes and delimiters")
+        raise UserError(f"{path} line {reader.line_num} is not valid CSV ({e}): {fix}") from None
     if skipped:
         print(f"note: {path}: skipped {len(skipped)} row(s) with empty {text_column!r} (lines "
               f"{_few_names(map(str, skipped))})", file=sys.stderr)

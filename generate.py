@@ -16,7 +16,7 @@ import torch
 from data import (EOT_ID, NEXT_TURN_MARKERS, TEMPLATE_NAME, UserError, autocast, conversation_segments,
                   encode_segments, entry, get_config, get_tokenizer, pick_device, pick_dtype, text_to_token_ids)
 from model import (KVCache, count_parameters, generate_beam, generate_stream, load_model, optimize_for_decoding,
-                   quantize_int8, save_checkpoint)
+                   quantize_int8, read_checkpoint, save_checkpoint)
 
 DEFAULTS = dict(
     checkpoint="runs/pretrain/model.pth",  # what to sample from (pretrain.py writes it)
@@ -77,11 +77,10 @@ def load_for_sampling(cfg, device):
     if not os.path.exists(cfg["checkpoint"]):
         raise UserError(f"no checkpoint at {cfg['checkpoint']}: run `python pretrain.py` first or pass "
                         f"--checkpoint (or --init gpt2)")
-    model, ckpt = load_model(cfg["checkpoint"], device)
-    if ckpt.get("kind") == "cls":
+    if read_checkpoint(cfg["checkpoint"]).get("kind") == "cls":  # memory-mapped: only the small entries are read
         raise UserError(f"{cfg['checkpoint']} is a classifier (kind cls): sample from a language model, e.g. "
                         f"runs/pretrain/model.pth, or use finetune_cls.py --predict")
-    return model, ckpt
+    return load_model(cfg["checkpoint"], device)
 
 
 def save_int8(model, ckpt, path):

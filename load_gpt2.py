@@ -129,7 +129,7 @@ def _parse_header(raw, path):
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicates)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: the header is not valid JSON ({str(e).splitlines()[0][:80]}): not a "
-                              f"safetensors file, or corrupt") from None
+                              f"safetensors file, or corrupt; delete it and download it again") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: the header is a JSON {type(header).__name__}, not an object")
     meta = header.get("__metadata__")
@@ -598,11 +598,14 @@ def export_hf(pth_path, out_dir, force=False):
     if not out_dir:
         raise UserError("--export needs --out FOLDER: where to write model.safetensors and config.json")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise UserError(f"--out {out_dir} is a file, not a folder")
+        raise UserError(f"--out {out_dir} is a file, not a folder: pick a folder path (it is created if missing)")
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not force:
         raise UserError(f"{out_dir} exists and is not empty: pick a new folder or pass --force")
     if not os.path.isfile(pth_path):
         raise UserError(f"no checkpoint at {pth_path}: pass the .pth written by a training run")
+    if read_checkpoint(pth_path).get("kind") == "cls":  # memory-mapped: only the small entries are read
+        raise UserError(f"{pth_path} is a classifier (finetune_cls.py), which the GPT-2 layout has no place for: "
+                        f"export a language model's .pth, e.g. runs/pretrain/model.pth")
     model, _ = load_model(pth_path)
     tensors, tied = published_state_dict(model)
     created = not os.path.isdir(out_dir)

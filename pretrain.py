@@ -738,7 +738,10 @@ def model_config(cfg):
         if cfg[k]:
             mcfg[k] = cfg[k]
     if mcfg["emb_dim"] % mcfg["n_heads"]:
-        raise UserError(f"--emb_dim {mcfg['emb_dim']} is not divisible by --n_heads {mcfg['n_heads']}")
+        fits = next(h for h in range(mcfg["n_heads"], 0, -1) if mcfg["emb_dim"] % h == 0)
+        raise UserError(f"--emb_dim {mcfg['emb_dim']} is not divisible by --n_heads {mcfg['n_heads']}: every head "
+                        f"gets emb_dim / n_heads dimensions, so pick e.g. --n_heads {fits} or an --emb_dim that "
+                        f"{mcfg['n_heads']} divides")
     return mcfg
 
 
