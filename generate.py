@@ -38,6 +38,7 @@ DEFAULTS = dict(
     probs_plot="temperature-plot.png",  # where --show_probs draws its chart (needs matplotlib); "" = off
     chat=False,                # talk: one message per line on standard input, replies keep the conversation
     system="",                 # --chat: a first instruction that holds for the whole conversation; "" = none
+    n_heads=0,                 # heads of a bare state_dict (no config) whose width is not a GPT-2 size; 0 = from width
     device="auto",             # auto | cpu | cuda | mps
     dtype="auto",              # auto | float32 | bfloat16 | float16
 )
@@ -58,6 +59,8 @@ def check_settings(cfg):
         raise UserError("--repetition_penalty must be > 0 (1 = off) and --num_beams >= 1 (1 = off)")
     if cfg["quantize"] not in ("none", "int8"):
         raise UserError(f"--quantize must be none or int8, got {cfg['quantize']!r}")
+    if cfg["n_heads"] < 0:
+        raise UserError(f"--n_heads must be >= 1 (0 = from the width), got {cfg['n_heads']}")
     if cfg["save_int8"] and cfg["quantize"] != "int8":
         raise UserError("--save_int8 writes int8 weights: add --quantize int8")
     if cfg["num_beams"] > 1 and (cfg["stream"] or cfg["num_samples"] > 1 or cfg.get("chat")
@@ -77,10 +80,15 @@ def load_for_sampling(cfg, device):
     if not os.path.exists(cfg["checkpoint"]):
         raise UserError(f"no checkpoint at {cfg['checkpoint']}: run `python pretrain.py` first or pass "
                         f"--checkpoint (or --init gpt2)")
-    if read_checkpoint(cfg["checkpoint"]).get("kind") == "cls":  # memory-mapped: only the small entries are read
+    peek = read_checkpoint(cfg["checkpoint"])  # memory-mapped: only the small entries are read
+    if peek.get("kind") == "cls":
         raise UserError(f"{cfg['checkpoint']} is a classifier (kind cls): sample from a language model, e.g. "
                         f"runs/pretrain/model.pth, or use finetune_cls.py --predict")
-    return load_model(cfg["checkpoint"], device)
+    if cfg["n_heads"] and peek["config"]:
+        if peek["config"]["n_heads"] != cfg["n_heads"]:
+            raise UserError(f"{cfg['checkpoint']} has its own config with n_heads {peek['config']['n_heads']}: "
+                            f"drop --n_heads (it is only for bare state_dicts)")
+    return load_model(cfg["checkpoint"], device, {"n_heads": cfg["n_heads"]} if cfg["n_heads"] else None)
 
 
 def save_int8(model, ckpt, path):

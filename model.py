@@ -690,7 +690,10 @@ def infer_config(state_dict, n_heads=None):
     layers = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("trf_blocks.")), default=-1)
     heads = n_heads or HEADS_FOR_WIDTH.get(emb)
     if heads is None:
-        raise CheckpointError(f"cannot tell n_heads for emb_dim {emb} from a bare state_dict: pass n_heads")
+        raise CheckpointError(f"cannot tell n_heads for emb_dim {emb} from a bare state_dict: pass n_heads "
+                              f"(generate.py --n_heads)")
+    if emb % heads:
+        raise CheckpointError(f"n_heads {heads} does not divide emb_dim {emb}: pick a number of heads that does")
     return {"vocab_size": vocab, "context_length": ctx, "emb_dim": emb, "n_heads": heads, "n_layers": layers,
             "drop_rate": 0.0, "qkv_bias": "trf_blocks.0.att.W_query.bias" in sd,
             "tie_weights": False}

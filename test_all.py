@@ -1824,6 +1824,27 @@ def test_int8_checkpoint_with_tied_weights(tmp_path):
     assert loaded.tok_emb.weight.dtype == torch.float32 and loaded.out_head.weight.dtype == torch.int8
 
 
+def test_generate_n_heads_for_a_bare_state_dict_of_an_odd_width(tmp_path, capsys):
+    model = speed_tiny_model(vocab_size=256)  # width 32: no GPT-2 size, so its heads cannot be read off the shapes
+    bare = str(tmp_path / "bare.pth")
+    torch.save(model.state_dict(), bare)
+    flags = ["--checkpoint", bare, "--prompt", "a", "--max_new_tokens", "3", "--temperature", "0", "--device", "cpu"]
+    with pytest.raises(CheckpointError, match=r"pass n_heads \(generate.py --n_heads\)"):
+        generate_script.main(flags)
+    with pytest.raises(CheckpointError, match="n_heads 5 does not divide emb_dim 32"):
+        generate_script.main(flags + ["--n_heads", "5"])
+    capsys.readouterr()
+    generate_script.main(flags + ["--n_heads", "2"])
+    loaded, _ = load_model(bare, cfg_overrides={"n_heads": 2})
+    idx = torch.randint(0, 256, (1, 6))
+    with torch.no_grad():
+        assert torch.equal(loaded(idx), model(idx))  # 2 heads, as it was trained: the same logits
+        assert not torch.allclose(load_model(bare, cfg_overrides={"n_heads": 4})[0](idx), model(idx))
+    with_config = save_checkpoint(str(tmp_path / "cfg.pth"), model)
+    with pytest.raises(UserError, match="has its own config with n_heads 2: drop --n_heads"):
+        generate_script.main(["--checkpoint", with_config, "--n_heads", "4", "--device", "cpu"])
+
+
 def test_generate_save_int8_writes_a_smaller_model_that_trains_nothing(tmp_path, capsys):
     model = speed_tiny_model(vocab_size=256)
     fp32 = save_checkpoint(str(tmp_path / "fp32.pth"), model, kind="sft", template="alpaca", step=7)
