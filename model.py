@@ -181,6 +181,9 @@ class GPTModel(nn.Module):
         self.out_head = nn.Linear(cfg["emb_dim"], cfg["vocab_size"], bias=False)
         if cfg.get("tie_weights"):
             self.out_head.weight = self.tok_emb.weight  # GPT-2 shares the output layer with the token embedding
+            # nn.Embedding's N(0, 1) start would make the first logits ~sqrt(emb_dim) wide (initial loss ~25 at 124M
+            # instead of ln(50257) = 10.8); GPT-2 starts its embedding at std 0.02
+            nn.init.normal_(self.tok_emb.weight, std=0.02)
 
     def forward(self, in_idx, kv_cache=None, last_only=False):
         """in_idx: (B, T) token ids -> logits (B, T, vocab_size). With a KVCache, T new tokens follow its contents.

@@ -1824,6 +1824,17 @@ def test_int8_checkpoint_with_tied_weights(tmp_path):
     assert loaded.tok_emb.weight.dtype == torch.float32 and loaded.out_head.weight.dtype == torch.int8
 
 
+def test_tied_model_from_scratch_starts_near_uniform_loss():
+    torch.manual_seed(0)
+    idx = torch.randint(0, GPT_CONFIG_124M["vocab_size"], (2, 16))
+    uniform = math.log(GPT_CONFIG_124M["vocab_size"])  # 10.82: every token equally likely
+    with torch.no_grad():
+        for width in (32, 128):
+            model = GPTModel(dict(SPEED_TINY, emb_dim=width, tie_weights=True)).eval()
+            loss = torch.nn.functional.cross_entropy(model(idx).flatten(0, 1), idx.flatten())
+            assert abs(loss.item() - uniform) < 0.5, (width, loss.item())  # N(0, 1) embeddings: 7 above at width 32
+
+
 def test_generate_n_heads_for_a_bare_state_dict_of_an_odd_width(tmp_path, capsys):
     model = speed_tiny_model(vocab_size=256)  # width 32: no GPT-2 size, so its heads cannot be read off the shapes
     bare = str(tmp_path / "bare.pth")
