@@ -806,6 +806,8 @@ def main(argv=None):
           f"settings: {changed_settings(cfg, DEFAULTS)}")
 
     def eval_fn(m):
+        # in float32 whatever --dtype says (the default of evaluate_model): a few batches, so exact losses cost little
+        # and runs in different dtypes report comparable numbers
         train_loss, val_loss = evaluate_model(m, eval_train, val_loader, device, cfg["eval_iters"])
         return {"train_loss": train_loss, "val_loss": val_loss}
 
