@@ -4,18 +4,9 @@ Sections: the core (model.py, data.py, pretrain.py, generate.py), then OpenAI we
 instructions and chat, speed (int8, beam search, bench.py), several processes (DDP, FSDP, --dry_run), and faults
 (kills, bad input, hostile files, disk full; GPT2_LONG_TESTS=1 runs the long kill variant).
 
-Sections: the core (model.py, data.py, pretrain.py, generate.py), then OpenAI weights (load_gpt2.py), classification,
-instructions and chat, speed (int8, beam search, bench.py), several processes (DDP, FSDP, --dry_run), and faults
-(kills, bad input, hostile files, disk full; GPT2_LONG_TESTS=1 runs the long kill variant).
-
-Sections: the core (model.py, data.py, pretrain.py, generate.py), then OpenAI weights (load_gpt2.py), classification,
-instructions and chat, speed (int8, beam search, bench.py), several processes (DDP, FSDP, --dry_run), and faults
-(kills, bad input, hostile files, disk full; GPT2_LONG_TESTS=1 runs the long kill variant).
-
 The tokenizer files and the corpora come from ../shared (TIKTOKEN_CACHE_DIR and a local HTTP server on 127.0.0.1);
 tests that need them are skipped when that folder is absent.
 """
-import functools
 import hashlib
 import http.server
 import os
@@ -24,6 +15,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -74,6 +66,69 @@ def assert_one_line_error(proc, *words):
     last = proc.stderr.strip().splitlines()[-1]
     for w in words:
         assert w.lower() in last.lower(), last
+
+
+class FileHandler(http.server.BaseHTTPRequestHandler):
+    """A quiet test file server. GET /NAME or /MODE/NAME answers with `body` when it is set, else with the file NAME
+    from `folder`. MODE (default ok): ok - a Range request gets 206 and the rest, and is recorded in `ranges`;
+    bad - the bytes reversed; short - half the bytes, then the connection closes; stall - half the bytes, then 3 s
+    of silence; loop - a 302 redirect to the same path. Use serve_files() for a class of its own."""
+    folder, body, ranges = SHARED_DATA, None, []
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        parts = self.path.strip("/").split("/")
+        mode, name = (parts[0], parts[-1]) if len(parts) > 1 else ("ok", parts[0])
+        if mode == "loop":
+            self.send_response(302)
+            self.send_header("Location", self.path)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        body = self.body
+        if body is None:
+            path = os.path.join(self.folder, name)
+            if not os.path.isfile(path):
+                self.send_error(404)
+                return
+            with open(path, "rb") as f:
+                body = f.read()
+        if mode == "bad":
+            body = body[::-1]
+        start = 0
+        rng = self.headers.get("Range")
+        if rng and mode == "ok":
+            self.ranges.append(rng)
+            start = int(rng.split("=")[1].split("-")[0])
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+        else:
+            self.send_response(200)
+        self.send_header("Content-Length", str(len(body) - start))  # short and stall promise more than they send
+        self.end_headers()
+        if mode in ("short", "stall"):
+            self.wfile.write(body[: len(body) // 2])
+            self.wfile.flush()
+            if mode == "stall":
+                time.sleep(3)  # longer than the client's timeout
+            self.close_connection = True
+            return
+        self.wfile.write(body[start:])
+
+
+def start_server(handler):
+    """Serve with `handler` on 127.0.0.1 (a free port) from a daemon thread; returns (server, base URL)."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def serve_files(folder=SHARED_DATA, body=None):
+    """start_server with a FileHandler class of its own; returns (server, base URL, handler class with `ranges`)."""
+    handler = type("Files", (FileHandler,), dict(folder=str(folder), body=body, ranges=[]))
+    return (*start_server(handler), handler)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -294,47 +349,12 @@ def test_settings_helper_types_help_and_errors(capsys):
     assert "0 = greedy" in capsys.readouterr().out  # the comment beside the setting
 
 
-class _Handler(http.server.SimpleHTTPRequestHandler):
-    """Serves ../shared/data with Range support; /short/ sends half the bytes, /bad/ sends wrong bytes."""
-
-    def log_message(self, *args):
-        pass
-
-    def do_GET(self):
-        parts = self.path.strip("/").split("/")
-        mode, name = (parts[0], parts[-1]) if len(parts) > 1 else ("ok", parts[0])
-        path = os.path.join(SHARED_DATA, name)
-        if not os.path.exists(path):
-            self.send_error(404)
-            return
-        body = open(path, "rb").read()
-        if mode == "bad":
-            body = body[::-1]
-        start = 0
-        rng = self.headers.get("Range")
-        if rng and mode == "ok":
-            start = int(rng.split("=")[1].split("-")[0])
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
-        else:
-            self.send_response(200)
-        self.send_header("Content-Length", str(len(body) - start))
-        self.end_headers()
-        if mode == "short":
-            self.wfile.write(body[: len(body) // 2])
-            self.wfile.flush()
-            self.close_connection = True
-            return
-        self.wfile.write(body[start:])
-
-
 @pytest.fixture
 def server():
     if not os.path.isdir(SHARED_DATA):
         pytest.skip("../shared/data not present")
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd, url, _ = serve_files()
+    yield url
     httpd.shutdown()
 
 
@@ -532,7 +552,6 @@ import random
 import resource
 import socket
 import struct
-import time
 import zipfile
 from data import DownloadError
 from data import UserError
@@ -967,10 +986,8 @@ def hub(tmp_path):
     Hub.files = {base + "model.safetensors": st, base + "config.json": cj}
     Hub.etags = {base + "model.safetensors": hashlib.sha256(st).hexdigest()}
     Hub.log = []
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hub)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", sd, st, base
+    server, url = start_server(Hub)
+    yield url, sd, st, base
     server.shutdown()
     server.server_close()
 
@@ -1151,14 +1168,6 @@ def test_single_class_and_bad_columns_stop_training(tmp_path):
         finetune_cls.main(CLS_TINY_FLAGS + ["--csv", one, "--label_column", "y", "--out_dir", str(tmp_path / "o")])
 
 
-def serve(folder):
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
-    handler.log_message = lambda *a: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server, f"http://127.0.0.1:{server.server_address[1]}"
-
-
 @needs_sms
 def test_sms_download_extracts_and_verifies(tmp_path):
     site = tmp_path / "site"
@@ -1166,7 +1175,7 @@ def test_sms_download_extracts_and_verifies(tmp_path):
     with zipfile.ZipFile(site / "sms+spam+collection.zip", "w", zipfile.ZIP_DEFLATED) as z:
         z.write(SMS_FILE, "SMSSpamCollection")
         z.writestr("readme", "the readme")
-    server, url = serve(site)
+    server, url, _ = serve_files(site)
     try:
         path = data.fetch_sms_spam(str(tmp_path / "d"), base_url=url)
         assert data.sha256_of(path) == data.SMS_SPAM_SHA256
@@ -1595,19 +1604,12 @@ def test_sft_few_steps_on_a_handful_of_records_lower_the_loss(tmp_path, capsys):
     assert "metrics.json" in capsys.readouterr().out.strip().splitlines()[-1]
 
 
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-
 def test_default_data_is_downloaded_and_lora_checkpoint_loads_plain(tmp_path, monkeypatch):
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
-                                             functools.partial(_QuietHandler, directory=CHAT_SHARED_DATA))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server, url, _ = serve_files(CHAT_SHARED_DATA)
     try:
         monkeypatch.chdir(tmp_path)
         monkeypatch.setattr(data, "DATA_DIR", str(tmp_path / "data"))
-        monkeypatch.setenv("GPT2_DATA_URL", f"http://127.0.0.1:{server.server_address[1]}")
+        monkeypatch.setenv("GPT2_DATA_URL", url)
         result = finetune_chat.main(CHAT_TINY_FLAGS + ["--out_dir", str(tmp_path / "run"), "--max_steps", "1",
                                                   "--eval_iters", "1", "--max_new_tokens", "0",
                                                   "--trainable", "lora", "--lora_rank", "2",
@@ -3029,49 +3031,10 @@ def test_corrupt_safetensors_are_refused_without_huge_buffers(tmp_path):
     assert int(r.stdout.split("maxrss_kb")[1]) < 1_500_000  # far below the 2 GB the header claims
 
 
-class _FaultHandler(http.server.BaseHTTPRequestHandler):
-    """/ok/NAME with Range support, /stall/NAME sends half then hangs, /loop/ redirects to itself."""
-    body = b""
-    ranges = []
-
-    def log_message(self, *args):
-        pass
-
-    def do_GET(self):
-        mode = self.path.strip("/").split("/")[0]
-        if mode == "loop":
-            self.send_response(302)
-            self.send_header("Location", self.path)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-            return
-        body, start = self.body, 0
-        rng = self.headers.get("Range")
-        if rng and mode == "ok":
-            type(self).ranges.append(rng)
-            start = int(rng.split("=")[1].split("-")[0])
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
-        else:
-            self.send_response(200)
-        self.send_header("Content-Length", str(len(body) - start))
-        self.end_headers()
-        if mode == "stall":
-            self.wfile.write(body[: len(body) // 2])
-            self.wfile.flush()
-            time.sleep(3)  # longer than the client's timeout
-            return
-        self.wfile.write(body[start:])
-
-
 def test_download_stall_and_redirect_loop_then_resume(tmp_path):
     body = words_text(36000).encode()  # about 200 KB: the stall comes after a few of the client's 64 KB reads
     digest = hashlib.sha256(body).hexdigest()
-    _FaultHandler.body, _FaultHandler.ranges = body, []
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FaultHandler)
-    httpd.daemon_threads = True
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd, url, handler = serve_files(body=body)
     dest = tmp_path / "corpus.txt"
     (tmp_path / "keep.txt").write_text("earlier file")
     try:
@@ -3085,7 +3048,7 @@ def test_download_stall_and_redirect_loop_then_resume(tmp_path):
         assert (tmp_path / "keep.txt").read_text() == "earlier file" and len(str(e.value).splitlines()) == 1
         # the rerun continues the .part file with a Range request and verifies the whole
         data.download(f"{url}/ok/corpus.txt", str(dest), sha256=digest, progress=False)
-        assert _FaultHandler.ranges == [f"bytes={have}-"]
+        assert handler.ranges == [f"bytes={have}-"]
         assert dest.read_bytes() == body and not os.path.exists(str(dest) + ".part")
     finally:
         httpd.shutdown()
