@@ -11,7 +11,6 @@ trf_blocks, att.W_query, ff.layers, norm1.scale, final_norm, out_head, ...), so 
 """
 import math
 import os
-import sys
 import tempfile
 
 import torch
@@ -66,24 +65,6 @@ class GELU(nn.Module):
         return F.gelu(x, approximate="tanh")
 
 
-class Dropout(nn.Dropout):
-    """nn.Dropout with a cheaper random mask on CPU; on a GPU (or where p is 0 or 1) it is nn.Dropout itself.
-
-    torch's CPU generator makes one number at a time, and nn.Dropout draws one per element: a 124M training step on
-    a 2-core CPU spent ~0.17 s of ~1.5 s there. Here every 64-bit draw gives three 16-bit numbers, and an element is
-    kept when its number is at least p * 65536 (p is rounded to a multiple of 1/65536; kept values are scaled by
-    1 / (1 - that p), so the expected output equals the input exactly). Same generator, so seeds still hold.
-    """
-
-    def forward(self, x):
-        if not self.training or x.device.type != "cpu" or not 0 < self.p < 1 or sys.byteorder != "little":
-            return super().forward(x)
-        cut, n = round(self.p * 65536), x.numel()
-        words = torch.empty((n + 2) // 3, dtype=torch.int64).random_()  # 63 random bits each: use the low 48
-        r = words.view(torch.int16).view(-1, 4)[:, :3].flatten()[:n].view(x.shape)  # uniform over -32768..32767
-        return x * (r >= cut - 32768) * (65536 / (65536 - cut))
-
-
 class FeedForward(nn.Module):
     """Position-wise MLP: widen 4x, GELU, project back."""
 
@@ -100,8 +81,7 @@ class MultiHeadAttention(nn.Module):
     """Causal multi-head self-attention.
 
     Two paths that give the same numbers: `fused=True` (default) calls scaled_dot_product_attention, which picks a
-    flash or memory-efficient kernel; `fused=False` spells every step out as in the book. Training with dropout on
-    a CPU always takes the second (torch's CPU kernel would take the same steps, with a slower dropout mask).
+    flash or memory-efficient kernel; `fused=False` spells every step out as in the book.
     """
 
     def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False):
@@ -116,7 +96,7 @@ class MultiHeadAttention(nn.Module):
         self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
         self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
         self.out_proj = nn.Linear(d_out, d_out)
-        self.dropout = Dropout(dropout)
+        self.dropout = nn.Dropout(dropout)
         self.fused = True
         # The book keeps its causal mask as a saved buffer `mask`; we build masks on the fly, so drop that key
         # when a book checkpoint is loaded.
@@ -130,8 +110,7 @@ class MultiHeadAttention(nn.Module):
         v = self.W_value(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         if layer_cache is not None:
             k, v = layer_cache.append(k, v)  # (B, n_heads, past + T, head_dim)
-        # training with dropout on CPU: SDPA would take the same steps as the manual path, with nn.Dropout's slower mask
-        if self.fused and not (self.training and self.dropout.p > 0 and q.device.type == "cpu"):
+        if self.fused:
             ctx = self._fused_attention(q, k, v)
         else:
             ctx = self._manual_attention(q, k, v)
@@ -177,7 +156,7 @@ class TransformerBlock(nn.Module):
         self.ff = FeedForward(cfg)
         self.norm1 = LayerNorm(cfg["emb_dim"])
         self.norm2 = LayerNorm(cfg["emb_dim"])
-        self.drop_shortcut = Dropout(cfg["drop_rate"])
+        self.drop_shortcut = nn.Dropout(cfg["drop_rate"])
 
     def forward(self, x, layer_cache=None):
         x = x + self.drop_shortcut(self.att(self.norm1(x), layer_cache))
@@ -196,7 +175,7 @@ class GPTModel(nn.Module):
         self.cfg = dict(cfg)
         self.tok_emb = nn.Embedding(cfg["vocab_size"], cfg["emb_dim"])
         self.pos_emb = nn.Embedding(cfg["context_length"], cfg["emb_dim"])
-        self.drop_emb = Dropout(cfg["drop_rate"])
+        self.drop_emb = nn.Dropout(cfg["drop_rate"])
         self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg) for _ in range(cfg["n_layers"])])
         self.final_norm = LayerNorm(cfg["emb_dim"])
         self.out_head = nn.Linear(cfg["emb_dim"], cfg["vocab_size"], bias=False)

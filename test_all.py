@@ -208,41 +208,6 @@ def test_fused_and_manual_attention_agree():
         torch.testing.assert_close(part, fused[:, 10:], atol=1e-5, rtol=1e-5)
 
 
-def test_cpu_dropout_drops_p_of_every_position_and_keeps_the_mean():
-    drop = M.Dropout(0.1)
-    x = torch.ones(1_000_003, requires_grad=True)  # not a multiple of 3 (numbers per draw) or of 4 (int16 per int64)
-    torch.manual_seed(0)
-    y = drop(x)
-    kept = y != 0
-    scale = 65536 / (65536 - round(0.1 * 65536))
-    assert torch.allclose(y[kept], torch.full_like(y[kept], scale))  # kept values scaled up, the rest exactly 0
-    assert abs(1 - kept.float().mean().item() - 0.1) < 0.002 and abs(y.mean().item() - 1) < 0.003
-    # every slot of the three 16-bit numbers a draw gives (and of the four int16 in an int64) is dropped as often:
-    # a slot made of a draw's always-zero top bit would never drop
-    for period in (3, 4):
-        for i in range(period):
-            assert abs(1 - kept[i::period].float().mean().item() - 0.1) < 0.004, (period, i)
-    y.sum().backward()
-    assert torch.equal(x.grad, kept.float() * scale)  # the gradient goes through the same mask
-    torch.manual_seed(0)
-    assert torch.equal(drop(x.detach()), y.detach())  # the global seed decides the mask, as with nn.Dropout
-    assert not torch.equal(drop(x.detach()), y.detach())
-    assert torch.equal(drop.eval()(x.detach()), x.detach()) and torch.equal(M.Dropout(0.0)(x.detach()), x.detach())
-    assert (M.Dropout(1.0)(x.detach()) == 0).all()
-
-
-def test_training_with_dropout_gives_the_same_numbers_on_both_attention_paths():
-    m = tiny_model(drop_rate=0.1).train()
-    x = torch.randint(0, 50257, (2, 20))
-    torch.manual_seed(5)
-    fused = m(x)
-    torch.manual_seed(5)
-    manual = m.set_fused_attention(False)(x)
-    torch.testing.assert_close(fused, manual)  # on CPU both take the step-by-step path with the same masks
-    torch.manual_seed(6)
-    assert not torch.allclose(m(x), manual)
-
-
 def test_cached_greedy_generation_equals_recomputation_even_past_the_context():
     m = tiny_model()
     x = torch.randint(0, 50257, (2, 7))
