@@ -523,11 +523,11 @@ class DecodingLinear(nn.Linear):
     def forward(self, x):
         w, n = self.weight, torch.get_num_threads()
         rows = x.numel() // self.in_features
-        lead = x.shape[:-1]
-        x2 = x.reshape(rows, self.in_features)
         if (x.device.type != "cpu" or rows > self.FEW_ROWS or n < 2 or w.dtype != torch.float32
                 or torch.is_autocast_enabled("cpu")):
             return F.linear(x, w, self.bias)  # measured: for bf16 weights the split is slower (46 vs 53 tokens/s)
+        lead = x.shape[:-1]
+        x2 = x.reshape(rows, self.in_features)
         if w.t().is_contiguous() and self.in_features % n == 0:
             # (in, out) memory: n row-blocks of it, each times its slice of x; add the n partial results
             parts = torch.bmm(x2.view(rows, n, -1).transpose(0, 1), w.t().view(n, -1, self.out_features))

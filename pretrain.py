@@ -22,8 +22,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from data import (UserError, autocast, changed_settings, create_dataloader_v1, entry, fetch_data, get_config,
-                  get_tokenizer, keep_freed_memory, load_text, pick_device, pick_dtype, text_to_token_ids, token_ids_to_text,
-                  DATA_FILES)
+                  get_tokenizer, keep_freed_memory, load_text, pick_device, pick_dtype, text_to_token_ids,
+                  token_ids_to_text, DATA_FILES)
 from model import (GPTModel, MODEL_CONFIGS, atomic_save, clean_state_dict, count_parameters, generate,
                    load_state, read_checkpoint, save_checkpoint)
 
