@@ -24,10 +24,11 @@ import time
 import torch
 from tqdm import tqdm
 
-from data import UserError, autocast, changed_settings, entry, get_config, keep_freed_memory, pick_device
-from model import (GPT_CONFIG_124M, MODEL_CONFIGS, GPTModel, count_parameters, generate, optimize_for_decoding,
-                   quantize_int8)
-from pretrain import calc_loss_batch, make_optimizer
+from layers import optimize_for_decoding, quantize_int8
+from model import GPT_CONFIG_124M, MODEL_CONFIGS, GPTModel, count_parameters, generate
+from settings import (UserError, autocast, changed_settings, entry, get_config, has_native_bf16, keep_freed_memory,
+                      pick_device)
+from trainer import calc_loss_batch, make_optimizer
 
 DEFAULTS = dict(
     size="gpt2",               # gpt2 | gpt2-medium | gpt2-large | gpt2-xl | tiny (2 layers, width 32: a smoke test)
@@ -162,23 +163,6 @@ def peak_memory_mib(device):
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
 
-def has_native_bf16(device):
-    """Whether bf16 matmuls run at hardware speed: AVX512-BF16 or AMX on x86 CPUs, compute capability 8+ on CUDA."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type != "cpu":
-        return False
-    cpu = getattr(torch, "cpu", None)
-    flags = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    if any(f is not None for f in flags):
-        return any(f() for f in flags if f is not None)
-    # no CPU flags to ask: a small bf16 matmul at least half as fast as fp32 counts as native
-    a = torch.randn(256, 256)
-    fp32 = median_time(lambda: a @ a, 5, device)
-    b = a.bfloat16()
-    return median_time(lambda: b @ b, 5, device) < 2 * fp32
-
-
 def load_average():
     """The 1-minute load average (None where the OS has none): other work on the machine lowers every number."""
     try:
@@ -256,7 +240,7 @@ def our_train_step(mcfg, batch, device, dtype, compiled):
 
 
 def hf_config(mcfg):
-    import transformers
+    import transformers  # optional: the comparison runs only where it is installed
     from transformers import GPT2Config
     transformers.logging.set_verbosity_error()
     return GPT2Config(vocab_size=mcfg["vocab_size"], n_positions=mcfg["context_length"], n_embd=mcfg["emb_dim"],
@@ -499,7 +483,7 @@ def main(argv=None):
         torch.set_num_threads(cfg["threads"])
     device = pick_device(cfg["device"])
     if device.type == "cpu":
-        keep_freed_memory()  # as the training scripts do (pretrain.train_model); it applies to transformers too
+        keep_freed_memory()  # as the training scripts do (trainer.train_model); it applies to transformers too
     flags, skipped = plan(cfg, device)
     mcfg = model_config(cfg["size"], cfg["context_length"])
     with torch.device("meta"):

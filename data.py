@@ -1,47 +1,35 @@
-"""Everything between files and tensors: the GPT-2 tokenizer, datasets, verified downloads, and the small
-command-line helper every script uses (settings dict -> argparse).
+"""Everything between files and tensors: the GPT-2 tokenizer, datasets and collate functions (pretraining text,
+labelled CSVs, instructions, preferences), readers of text/CSV/JSON, verified downloads, and atomic file writes.
 
     from data import get_tokenizer, text_to_token_ids, create_dataloader_v1, fetch_data
     path = fetch_data("the-verdict.txt")            # downloads once, checks sha256
     loader = create_dataloader_v1(open(path).read(), batch_size=2, max_length=256, stride=256)
 """
-import argparse
+import contextlib
+import csv
+import errno
 import hashlib
-import inspect
+import io
+import json
 import os
+import random
 import re
 import sys
 import time
+import zipfile
+import zlib
 
+import numpy as np
+import requests
+import tiktoken
 import torch
 from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
-from model import CheckpointError
-
-# ---------------------------------------------------------------------------------------------------------------
-# Errors the user can fix: scripts print them as one line and exit 1 (see entry()).
-# ---------------------------------------------------------------------------------------------------------------
-
-
-class UserError(Exception):
-    """Bad input, with a message that says what is wrong and what to do."""
-
+from settings import UserError, few, note
 
 class DownloadError(UserError):
     pass
-
-
-def entry(main):
-    """Run main() as a command: user errors become one line on stderr and exit 1, Ctrl-C exits 130, no traceback."""
-    try:
-        return main()
-    except (UserError, CheckpointError) as e:
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt:
-        sys.exit("interrupted")
-    except BrokenPipeError:  # output piped into `head` and the like
-        sys.stderr.close()
-        sys.exit(0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -56,7 +44,6 @@ def get_tokenizer():
     """tiktoken's GPT-2 BPE (cached; set TIKTOKEN_CACHE_DIR to work offline)."""
     global _TOKENIZER
     if _TOKENIZER is None:
-        import tiktoken
         try:
             _TOKENIZER = tiktoken.get_encoding("gpt2")
         except Exception as e:
@@ -139,6 +126,141 @@ def load_text(path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Writing files: all at once or not at all
+# ---------------------------------------------------------------------------------------------------------------
+
+TMP_SUFFIX = ".tmp"
+
+
+def atomic_write(path, write, mode="wb"):
+    """Write path all at once or not at all; returns path.
+
+    write(f) fills a temporary file beside path (named NAME.PID.tmp), which is flushed to disk and renamed over path,
+    so a crash or a full disk never leaves half a file and any earlier file at path stays whole until the rename.
+    The file gets the permissions of any new file (the umask). An OSError becomes a UserError that says what to do.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f"{os.path.basename(path)}.{os.getpid()}{TMP_SUFFIX}")
+    try:
+        if os.path.isdir(path):
+            raise IsADirectoryError(errno.EISDIR, "is a folder", path)
+        os.makedirs(folder, exist_ok=True)
+        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": ""})) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        # torch's zip writer reports an OSError as a RuntimeError raised while handling it: look one exception back
+        err = e if isinstance(e, OSError) else e.__context__ if isinstance(e.__context__, OSError) else None
+        if err is None:
+            raise
+        raise UserError(f"could not write {path}: {write_error_advice(path, err)}; any earlier file at that path "
+                        f"is untouched") from None
+    return path
+
+
+def write_error_advice(path, err):
+    """What an OSError from writing path means, and what to do about it."""
+    code = getattr(err, "errno", None)
+    if code in (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", -1)):
+        return f"{err.strerror or err}: free disk space or choose another folder"
+    if code == errno.EISDIR:
+        return "that path is a folder: pass a file path"
+    if code in (errno.ENOTDIR, errno.EEXIST) or _parent_is_file(path):
+        return "a folder on that path is a regular file: choose another path"
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"{err.strerror}: choose a folder you can write to"
+    return f"{err.strerror or err}: choose another path"
+
+
+def _parent_is_file(path):
+    parent = os.path.dirname(os.path.abspath(path))
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    return bool(parent) and not os.path.isdir(parent)
+
+
+def save_pth(path, obj):
+    """torch.save(obj) to path, atomically."""
+    return atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def write_json(path, obj):
+    """obj as indented JSON (UTF-8) at path, atomically."""
+    return atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, ensure_ascii=False) + "\n"), "w")
+
+
+def remove_stale_tmp(folder):
+    """Delete the temporary files atomic_write left in folder when its process was killed (their PID is gone)."""
+    if not os.path.isdir(folder):
+        return []
+    removed = []
+    for name in os.listdir(folder):
+        m = re.fullmatch(r".+\.(\d+)" + re.escape(TMP_SUFFIX), name)
+        if m and not _process_alive(int(m.group(1))):
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(folder, name))
+                removed.append(name)
+    return removed
+
+
+def _process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def check_output_path(path, flag, force=False, what="file"):
+    """Refuse, before any work starts, an output path that cannot be written or would replace a file without --force.
+
+    A parent that is a regular file, a file target that is a folder, or an existing file without force each give a
+    UserError naming the flag.
+    """
+    if not path:
+        return path
+    if _parent_is_file(path):
+        raise UserError(f"{flag} {path}: a folder on that path is a regular file: choose another path")
+    if what == "file" and os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a folder: pass a file path")
+    if what == "folder" and os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a file, not a folder: pick a folder path (it is created if missing)")
+    if what == "file" and os.path.exists(path) and not force:
+        raise UserError(f"{flag} {path} already exists: pass --force to replace it, or choose another path")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# JSON with bounded nesting
+# ---------------------------------------------------------------------------------------------------------------
+
+MAX_JSON_DEPTH = 64
+
+
+def json_depth(text):
+    """How deeply the arrays and objects of a JSON text nest (strings skipped), without parsing it."""
+    bare = re.sub(r'"(?:[^"\\]|\\.)*"', "", text)
+    brackets = np.frombuffer(re.sub(r"[^\[\]{}]", "", bare).encode("ascii"), dtype=np.uint8)
+    if not len(brackets):
+        return 0
+    steps = np.where((brackets == ord("[")) | (brackets == ord("{")), 1, -1)
+    return int(np.cumsum(steps).max())
+
+
+def parse_json(text, source):
+    """json.loads after checking that the nesting is at most MAX_JSON_DEPTH deep (a deeper file is refused)."""
+    if json_depth(text) > MAX_JSON_DEPTH:
+        raise UserError(f"{source} nests arrays or objects more than {MAX_JSON_DEPTH} deep: not a file of ours")
+    return json.loads(text)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Downloads
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -168,9 +290,6 @@ def download(url, path, sha256=None, retries=3, timeout=30, desc=None, progress=
     """Fetch url to path: streamed with a tqdm bar into path + '.part', resumed with an HTTP Range request when a
     partial file exists, checked against sha256, then renamed into place. Raises DownloadError naming the URL and
     the path where the file can be placed by hand."""
-    import requests
-    from tqdm import tqdm
-
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     part = path + ".part"
     by_hand = f"download {url} yourself and place it at {path}"
@@ -241,159 +360,6 @@ def fetch_data(name, data_dir=None, base_url=None):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Command-line settings: DEFAULTS dict -> argparse
-# ---------------------------------------------------------------------------------------------------------------
-
-_OFF = {"none", "off", "null"}
-
-
-def _parse_bool(s):
-    v = s.strip().lower()
-    if v in ("1", "true", "yes", "on"):
-        return True
-    if v in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
-
-
-def _typed(default):
-    """The argparse type for a setting, taken from its default; None-like words give None where that is allowed."""
-    if isinstance(default, bool):
-        return _parse_bool
-
-    def convert(s):
-        if s.strip().lower() in _OFF and default is None:
-            return None
-        if default is None:  # no type to go by: the most specific that parses
-            for t in (int, float):
-                try:
-                    return t(s)
-                except ValueError:
-                    pass
-            return s
-        try:
-            return type(default)(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {type(default).__name__}, got {s!r}") from None
-    convert.__name__ = type(default).__name__ if default is not None else "value"
-    return convert
-
-
-def _setting_comments(source_file):
-    """name -> the comment after `name=value,  # comment` lines of the script's settings."""
-    try:
-        with open(source_file, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return {}
-    found = {}
-    for line in lines:
-        m = re.match(r"^\s+(\w+)\s*=.*?#\s*(.+)$", line)
-        if m:
-            found.setdefault(m.group(1), m.group(2).strip())
-    return found
-
-
-def get_config(defaults, argv=None, doc=None, check=None):
-    """Parse --name value (or --name=value) for every key of defaults; returns a dict.
-
-    `--help` lists each setting with the comment written beside it in the script. A misspelled flag or a value of
-    the wrong type exits 2 with a usage line. check(cfg) may raise UserError; it is turned into the same exit 2.
-    """
-    caller = inspect.stack()[1].filename
-    comments = _setting_comments(caller)
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     allow_abbrev=False)
-    for name, default in defaults.items():
-        help_text = f"{comments.get(name, '')} (default: {default})".strip()
-        kwargs = dict(default=default, type=_typed(default), help=help_text, metavar=_typed(default).__name__.upper())
-        if isinstance(default, bool):
-            kwargs.update(nargs="?", const=True, metavar="BOOL")
-        parser.add_argument(f"--{name}", **kwargs)
-    cfg = vars(parser.parse_args(argv))
-    if check is not None:
-        try:
-            check(cfg)
-        except UserError as e:
-            parser.error(str(e))
-    return cfg
-
-
-def changed_settings(cfg, defaults):
-    """The settings that differ from the defaults, as 'name=value' text for the start-up line."""
-    diff = [f"{k}={cfg[k]}" for k in defaults if cfg.get(k) != defaults[k]]
-    return " ".join(diff) if diff else "(defaults)"
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Device, dtype, seed
-# ---------------------------------------------------------------------------------------------------------------
-
-def keep_freed_memory():
-    """Ask glibc's malloc to keep freed memory for reuse instead of returning it to the system; True if it could.
-
-    A training step frees and re-allocates the same big buffers every time (gradients, bf16 copies of the weights,
-    the logits). glibc gives buffers over 32 MiB back to the system when they are freed, and the next step pays a
-    page fault for every 4 KiB it touches again: measured on a 2-core CPU, one 124M step spent ~0.2 s zero-filling
-    the 154 MB embedding gradient. Kept, the memory is reused: bf16 training 271 -> 321 tokens/s, fp32 +8 %. The
-    price is fragmentation: peak memory of 124M training rose 16 % in fp32 (3.36 -> 3.91 GiB) and 5 % in bf16, and
-    the process does not shrink after its peak. For CPU training only (on a GPU the big buffers are on the GPU).
-    Elsewhere (macOS, musl) a no-op.
-    """
-    import ctypes
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's malloc.h
-    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
-
-
-def pick_device(name="auto"):
-    """auto -> cuda, then mps, then cpu."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            name = "cuda"
-        elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            name = "mps"
-        else:
-            name = "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda asked for, but torch sees no CUDA GPU: use --device cpu")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise UserError("--device mps asked for, but this machine has no MPS: use --device cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device {name!r}: use auto, cpu, cuda or mps") from None
-
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def pick_dtype(name, device):
-    """The autocast dtype ('auto' -> bf16 on GPUs that support it, else float32).
-
-    On CPU, auto stays float32: bf16 matmuls are only fast with AVX512-BF16/AMX, and on an AVX2-only CPU we
-    measured a 124M training step 40x slower in bf16. Ask for --dtype bfloat16 explicitly on a CPU that has them.
-    """
-    if name == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    if name not in DTYPES:
-        raise UserError(f"unknown dtype {name!r}: use auto, float32, bfloat16 or float16")
-    if DTYPES[name] is torch.float16 and device.type != "cuda":
-        raise UserError("float16 needs a CUDA GPU (it trains with a gradient scaler there): use bfloat16 or float32")
-    return DTYPES[name]
-
-
-def autocast(device, dtype):
-    """A context manager: autocast to dtype, or nothing for float32."""
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not torch.float32)
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Instructions and chat: the Alpaca prompt template (shared by training, evaluation and the chat REPL), JSON/JSONL
 # records, the instruction dataset and its collate, and the preference dataset for DPO
 # ---------------------------------------------------------------------------------------------------------------
@@ -404,6 +370,12 @@ ALPACA_INTRO = ("Below is an instruction that describes a task. Write a response
 RESPONSE_HEADER = "\n\n### Response:\n"
 NEXT_TURN_MARKERS = ("### Instruction:", "### Input:", "### Response:")  # a reply ends where one of these begins
 IGNORE_INDEX = -100  # the target value cross_entropy skips
+
+
+def cut_reply(text):
+    """(reply, ended): text up to the first next-turn header (NEXT_TURN_MARKERS), and whether one was found."""
+    found = [text.find(m) for m in NEXT_TURN_MARKERS if m in text]
+    return (text[:min(found)], True) if found else (text, False)
 
 
 def format_input(entry):
@@ -469,15 +441,13 @@ def encode_segments(segments, tokenizer=None):
 
 def _parse_json_records(text, path):
     """A JSON list of records, or JSON Lines (one record per line); malformed JSON names its line and column."""
-    import json
-
     def malformed(e, line=None):
         return UserError(f"{path}, line {line or e.lineno}, column {e.colno}: malformed JSON ({e.msg}): fix the "
                          f"file (a JSON list of records, or one record per line)")
 
     if not path.endswith(".jsonl"):
         try:
-            records = json.loads(text)
+            records = parse_json(text, path)
         except json.JSONDecodeError as e:
             if e.msg != "Extra data":  # "Extra data" after the first value: probably JSON Lines
                 raise malformed(e) from None
@@ -490,7 +460,7 @@ def _parse_json_records(text, path):
     for n, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
-                records.append(json.loads(line))
+                records.append(parse_json(line, f"{path}, line {n}"))
             except json.JSONDecodeError as e:
                 raise malformed(e, n) from None
     return records
@@ -554,7 +524,6 @@ def load_preference_records(path):
 
 def split_records(records, train_ratio=0.85, test_ratio=0.10, seed=None):
     """(train, test, val) lists: the book's 85/10/5 split, after a shuffle with `seed` (None keeps file order)."""
-    import random
     records = list(records)
     if seed is not None:
         random.Random(seed).shuffle(records)
@@ -706,9 +675,6 @@ def fetch_sms_spam(data_dir=None, base_url=None):
 def _extract_verified(zip_path, member, path, sha256, url):
     """Write the zip entry named `member` (in any folder of the zip) to path if its sha256 matches. A zip that
     cannot be read, lacks the entry or holds the wrong bytes is deleted, so that a rerun downloads it again."""
-    import zipfile
-    import zlib
-
     by_hand = f"download {url} yourself and place the extracted {member} at {path}"
 
     def refuse(why):
@@ -720,7 +686,7 @@ def _extract_verified(zip_path, member, path, sha256, url):
         with zipfile.ZipFile(zip_path) as z:
             names = [n for n in z.namelist() if os.path.basename(n) == member]
             if not names:
-                raise refuse(f"holds no {member} (it has {_few_names(z.namelist())})")
+                raise refuse(f"holds no {member} (it has {few(z.namelist())})")
             raw = z.read(names[0])
     except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as e:
         first = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
@@ -728,15 +694,7 @@ def _extract_verified(zip_path, member, path, sha256, url):
     digest = hashlib.sha256(raw).hexdigest()
     if digest != sha256:
         raise refuse(f"holds a {member} with sha256 {digest[:12]}..., expected {sha256[:12]}...")
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(raw)
-    os.replace(tmp, path)
-
-
-def _few_names(names, n=4):
-    names = list(names)
-    return ", ".join(names[:n]) + (f" (+{len(names) - n} more)" if len(names) > n else "") if names else "nothing"
+    atomic_write(path, lambda f: f.write(raw))
 
 
 def read_sms_spam(path):
@@ -762,9 +720,6 @@ def read_labelled_csv(path, text_column="Text", label_column="Label"):
     Rows with empty text are skipped, with a note on stderr that counts them and names their lines; a row with text
     but no label is refused. Every problem raises a UserError that says how to fix the file or the flags.
     """
-    import csv
-    import io
-
     if not os.path.isfile(path):
         raise UserError(f"no CSV file at {path}: check the path")
     try:
@@ -800,8 +755,7 @@ def read_labelled_csv(path, text_column="Text", label_column="Label"):
                "and runs on into the lines after it" if "field larger" in str(e) else "check its quotes and delimiters")
         raise UserError(f"{path} line {reader.line_num} is not valid CSV ({e}): {fix}") from None
     if skipped:
-        print(f"note: {path}: skipped {len(skipped)} row(s) with empty {text_column!r} (lines "
-              f"{_few_names(map(str, skipped))})", file=sys.stderr)
+        note(f"{path}: skipped {len(skipped)} row(s) with empty {text_column!r} (lines {few(skipped)})")
     if not rows:
         raise UserError(f"{path} has no rows with text in column {text_column!r}: add examples")
     return rows
@@ -809,15 +763,11 @@ def read_labelled_csv(path, text_column="Text", label_column="Label"):
 
 def write_labelled_csv(path, rows, text_column="Text", label_column="Label"):
     """Write (text, label) rows as a CSV with the columns label_column, text_column."""
-    import csv
-
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8", newline="") as f:
+    def write(f):
         w = csv.writer(f)
         w.writerow([label_column, text_column])
         w.writerows((label, text) for text, label in rows)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, write, "w")
 
 
 def class_names_of(labels):
@@ -831,8 +781,6 @@ def class_names_of(labels):
 def balance_classes(rows, seed=123):
     """Undersample every class to the size of the smallest, picking rows at random with a fixed seed (the book
     undersamples 'ham' to the 747 'spam' messages)."""
-    import random
-
     by_class = {}
     for row in rows:
         by_class.setdefault(row[1], []).append(row)
@@ -843,8 +791,6 @@ def balance_classes(rows, seed=123):
 
 def split_rows(rows, seed=123, train_frac=0.7, val_frac=0.1):
     """Shuffle with a fixed seed and cut into train / validation / test: int(n * 0.7), int(n * 0.1) and the rest."""
-    import random
-
     rows = list(rows)
     random.Random(seed).shuffle(rows)
     n_train, n_val = int(len(rows) * train_frac), int(len(rows) * val_frac)

@@ -12,7 +12,6 @@ Records are JSON or JSONL: {"instruction", "input", "output"} like the book's, o
 book's Alpaca one (data.format_input), shared with evaluation and generate.py --chat.
 """
 import copy
-import json
 import math
 import os
 import re
@@ -25,15 +24,18 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from data import (DATA_FILES, TEMPLATE_NAME, InstructionDataset, PreferenceDataset, UserError, autocast,
-                  changed_settings, conversation_segments, custom_collate_fn, encode_segments, entry, fetch_data,
-                  format_prompt, get_config, load_preference_records, load_records, pick_device, pick_dtype,
-                  preference_collate_fn, split_records)
-from model import GPTModel, count_parameters
-from pretrain import (TRAIN_STATE, calc_loss_batch, check_out_dir, describe_distributed, evaluate_model,
-                      is_main_process, local_main_first, model_config, print_dry_run, save_model, setup_distributed,
-                      train_model, world_size)
-from pretrain import check_settings as check_training_settings
+from tqdm import tqdm
+
+from data import (DATA_FILES, EOT_ID, TEMPLATE_NAME, InstructionDataset, PreferenceDataset, conversation_segments,
+                  custom_collate_fn, cut_reply, encode_segments, fetch_data, format_prompt, get_tokenizer,
+                  load_preference_records, load_records, preference_collate_fn, split_records, write_json)
+from layers import add_lora, merge_lora
+from model import count_parameters, generate_stream
+from settings import (UserError, autocast, changed_settings, check_training, dtype_name, entry, get_config,
+                      pick_device, pick_dtype, training_settings)
+from trainer import (TRAIN_STATE, build_model, calc_loss_batch, check_out_dir, describe_distributed, evaluate_model,
+                     is_main_process, local_main_first, print_dry_run, save_model, setup_distributed, train_model,
+                     world_size)
 
 DEFAULTS = dict(
     method="sft",              # sft (learn the outputs) | dpo (learn to prefer chosen over rejected; from SFT)
@@ -54,28 +56,15 @@ DEFAULTS = dict(
     split_seed=123,            # shuffles the records before the split; -1 = file order (the book's split)
     allowed_max_length=1024,   # longest training sequence in tokens (and at most the model's context); longer are cut
     mask_instruction=False,    # learn the responses only: prompt tokens get no loss (sft)
-    batch_size=8,              # records per step
-    grad_accum_steps=1,        # micro-batches summed per optimizer step
-    epochs=None,               # passes over the training records; None = 2 (sft) or 1 (dpo), as the book
-    max_steps=0,               # stop after this many optimizer steps; 0 = off
-    lr=None,                   # peak learning rate; None = 5e-5 (sft) or 5e-6 (dpo), as the book
-    weight_decay=None,         # AdamW weight decay; None = 0.1 (sft) or 0.01 (dpo), as the book
-    lr_schedule="constant",    # constant | cosine (decays to min_lr after warmup)
-    warmup_steps=0,            # linear warmup from 0 to lr; 0 = off
-    min_lr=0.0,                # floor of the cosine schedule
-    grad_clip=0.0,             # clip the global gradient norm to this; 0 = off
     beta=0.1,                  # DPO: strength of the pull towards the reference model (higher = stays closer)
-    eval_freq=5,               # evaluate every this many steps
-    eval_iters=5,              # batches of the training split per evaluation (validation is used whole)
-    save_every=0,              # also checkpoint every this many steps; 0 = only at the end and on Ctrl-C/SIGTERM
     max_new_tokens=256,        # longest answer to a test record (sft, greedy); 0 = skip answering and scoring
-    seed=123,                  # seeds weights, dropout and batch order
-    device="auto",             # auto | cpu | cuda | mps
-    dtype="auto",              # auto | float32 | bfloat16 | float16 (auto: bf16 on GPUs that have it, else fp32)
-    compile=False,             # torch.compile the model (slow start, faster steps on GPUs)
-    resume=False,              # continue from out_dir/model_and_optimizer.pth
-    fsdp=False,                # under torchrun: shard weights, gradients and optimizer state (FSDP2); off = DDP
-    dry_run=False,             # print parameters, estimated memory, tokens per step and steps per epoch, then exit
+    **training_settings(
+        batch_size=8,          # records per micro-batch (per process under torchrun)
+        epochs=None,           # passes over the training records; None = 2 (sft) or 1 (dpo), as the book
+        lr=None,               # peak learning rate; None = 5e-5 (sft) or 5e-6 (dpo), as the book
+        weight_decay=None,     # AdamW weight decay; None = 0.1 (sft) or 0.01 (dpo), as the book
+        eval_iters=5,          # batches of the training split per evaluation (validation is used whole)
+    ),
 )
 
 # the book's settings for each method, used where a setting is left at None / ""
@@ -108,7 +97,7 @@ def check_settings(cfg):
             raise UserError(f"--{k} must be a number, got {cfg[k]!r}")
     if not isinstance(cfg["epochs"], int):
         raise UserError(f"--epochs must be a whole number, got {cfg['epochs']}")
-    check_training_settings(cfg)
+    check_training(cfg)
     if cfg["epochs"] < 1:
         raise UserError(f"--epochs must be at least 1, got {cfg['epochs']}")
     if cfg["trainable"] not in ("all", "lora"):
@@ -214,15 +203,47 @@ def prompt_and_reference(record):
     return [(format_prompt(record), False)], record["output"]
 
 
+def sample_replies(model, prompt_ids, max_new_tokens, num_samples=1, temperature=0.0, top_k=None, top_p=None,
+                   generator=None):
+    """num_samples replies to one prompt (1, T) in the chat template -> list of (reply token ids, reply text).
+
+    Each reply ends at end-of-text or where the model starts a next-turn header (data.cut_reply); the ids stop
+    there too, and the text is stripped. Generation stops once every reply has ended.
+    """
+    tokenizer = get_tokenizer()
+    idx = prompt_ids.expand(num_samples, -1)
+    ids, done = [[] for _ in range(num_samples)], [False] * num_samples
+    for next_ids in generate_stream(model, idx, max_new_tokens, model.cfg["context_length"], temperature, top_k,
+                                    top_p, eos_id=EOT_ID, generator=generator):
+        for row, token in enumerate(next_ids[:, 0].tolist()):
+            if done[row]:
+                continue
+            if token == EOT_ID:
+                done[row] = True
+                continue
+            ids[row].append(token)
+            done[row] = cut_reply(tokenizer.decode(ids[row]))[1]
+        if all(done):
+            break
+    return [_cut_ids(row_ids, tokenizer) for row_ids in ids]
+
+
+def _cut_ids(ids, tokenizer):
+    """(ids, text) of a reply cut before any next-turn header (the ids up to the last token wholly before it)."""
+    text, ended = cut_reply(tokenizer.decode(ids).lstrip())
+    if ended:
+        while ids and cut_reply(tokenizer.decode(ids).lstrip())[1]:
+            ids = ids[:-1]
+    return ids, text.rstrip()
+
+
 def answer_records(model, records, device, dtype, max_new_tokens):
     """Greedy answers to each record's prompt, stopped at end-of-text or the next turn's header."""
-    from tqdm import tqdm
-    from generate import generate_reply
     answers = []
     for record in tqdm(records, desc="answering the test split", unit="record", leave=False):
         ids, _ = encode_segments(prompt_and_reference(record)[0])
         with autocast(device, dtype):
-            answers.append(generate_reply(model, torch.tensor([ids], device=device), max_new_tokens))
+            answers.append(sample_replies(model, torch.tensor([ids], device=device), max_new_tokens)[0][1])
     return answers
 
 
@@ -303,37 +324,29 @@ def resolve_data(cfg):
     return path
 
 
-def build_model(cfg, device):
+def build_policy(cfg, device):
     """(model, name): a scratch model or the one --init names; name is used for the output file."""
     if cfg["dry_run"] or (cfg["fsdp"] and world_size() > 1):
         # with --fsdp the whole model stays in CPU memory; train_model moves only this process's shard to the GPU
         device = torch.device("cpu")
+    model, info = build_model(cfg, device)
     if cfg["init"] == "scratch":
-        mcfg = model_config({**cfg, "qkv_bias": False, "tie_weights": False})
-        return GPTModel(mcfg).to(device), "scratch"
-    from load_gpt2 import init_model
-    with local_main_first():  # under torchrun one process per machine downloads the weights, the others find them
-        model, info = init_model(cfg["init"], cfg_overrides={"drop_rate": cfg["drop_rate"]}, device=device)
+        return model, "scratch"
     if cfg["method"] == "dpo" and info["kind"] != "chat":
         print(f"warning: --init {cfg['init']} is not an instruction-tuned model (kind {info['kind']}); DPO is "
               f"meant to start from finetune_chat.py's SFT checkpoint")
-    name = BOOK_NAMES.get(cfg["init"]) or os.path.splitext(os.path.basename(cfg["init"].rstrip("/")))[0]
-    return model, name
+    return model, BOOK_NAMES.get(cfg["init"]) or os.path.splitext(os.path.basename(cfg["init"].rstrip("/")))[0]
 
 
-def add_lora(model, cfg):
+def add_adapters(model, cfg):
     """Freeze the model and wrap its linear layers in trainable low-rank adapters (--trainable lora)."""
-    from model import replace_linear_with_lora
     model.requires_grad_(False)
-    return replace_linear_with_lora(model, cfg["lora_rank"], cfg["lora_alpha"])
+    return add_lora(model, cfg["lora_rank"], cfg["lora_alpha"])
 
 
 def finished_model(model, cfg):
     """The model to save: LoRA adapters merged into plain linear layers."""
-    if cfg["trainable"] == "lora":
-        from model import merge_lora
-        return merge_lora(model)
-    return model
+    return merge_lora(model) if cfg["trainable"] == "lora" else model
 
 
 def split_data(records, cfg):
@@ -354,14 +367,14 @@ def report_cut(name, dataset, max_length):
 
 def startup_line(cfg, device, dtype, model, counts):
     trainable = count_parameters(model, trainable_only=True)
-    print(f"device {device}, dtype {str(dtype).replace('torch.', '')}, {count_parameters(model):,} parameters "
+    print(f"device {device}, dtype {dtype_name(dtype)}, {count_parameters(model):,} parameters "
           f"({trainable:,} trainable), {counts}{describe_distributed(cfg)}; settings: {cfg['changed']}")
 
 
 def run_sft(cfg, device, dtype):
     path = resolve_data(cfg)
     train, test, val = split_data(load_records(path), cfg)
-    model, name = build_model(cfg, device)
+    model, name = build_policy(cfg, device)
     max_len = min(cfg["allowed_max_length"], model.cfg["context_length"])
     datasets = {}
     for split, records in (("train", train), ("val", val)):
@@ -374,7 +387,7 @@ def run_sft(cfg, device, dtype):
     eval_train = DataLoader(datasets["train"], cfg["batch_size"], shuffle=False, collate_fn=collate)
     val_loader = DataLoader(datasets["val"], cfg["batch_size"], shuffle=False, collate_fn=collate)
     if cfg["trainable"] == "lora":
-        add_lora(model, cfg)
+        add_adapters(model, cfg)
     if cfg["dry_run"]:
         return print_dry_run(model.cfg, cfg, len(train_loader), dtype, device, total_params=count_parameters(model),
                              trainable_params=count_parameters(model, True), context_length=max_len)
@@ -407,17 +420,14 @@ def run_sft(cfg, device, dtype):
         metrics["perplexity"] = reference_perplexity(model, test, device, max_len, cfg["batch_size"], dtype)
         responses_path = os.path.join(out_dir, "instruction-data-with-response.json")
         if is_main_process():
-            with open(responses_path, "w", encoding="utf-8") as f:
-                json.dump([{**r, "model_response": a} for r, a in zip(test, answers)], f, indent=4,
-                          ensure_ascii=False)
+            write_json(responses_path, [{**r, "model_response": a} for r, a in zip(test, answers)])
         written.append(responses_path)
         print(f"test split ({len(test)} records): exact match {metrics['exact_match']:.3f}, token F1 "
               f"{metrics['token_f1']:.3f}, ROUGE-L {metrics['rouge_l']:.3f}, perplexity of the references "
               f"{metrics['perplexity']:.2f}")
     metrics_path = os.path.join(out_dir, "metrics.json")
     if is_main_process():
-        with open(metrics_path, "w") as f:
-            json.dump(metrics, f, indent=2)
+        write_json(metrics_path, metrics)
     written.append(metrics_path)
     print(f"done in {train_time:.0f} s of training: train loss {metrics['train_loss']:.3f}, val loss "
           f"{metrics['val_loss']:.3f}; wrote {', '.join(written)}")
@@ -430,7 +440,7 @@ def run_dpo(cfg, device, dtype):
                         f"--init PATH of one")
     path = resolve_data(cfg)
     train, test, val = split_data(load_preference_records(path), cfg)
-    policy, name = build_model(cfg, device)
+    policy, name = build_policy(cfg, device)
     # the frozen reference, a copy of the policy as built; under --fsdp it is not sharded: whole on this device
     reference_params = count_parameters(policy)
     reference = None if cfg["dry_run"] else copy.deepcopy(policy).to(device).eval().requires_grad_(False)
@@ -447,7 +457,7 @@ def run_dpo(cfg, device, dtype):
     train_loader = DataLoader(loaders["train"].dataset, cfg["batch_size"], shuffle=True, drop_last=True,
                               collate_fn=collate)
     if cfg["trainable"] == "lora":
-        add_lora(policy, cfg)
+        add_adapters(policy, cfg)
     if cfg["dry_run"]:
         return print_dry_run(policy.cfg, cfg, len(train_loader), dtype, device,
                              total_params=count_parameters(policy) + reference_params,
@@ -491,8 +501,7 @@ def run_dpo(cfg, device, dtype):
     metrics = {"before": before, "after": after, "beta": cfg["beta"], "train_seconds": round(train_time, 1)}
     metrics_path = os.path.join(out_dir, "metrics.json")
     if is_main_process():
-        with open(metrics_path, "w") as f:
-            json.dump(metrics, f, indent=2)
+        write_json(metrics_path, metrics)
     for split in after:
         print(f"{split}: loss {before[split]['loss']:.3f} -> {after[split]['loss']:.3f}, reward margin "
               f"{before[split]['reward_margin']:.3f} -> {after[split]['reward_margin']:.3f}, reward accuracy "

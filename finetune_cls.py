@@ -12,10 +12,8 @@ Without --csv or --train_csv the SMS Spam Collection is downloaded, balanced (ha
 messages) and split 70/10/20; every split made here is written to OUT_DIR as train.csv, validation.csv, test.csv.
 The classifier reads its answer off the last real token of each text (padding, id 50256, comes after it).
 """
-import json
 import os
 import re
-import sys
 import time
 from collections import Counter
 
@@ -25,14 +23,14 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from data import (EOT_ID, ClassificationDataset, UserError, autocast, balance_classes, changed_settings,
-                  class_names_of, entry, fetch_sms_spam, get_config, pick_device, pick_dtype, read_labelled_csv,
-                  read_sms_spam, read_text_file, split_rows, write_labelled_csv)
-from model import (GPTModel, Int8Linear, count_parameters, is_int8_state_dict, load_state, merge_lora,
-                   quantize_int8, read_checkpoint, replace_linear_with_lora, save_checkpoint)
-from pretrain import (check_out_dir, check_settings, describe_distributed, is_main_process, local_main_first,
-                      model_config, plot_losses, print_dry_run, save_model, setup_distributed, train_model,
-                      world_size)
+from data import (EOT_ID, ClassificationDataset, balance_classes, class_names_of, fetch_sms_spam, read_labelled_csv,
+                  read_sms_spam, read_text_file, save_pth, split_rows, write_json, write_labelled_csv)
+from layers import Int8Linear, add_lora, is_int8_state_dict, merge_lora, quantize_int8
+from model import GPTModel, checkpoint_dict, count_parameters, load_state, read_checkpoint
+from settings import (UserError, autocast, changed_settings, check_training, dtype_name, entry, get_config, note,
+                      pick_device, pick_dtype, training_settings)
+from trainer import (build_model, check_out_dir, describe_distributed, is_main_process, local_main_first,
+                     plot_losses, print_dry_run, save_model, setup_distributed, train_model, world_size)
 
 DEFAULTS = dict(
     csv="",                    # one labelled CSV, balanced and split 70/10/20 here; "" = the SMS Spam Collection
@@ -55,42 +53,25 @@ DEFAULTS = dict(
     trainable="last_block",    # head | last_block | last_n:K | all | lora (last_block, last_n also train final_norm)
     lora_rank=16,              # rank of the adapters with --trainable lora
     lora_alpha=16.0,           # adapter scale: the low-rank update is multiplied by alpha / rank
-    batch_size=8,              # texts per step
-    grad_accum_steps=1,        # micro-batches summed per optimizer step
-    epochs=5,                  # passes over the training texts; 0 = only evaluate the untrained classifier
-    max_steps=0,               # stop after this many optimizer steps; 0 = off
-    lr=5e-5,                   # peak learning rate
-    weight_decay=0.1,          # AdamW decoupled weight decay
-    lr_schedule="constant",    # constant | cosine (cosine decays to min_lr after warmup)
-    warmup_steps=0,            # linear warmup from 0 to lr; 0 = off
-    min_lr=0.0,                # floor of the cosine schedule
-    grad_clip=0.0,             # clip the global gradient norm to this; 0 = off
-    eval_freq=50,              # log losses and accuracies every this many steps
-    eval_iters=5,              # training batches per evaluation (the validation set is used whole)
-    save_every=0,              # also checkpoint every this many steps; 0 = only at the end and on Ctrl-C/SIGTERM
-    seed=123,                  # seeds balancing, the split, the new head, dropout and data order
-    device="auto",             # auto | cpu | cuda | mps
-    dtype="auto",              # auto | float32 | bfloat16 | float16 (auto: bf16 on GPUs that have it, else fp32)
-    compile=False,             # torch.compile the model (slow start, faster steps on GPUs)
-    resume=False,              # continue from OUT_DIR/model_and_optimizer.pth
     predict="",                # a text to classify with --checkpoint: prints label and probability; "" = off
     predict_file="",           # a text file to classify line by line with --checkpoint; "" = off
     evaluate=False,            # only evaluate --checkpoint on --test_csv (else --csv, else OUT_DIR/test.csv)
     merge_lora=False,          # fold --checkpoint's LoRA adapters into plain weights, written as NAME_merged.pth
     quantize="none",           # none | int8: --predict / --evaluate with per-channel int8 Linear weights
     save_int8="",              # write --checkpoint with int8 weights (LoRA merged) to this .pth and exit; "" = off
-    fsdp=False,                # under torchrun: shard weights, gradients and optimizer state (FSDP2); off = DDP
-    dry_run=False,             # print parameters, estimated memory, tokens per step and steps per epoch, then exit
+    **training_settings(
+        batch_size=8,          # texts per micro-batch (per process under torchrun)
+        epochs=5,              # passes over the training texts; 0 = only evaluate the untrained classifier
+        eval_freq=50,          # log losses and accuracies every this many steps
+        eval_iters=5,          # training batches per evaluation (the validation set is used whole)
+        seed=123,              # seeds balancing, the split, the new head, dropout and data order
+    ),
 )
 
 CLASSIFIER = "spam_classifier.pth"
 # what a classifier checkpoint stores beside the weights, so that it can be used alone
 CLS_KEYS = ("class_names", "max_length", "pad_id", "text_column", "label_column", "trainable", "lora", "step",
             "accuracy")
-
-
-def note(message):
-    print(f"note: {message}", file=sys.stderr)
 
 
 def parse_trainable(spec):
@@ -104,8 +85,8 @@ def parse_trainable(spec):
 
 
 def check_cls_settings(cfg):
-    # context_length 0 means "max_length" here, so pretrain's check (which wants it >= 1) skips it
-    check_settings({k: v for k, v in cfg.items() if k != "context_length"})
+    # context_length 0 means "max_length" here, so the shared check (which wants it >= 1) skips it
+    check_training({k: v for k, v in cfg.items() if k != "context_length"})
     for k in ("context_length", "max_length"):
         if cfg[k] < 0:
             raise UserError(f"--{k} must be >= 0, got {cfg[k]}")
@@ -154,7 +135,7 @@ def set_trainable(model, spec, lora_rank=16, lora_alpha=16.0):
     mode, k = parse_trainable(spec)
     model.requires_grad_(mode == "all")
     if mode == "lora":
-        replace_linear_with_lora(model.trf_blocks, lora_rank, lora_alpha)  # the new A and B are trainable
+        add_lora(model.trf_blocks, lora_rank, lora_alpha)  # the new A and B are trainable
     elif mode in ("last_block", "last_n"):
         k = k or 1
         if k > len(model.trf_blocks):
@@ -298,16 +279,6 @@ def report_truncated(ds, source):
 # Building, saving and loading classifiers
 # ---------------------------------------------------------------------------------------------------------------
 
-def build_base_model(cfg, max_length):
-    """The GPT-2 the classifier starts from: a scratch model sized by the settings, or load_gpt2.init_model."""
-    if cfg["init"] == "scratch":
-        return GPTModel(model_config({**cfg, "context_length": cfg["context_length"] or max_length,
-                                      "qkv_bias": False, "tie_weights": False}))
-    from load_gpt2 import init_model
-    model, _ = init_model(cfg["init"], cfg_overrides={"drop_rate": cfg["drop_rate"]})
-    return model
-
-
 def load_classifier(path, device="cpu", quantize="none"):
     """A classifier .pth (kind 'cls') -> (model in eval mode, checkpoint dict).
 
@@ -324,7 +295,7 @@ def load_classifier(path, device="cpu", quantize="none"):
     with torch.device("meta"):  # no memory, no random init: every tensor comes from the file
         model = replace_head(GPTModel(ckpt["config"]), len(ckpt["class_names"]))
         if ckpt.get("lora"):
-            replace_linear_with_lora(model.trf_blocks, ckpt["lora"]["rank"], ckpt["lora"]["alpha"])
+            add_lora(model.trf_blocks, ckpt["lora"]["rank"], ckpt["lora"]["alpha"])
         if is_int8_state_dict(ckpt["model"]):
             quantize_int8(model, quantize=False)  # written by --save_int8: the same int8 layers, to load into
     model = model.to_empty(device="cpu")
@@ -412,16 +383,16 @@ def run_merge(checkpoint):
                         f"nothing to merge")
     merge_lora(model)
     stem = checkpoint[:-4] if checkpoint.endswith(".pth") else checkpoint
-    out = save_checkpoint(stem + "_merged.pth", model, kind="cls",
-                          **{**{k: ckpt[k] for k in CLS_KEYS if k in ckpt}, "lora": None, "merged_from": checkpoint})
+    keep = {**{k: ckpt[k] for k in CLS_KEYS if k in ckpt}, "lora": None, "merged_from": checkpoint}
+    out = save_pth(stem + "_merged.pth", checkpoint_dict(model, "cls", **keep))
     print(f"folded the rank-{ckpt['lora']['rank']} adapters into the weights of {checkpoint}; wrote {out}")
     return out
 
 
 def run_save_int8(checkpoint, out):
     model, ckpt = load_classifier(checkpoint, quantize="int8")
-    save_checkpoint(out, model, kind="cls", **{**{k: ckpt[k] for k in CLS_KEYS if k in ckpt}, "lora": None,
-                                               "quantize": "int8", "quantized_from": checkpoint})
+    save_pth(out, checkpoint_dict(model, "cls", **{**{k: ckpt[k] for k in CLS_KEYS if k in ckpt}, "lora": None},
+                                  quantize="int8", quantized_from=checkpoint))
     print(f"wrote {out} ({os.path.getsize(out) / 2**20:.1f} MiB, int8 weights; {checkpoint}: "
           f"{os.path.getsize(checkpoint) / 2**20:.1f} MiB)")
     return out
@@ -436,8 +407,8 @@ def run_training(cfg, checkpoint, device, dtype):
 
     train_texts, train_labels = [t for t, _ in train_rows], label_ids(train_rows, class_names, "the training split")
     train_ds = ClassificationDataset(train_texts, train_labels, max_length=cfg["max_length"] or None)
-    with local_main_first():  # the same for --init gpt2's weights
-        model = build_base_model(cfg, train_ds.max_length)
+    model, _ = build_model(cfg, context_length=cfg["context_length"] or train_ds.max_length, qkv_bias=False,
+                           tie_weights=False)
     context = model.cfg["context_length"]
     if train_ds.max_length > context:
         if cfg["max_length"]:
@@ -466,7 +437,7 @@ def run_training(cfg, checkpoint, device, dtype):
                              trainable_layers=blocks, out_dim=len(class_names))
     # with --fsdp the whole model stays in CPU memory; train_model moves only this process's shard to the GPU
     model.to(torch.device("cpu") if cfg["fsdp"] and world_size() > 1 else device)
-    print(f"device {device}, dtype {str(dtype).replace('torch.', '')}, {count_parameters(model):,} parameters, "
+    print(f"device {device}, dtype {dtype_name(dtype)}, {count_parameters(model):,} parameters, "
           f"{count_parameters(model, trainable_only=True):,} trainable (--trainable {cfg['trainable']}); "
           f"{len(class_names)} classes ({', '.join(class_names)}), max_length {max_length}; "
           f"{len(train_ds)} train / {len(val_ds)} val / {len(test_ds)} test texts{describe_distributed(cfg)}; "
@@ -512,8 +483,7 @@ def run_training(cfg, checkpoint, device, dtype):
                "settings": cfg, "epochs": epochs, **results}
     written = [os.path.join(out_dir, "metrics.json")]
     if is_main_process():
-        with open(written[0], "w") as f:
-            json.dump(summary, f, indent=2)
+        write_json(written[0], summary)
     if not cfg["epochs"]:
         print(f"no training (--epochs 0); wrote {written[0]}")
         return summary

@@ -13,10 +13,12 @@ import sys
 
 import torch
 
-from data import (EOT_ID, NEXT_TURN_MARKERS, TEMPLATE_NAME, UserError, autocast, conversation_segments,
-                  encode_segments, entry, get_config, get_tokenizer, pick_device, pick_dtype, text_to_token_ids)
-from model import (KVCache, count_parameters, generate_beam, generate_stream, load_model, optimize_for_decoding,
-                   quantize_int8, read_checkpoint, save_checkpoint)
+from data import (EOT_ID, NEXT_TURN_MARKERS, TEMPLATE_NAME, conversation_segments, cut_reply, encode_segments,
+                  get_tokenizer, save_pth, text_to_token_ids)
+from layers import optimize_for_decoding, quantize_int8
+from load_gpt2 import init_model
+from model import KVCache, checkpoint_dict, count_parameters, generate_stream
+from settings import UserError, autocast, entry, get_config, pick_device, pick_dtype
 
 DEFAULTS = dict(
     checkpoint="runs/pretrain/model.pth",  # what to sample from (pretrain.py writes it)
@@ -72,29 +74,19 @@ def check_settings(cfg):
 
 
 def load_for_sampling(cfg, device):
-    """The model named by --init, or the one in --checkpoint."""
-    if cfg["init"]:
-        from load_gpt2 import init_model
-        model, _ = init_model(cfg["init"], device=device, int8_ok=True)
-        return model, {"kind": "pretrained"}
-    if not os.path.exists(cfg["checkpoint"]):
+    """(model, checkpoint dict) of the model named by --init, or of the one in --checkpoint."""
+    if not cfg["init"] and not os.path.exists(cfg["checkpoint"]):
         raise UserError(f"no checkpoint at {cfg['checkpoint']}: run `python pretrain.py` first or pass "
                         f"--checkpoint (or --init gpt2)")
-    peek = read_checkpoint(cfg["checkpoint"])  # memory-mapped: only the small entries are read
-    if peek.get("kind") == "cls":
-        raise UserError(f"{cfg['checkpoint']} is a classifier (kind cls): sample from a language model, e.g. "
-                        f"runs/pretrain/model.pth, or use finetune_cls.py --predict")
-    if cfg["n_heads"] and peek["config"]:
-        if peek["config"]["n_heads"] != cfg["n_heads"]:
-            raise UserError(f"{cfg['checkpoint']} has its own config with n_heads {peek['config']['n_heads']}: "
-                            f"drop --n_heads (it is only for bare state_dicts)")
-    return load_model(cfg["checkpoint"], device, {"n_heads": cfg["n_heads"]} if cfg["n_heads"] else None)
+    overrides = {"n_heads": cfg["n_heads"]} if cfg["n_heads"] else None
+    model, info = init_model(cfg["init"] or cfg["checkpoint"], overrides, device=device, int8_ok=True)
+    return model, info["checkpoint"] or {"kind": info["kind"] or "pretrained"}
 
 
 def save_int8(model, ckpt, path):
-    """Write the int8 model with the checkpoint's other entries (template, step, ...); load_model reads it as is."""
+    """Write the int8 model with the checkpoint's other entries (template, step, ...); the scripts load it as it is."""
     keep = {k: v for k, v in ckpt.items() if k not in ("model", "config", "kind", "optimizer")}
-    save_checkpoint(path, model, kind=ckpt.get("kind") or "pretrain", **{**keep, "quantize": "int8"})
+    save_pth(path, checkpoint_dict(model, ckpt.get("kind") or "pretrain", **{**keep, "quantize": "int8"}))
     print(f"wrote {path} ({os.path.getsize(path) / 2**20:.1f} MiB, int8 weights)")
     return path
 
@@ -129,7 +121,7 @@ def show_next_token_probs(model, idx, tokenizer, plot_path, k=10):
     for i in top:
         print(f"{tokenizer.decode([i])!r:>16} " + " ".join(f"{probs[t][i].item():8.4f}" for t in temps))
     if plot_path:
-        try:
+        try:  # optional dependency
             import matplotlib
             matplotlib.use("Agg")
             import matplotlib.pyplot as plt
@@ -146,6 +138,120 @@ def show_next_token_probs(model, idx, tokenizer, plot_path, k=10):
         fig.savefig(plot_path, dpi=120)
         plt.close(fig)
         print(f"wrote {plot_path}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Beam search (--num_beams)
+# ---------------------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def generate_beam(model, idx, max_new_tokens, num_beams, context_size=None, length_penalty=1.0, eos_id=None):
+    """The most likely continuation of one prompt idx (1, T) by beam search -> (1, T + n), n <= max_new_tokens.
+
+    Each step keeps the num_beams continuations with the highest summed log-probability. One that produces eos_id
+    is finished (eos included in the output) and scored sum / n ** length_penalty over its n new tokens:
+    length_penalty 0 compares plain sums (favours stopping early), 1 compares the mean per token, > 1 favours longer
+    outputs. The search stops at max_new_tokens (unfinished beams are scored then too), or earlier once no
+    unfinished beam can still beat the num_beams best finished ones. num_beams=1 follows the greedy path.
+    The KV cache keeps one row per beam and is reordered as beams are kept, copied or dropped.
+    """
+    if idx.dim() != 2 or idx.shape[0] != 1:
+        raise ValueError(f"generate_beam takes one prompt of shape (1, T), got {tuple(idx.shape)}")
+    if num_beams < 1:
+        raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+    context_size = min(context_size or model.cfg["context_length"], model.cfg["context_length"])
+    was_training = model.training
+    model.eval()
+    try:
+        return _beam_search(model, idx, max_new_tokens, num_beams, context_size, length_penalty, eos_id)
+    finally:
+        model.train(was_training)
+
+
+def _beam_search(model, idx, max_new_tokens, num_beams, context_size, length_penalty, eos_id):
+    finished = []  # (score, sequence (T + n,)), at most num_beams, best first
+    seqs = idx.repeat(num_beams, 1)  # (num_beams, T + step)
+    # every beam starts as the prompt; -inf on all but one keeps the first step from picking the same token n times
+    scores = torch.full((num_beams,), float("-inf"), dtype=torch.float64, device=idx.device)
+    scores[0] = 0.0
+    cache = None
+    for step in range(max_new_tokens):
+        if seqs.shape[1] > context_size:  # the window slides: recompute it (as generate_stream does)
+            cache = None
+            logits = model(seqs[:, -context_size:], last_only=True)[:, -1]
+        elif cache is None:  # first step: run the prompt once, then give each beam its own copy of the cache
+            one = KVCache(model, 1, context_size)
+            logits = model(idx, kv_cache=one, last_only=True)[:, -1].expand(num_beams, -1)
+            cache = _repeat_cache(one, num_beams, model, context_size)
+        else:
+            logits = model(seqs[:, -1:], kv_cache=cache)[:, -1]
+        total = scores[:, None] + torch.log_softmax(logits.double(), dim=-1)  # (num_beams, vocab)
+        vocab = total.shape[1]
+        # 2 * num_beams candidates hold at least num_beams that are not eos (each beam has one eos candidate)
+        top_scores, flat = total.flatten().topk(min(2 * num_beams, total.numel()))
+        n_new = step + 1
+        rows, tokens, kept = [], [], []
+        for s, f in zip(top_scores.tolist(), flat.tolist()):
+            if s == float("-inf") or len(rows) == num_beams:
+                break
+            row, token = divmod(f, vocab)
+            if token == eos_id:
+                done = torch.cat([seqs[row], seqs.new_tensor([token])])
+                _add_finished(finished, s / n_new ** length_penalty, done, num_beams)
+            else:
+                rows.append(row), tokens.append(token), kept.append(s)
+        if not rows:
+            break
+        pad = num_beams - len(rows)  # fewer live candidates than beams: fill with dead (-inf) copies
+        rows, tokens, kept = rows + rows[:1] * pad, tokens + tokens[:1] * pad, kept + [float("-inf")] * pad
+        rows = torch.tensor(rows, device=idx.device)
+        seqs = torch.cat([seqs[rows], torch.tensor(tokens, device=idx.device)[:, None]], dim=1)
+        scores = torch.tensor(kept, dtype=torch.float64, device=idx.device)
+        if cache is not None:
+            _reorder_cache(cache, rows)
+        if len(finished) == num_beams and finished[-1][0] >= _best_possible(scores.max().item(), n_new,
+                                                                            max_new_tokens, length_penalty):
+            break
+    else:
+        for s, seq in zip(scores.tolist(), seqs):
+            if s > float("-inf"):
+                _add_finished(finished, s / max(max_new_tokens, 1) ** length_penalty, seq, num_beams)
+    if not finished:  # max_new_tokens == 0
+        return idx
+    return finished[0][1][None]
+
+
+def _add_finished(finished, score, seq, num_beams):
+    finished.append((score, seq))
+    finished.sort(key=lambda pair: -pair[0])
+    del finished[num_beams:]
+
+
+def _best_possible(log_prob, n_done, max_new_tokens, length_penalty):
+    """Highest score a live beam with summed log_prob after n_done tokens can still reach. More tokens only lower
+    the sum, so the best is at the shortest or the longest remaining length, whichever the penalty favours; at
+    max_new_tokens the beam is complete and its score is final."""
+    if n_done >= max_new_tokens:
+        return log_prob / n_done ** length_penalty
+    return max(log_prob / n ** length_penalty for n in (n_done + 1, max_new_tokens))
+
+
+def _repeat_cache(cache, n, model, max_len):
+    """A cache of n rows, each a copy of the 1-row cache's contents."""
+    big = KVCache(model, n, max_len, dtype=cache.layers[0].k.dtype)
+    for src, dst in zip(cache.layers, big.layers):
+        dst.k[:, :, :cache.pos] = src.k[:, :, :cache.pos]
+        dst.v[:, :, :cache.pos] = src.v[:, :, :cache.pos]
+    big.pos, big.ids = cache.pos, cache.ids.expand(n, -1).clone()
+    return big
+
+
+def _reorder_cache(cache, rows):
+    """Row i of the cache becomes a copy of old row rows[i]."""
+    for layer in cache.layers:
+        layer.k[:, :, :cache.pos] = layer.k[rows, :, :cache.pos]
+        layer.v[:, :, :cache.pos] = layer.v[rows, :, :cache.pos]
+    cache.ids = cache.ids[rows]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -181,10 +287,8 @@ def generate_reply(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=Non
             if next_id.item() == EOT_ID:
                 break
             ids.append(next_id.item())
-            text = tokenizer.decode(ids).lstrip()
-            found = [text.find(m) for m in NEXT_TURN_MARKERS if m in text]
-            if found:
-                text = text[:min(found)]
+            text, ended = cut_reply(tokenizer.decode(ids).lstrip())
+            if ended:
                 break
             if out is not None and not text.endswith("\ufffd"):  # a character split across tokens waits
                 settled = _settled_length(text)

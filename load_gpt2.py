@@ -12,13 +12,15 @@ import os
 import shutil
 import struct
 import sys
-import tempfile
 
+import requests
 import torch
 
-from data import DownloadError, UserError, download, entry, get_config, sha256_of
-from model import (GPT_CONFIG_124M, HEADS_FOR_WIDTH, CheckpointError, GPTModel, count_parameters,
-                   is_int8_state_dict, load_model, read_checkpoint, save_checkpoint)
+from data import DownloadError, atomic_write, download, json_depth, parse_json, save_pth, sha256_of, write_json
+from layers import is_int8_state_dict, quantize_int8
+from model import (GPT_CONFIG_124M, HEADS_FOR_WIDTH, CheckpointError, GPTModel, checkpoint_config, checkpoint_dict,
+                   count_parameters, empty_model, load_state, read_checkpoint)
+from settings import UserError, entry, few, get_config
 
 DEFAULTS = dict(
     model="gpt2",          # gpt2 | gpt2-medium | gpt2-large | gpt2-xl, or a local model.safetensors / folder
@@ -41,10 +43,10 @@ REPO = "openai-community"
 # safetensors: 8-byte little-endian header length N, N bytes of JSON {name: {dtype, shape, data_offsets}}, then data
 # ---------------------------------------------------------------------------------------------------------------
 
-DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
           "BOOL": torch.bool}
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+SAFETENSORS_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 MAX_HEADER = 100 * 2 ** 20  # bytes; GPT-2 XL's header is ~50 KB, so a bigger claim is a broken or hostile file
 
 
@@ -126,7 +128,10 @@ def _parse_header(raw, path):
         return seen
 
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicates)
+        text = raw.decode("utf-8")
+        if json_depth(text) > 3:  # {name: {dtype, shape: [...], data_offsets: [...]}} is three deep
+            raise CheckpointError(f"{path}: the header nests deeper than a safetensors header does: corrupt file")
+        header = json.loads(text, object_pairs_hook=no_duplicates)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: the header is not valid JSON ({str(e).splitlines()[0][:80]}): not a "
                               f"safetensors file, or corrupt; delete it and download it again") from None
@@ -143,9 +148,9 @@ def _check_entry(name, info, path):
     if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
         raise CheckpointError(f"{path}: header entry {name} lacks dtype, shape or data_offsets")
     dtype_name, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-    if dtype_name not in DTYPES:
+    if dtype_name not in SAFETENSORS_DTYPES:
         raise CheckpointError(f"{path}: tensor {name} has dtype {dtype_name!r}, which this reader does not support "
-                              f"(supported: {', '.join(DTYPES)})")
+                              f"(supported: {', '.join(SAFETENSORS_DTYPES)})")
     if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
                                             for d in shape)):
         raise CheckpointError(f"{path}: tensor {name} has shape {shape!r}, expected a list of sizes >= 0")
@@ -155,7 +160,7 @@ def _check_entry(name, info, path):
     begin, end = offsets
     if end < begin:
         raise CheckpointError(f"{path}: tensor {name} has data_offsets [{begin}, {end}] out of order (end < begin)")
-    dtype = DTYPES[dtype_name]
+    dtype = SAFETENSORS_DTYPES[dtype_name]
     want = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     if end - begin != want:
         raise CheckpointError(f"{path}: tensor {name} ({dtype_name} {shape}) needs {want} bytes but its offsets "
@@ -173,34 +178,24 @@ def write_safetensors(path, tensors, metadata=None):
     """Write {name: tensor} as a .safetensors file (temporary file, then rename: never half a file at path)."""
     header, offset = {}, 0
     for name, t in tensors.items():
-        if t.dtype not in DTYPE_NAMES:
+        if t.dtype not in SAFETENSORS_NAMES:
             raise ValueError(f"cannot store {name} of dtype {t.dtype} in safetensors")
         nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape),
+        header[name] = {"dtype": SAFETENSORS_NAMES[t.dtype], "shape": list(t.shape),
                         "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
     blob += b" " * (-len(blob) % 8)  # pad so the data starts 8-byte aligned
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(struct.pack("<Q", len(blob)))
-            f.write(blob)
-            for t in tensors.values():
-                if t.numel():  # one tensor at a time: a transposed view costs one copy of that tensor only
-                    f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+
+    def write(f):
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for t in tensors.values():
+            if t.numel():  # one tensor at a time: a transposed view costs one copy of that tensor only
+                f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return atomic_write(path, write)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -289,7 +284,7 @@ def config_from_json(path, drop_rate=0.0):
     """Our config dict from a Hugging Face GPT-2 config.json, refusing variants our model does not compute."""
     try:
         with open(path, encoding="utf-8") as f:
-            hf = json.load(f)
+            hf = parse_json(f.read(), path)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"cannot read {path} as JSON ({str(e).splitlines()[0][:80]})") from None
     if not isinstance(hf, dict):
@@ -337,11 +332,6 @@ def _config_from_shapes(entries, n_heads, drop_rate, path):
             "n_layers": layers, "drop_rate": drop_rate, "qkv_bias": True, "tie_weights": True}
 
 
-def _names(names, n=4):
-    names = sorted(names)
-    return ", ".join(names[:n]) + (f" (+{len(names) - n} more)" if len(names) > n else "")
-
-
 def load_hf_checkpoint(path, drop_rate=0.0, n_heads=None):
     """GPTModel from a published-layout GPT-2 checkpoint: a model.safetensors file, or a folder holding one (and
     config.json, else the config comes from the shapes and n_heads or the standard sizes).
@@ -376,8 +366,8 @@ def load_hf_checkpoint(path, drop_rate=0.0, n_heads=None):
     missing = set(want) - set(entries)
     unexpected = set(entries) - set(want) - optional
     if missing or unexpected:
-        parts = ([f"missing {_names(missing)}"] if missing else []) + \
-                ([f"unexpected {_names(unexpected)}"] if unexpected else [])
+        parts = ([f"missing {few(sorted(missing))}"] if missing else []) + \
+                ([f"unexpected {few(sorted(unexpected))}"] if unexpected else [])
         raise CheckpointError(f"{st_path} does not fit a GPT-2 with n_layers {cfg['n_layers']}: {'; '.join(parts)}")
     wrong = [f"{k} is {list(entries[k][1])}, expected {list(s)}" for k, s in want.items() if entries[k][1] != s]
     if wrong:
@@ -385,7 +375,7 @@ def load_hf_checkpoint(path, drop_rate=0.0, n_heads=None):
                               + (f" (+{len(wrong) - 3} more)" if len(wrong) > 3 else ""))
     not_float = [k for k in want if not entries[k][0].is_floating_point]
     if not_float:
-        raise CheckpointError(f"{st_path}: weights {_names(not_float)} are not floating point")
+        raise CheckpointError(f"{st_path}: weights {few(sorted(not_float))} are not floating point")
 
     with torch.device("meta"):
         model = GPTModel(cfg)  # no memory and no random init: every tensor comes from the file
@@ -428,7 +418,6 @@ def hub_urls(model_name, hub_url=None):
 def hub_sha256(url, timeout=30):
     """The sha256 the hub publishes for a large (LFS) file: its ETag, read from a HEAD request without following
     the redirect to the CDN. None when the server sends no sha256-shaped ETag (e.g. a plain mirror)."""
-    import requests
     try:
         r = requests.head(url, allow_redirects=False, timeout=timeout)
     except requests.RequestException as e:
@@ -452,10 +441,7 @@ def _write_record(path, digest):
     """Keep what was verified next to the file: its sha256, size and mtime, so later loads re-check cheaply."""
     st = os.stat(path)
     rec = {"sha256": digest, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    tmp = _record_path(path) + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(rec, f)
-    os.replace(tmp, _record_path(path))
+    write_json(_record_path(path), rec)
 
 
 def _check_record(path, rehash=False):
@@ -517,7 +503,8 @@ def load_gpt2(model_name, models_dir="models", drop_rate=0.0, hub_url=None, veri
 
 def init_model(init, cfg_overrides=None, models_dir="models", device="cpu", int8_ok=False, **download_kw):
     """The model a script starts from, for --init: a published name (downloaded), `scratch` (GPT_CONFIG_124M plus
-    cfg_overrides, random weights), a .pth (ours or a bare state_dict), or a model.safetensors / folder holding one.
+    cfg_overrides, random weights), a checkpoint file (ours, or a bare state_dict), or a model.safetensors / a
+    folder holding one.
 
     For pretrained weights, cfg_overrides may change drop_rate; other keys must agree with the weights. An int8
     .pth (quantize_int8) is refused unless int8_ok: its weights are for inference, not for training further.
@@ -531,25 +518,63 @@ def init_model(init, cfg_overrides=None, models_dir="models", device="cpu", int8
         model = load_gpt2(init, models_dir, overrides.pop("drop_rate", 0.0), **download_kw)
         info.update(path=os.path.join(models_dir, init), kind="pretrained")
         _check_overrides(model.cfg, overrides, init)
-    elif init.endswith(".pth"):
-        if not os.path.isfile(init):
-            raise UserError(f"no checkpoint at {init}: check the path, or pass --init gpt2 or scratch")
-        peek = read_checkpoint(init)  # memory-mapped: nothing is read yet but the names
-        if peek.get("kind") == "cls":
-            raise UserError(f"{init} is a classifier (finetune_cls.py): start from a language model's .pth, e.g. "
-                            f"runs/pretrain/model.pth, or use finetune_cls.py --predict / --evaluate")
-        if not int8_ok and is_int8_state_dict(peek["model"]):
-            raise UserError(f"{init} holds int8 weights (--quantize int8), which cannot be trained: start from the "
-                            f"float checkpoint it was made from")
-        model, ckpt = load_model(init, "cpu", overrides)
-        info.update(path=init, kind=ckpt.get("kind"), checkpoint=ckpt)
     elif os.path.isdir(init) or init.endswith(".safetensors"):
         model = load_hf_checkpoint(init, overrides.pop("drop_rate", 0.0), overrides.pop("n_heads", None))
         info.update(path=init, kind="pretrained")
         _check_overrides(model.cfg, overrides, init)
+    elif os.path.isfile(init):
+        model, ckpt = load_pth(init, overrides, int8_ok=int8_ok)
+        info.update(path=init, kind=ckpt.get("kind"), checkpoint=ckpt)
+    elif init.endswith((".pth", ".pt", ".bin", ".ckpt")):
+        raise UserError(f"no checkpoint at {init}: check the path, or pass --init gpt2 or scratch")
     else:
         raise UserError(f"unknown --init {init!r}: use {INIT_HELP}")
     return model.to(device), info
+
+
+def load_pth(path, cfg_overrides=None, int8_ok=False, allow_classifier=False):
+    """A language model (in eval mode) from one of our .pth files or a bare state_dict -> (model, checkpoint).
+
+    Every check runs before any tensor is allocated: another project's checkpoint is named, the config is checked
+    against the tensors, and a classifier (unless allow_classifier) or an int8 model (unless int8_ok) is refused.
+    """
+    ckpt = read_checkpoint(path, check=lambda raw: refuse_foreign(raw, path))
+    heads = (cfg_overrides or {}).get("n_heads")
+    if heads and isinstance(ckpt["config"], dict) and ckpt["config"].get("n_heads") != heads:
+        raise UserError(f"{path} has its own config with n_heads {ckpt['config'].get('n_heads')}: drop --n_heads "
+                        f"(it is only for bare state_dicts)")
+    if ckpt.get("kind") == "cls" and not allow_classifier:
+        raise UserError(f"{path} is a classifier (finetune_cls.py): use a language model's .pth, e.g. "
+                        f"runs/pretrain/model.pth, or finetune_cls.py --predict / --evaluate")
+    int8 = is_int8_state_dict(ckpt["model"])
+    if int8 and not int8_ok:
+        raise UserError(f"{path} holds int8 weights (--quantize int8), which cannot be trained: start from the "
+                        f"float checkpoint it was made from")
+    model = empty_model(checkpoint_config(ckpt, path, cfg_overrides))
+    if int8:
+        quantize_int8(model, quantize=False)  # written from a quantize_int8 model: the same int8 layers to load into
+    load_state(model, ckpt["model"], path)
+    return model.eval(), ckpt
+
+
+def refuse_foreign(raw, path):
+    """Name a checkpoint of another project (nanoGPT, PyTorch Lightning, Hugging Face's .bin) and say what to do."""
+    if not isinstance(raw, dict):
+        return
+    sd = raw.get("model") if isinstance(raw.get("model"), dict) else raw
+    keys = [str(k) for k in sd]
+    if "model_args" in raw or "iter_num" in raw:
+        what = ("a nanoGPT checkpoint (model, model_args, iter_num): export it to a Hugging Face folder "
+                "(model.safetensors + config.json) and pass that folder as --init")
+    elif "pytorch-lightning_version" in raw or "state_dict" in raw and "model" not in raw:
+        what = ("a PyTorch Lightning checkpoint: save the GPTModel's own state_dict with "
+                "torch.save(model.state_dict(), 'model.pth') and pass that file")
+    elif any(k.startswith(("transformer.h.", "h.0.", "wte.")) for k in keys):
+        what = ("GPT-2 weights in Hugging Face's layout (pytorch_model.bin): save them as safetensors with "
+                "model.save_pretrained(folder) and pass the folder as --init")
+    else:
+        return
+    raise UserError(f"{path} is {what}")
 
 
 def _check_overrides(cfg, overrides, source):
@@ -603,19 +628,13 @@ def export_hf(pth_path, out_dir, force=False):
         raise UserError(f"{out_dir} exists and is not empty: pick a new folder or pass --force")
     if not os.path.isfile(pth_path):
         raise UserError(f"no checkpoint at {pth_path}: pass the .pth written by a training run")
-    if read_checkpoint(pth_path).get("kind") == "cls":  # memory-mapped: only the small entries are read
-        raise UserError(f"{pth_path} is a classifier (finetune_cls.py), which the GPT-2 layout has no place for: "
-                        f"export a language model's .pth, e.g. runs/pretrain/model.pth")
-    model, _ = load_model(pth_path)
+    model, _ = load_pth(pth_path, int8_ok=True)
     tensors, tied = published_state_dict(model)
     created = not os.path.isdir(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     try:
         write_safetensors(os.path.join(out_dir, "model.safetensors"), tensors, {"format": "pt"})
-        tmp = os.path.join(out_dir, "config.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(hf_config(model.cfg, tied), f, indent=2)
-        os.replace(tmp, os.path.join(out_dir, "config.json"))
+        write_json(os.path.join(out_dir, "config.json"), hf_config(model.cfg, tied))
     except BaseException:
         if created:
             shutil.rmtree(out_dir, ignore_errors=True)
@@ -644,7 +663,7 @@ def main(argv=None):
                         f"model.safetensors or folder")
     model = load_hf_checkpoint(folder, n_heads=cfg["n_heads"] or None)
     print(f"loaded {name}: {count_parameters(model) / 1e6:.1f}M parameters")
-    save_checkpoint(out, model, kind="pretrained", source=name)
+    save_pth(out, checkpoint_dict(model, "pretrained", source=name))
     print(f"wrote {out}")
     return out
 

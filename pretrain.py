@@ -6,26 +6,24 @@
     python pretrain.py --init gpt2 --epochs 0            # only evaluate OpenAI's GPT-2 124M on the data
     torchrun --nproc_per_node 4 pretrain.py              # 4 GPUs (or CPU processes) with DDP; add --fsdp to shard
 
-The training loop (train_model) is shared by finetune_cls.py and finetune_chat.py.
+It follows the book's chapter 5 (gpt_train.py): load the text, split it, window it into batches, train with
+evaluation every few steps and a sample after each epoch, plot the losses. The loop itself is trainer.train_model,
+which the fine-tuning scripts share.
 """
-import atexit
-import contextlib
-import csv
-import math
 import os
-import signal
-import sys
 import time
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
 
-from data import (UserError, autocast, changed_settings, create_dataloader_v1, entry, fetch_data, get_config,
-                  get_tokenizer, keep_freed_memory, load_text, pick_device, pick_dtype, text_to_token_ids,
-                  token_ids_to_text, DATA_FILES)
-from model import (GPTModel, MODEL_CONFIGS, atomic_save, clean_state_dict, count_parameters, generate,
-                   load_state, read_checkpoint, save_checkpoint)
+from data import DATA_FILES, create_dataloader_v1, fetch_data, get_tokenizer, load_text, text_to_token_ids, token_ids_to_text
+from model import MODEL_CONFIGS, count_parameters, generate
+from settings import (UserError, autocast, changed_settings, check_training, dtype_name, entry, get_config,
+                      pick_device, pick_dtype, training_settings)
+from trainer import (TRAIN_STATE, build_model, calc_loss_batch, check_out_dir, describe_distributed, evaluate_model,
+                     local_main_first, model_config, print_dry_run, save_model, setup_distributed, train_model,
+                     world_size)
 
 DEFAULTS = dict(
     data="the-verdict.txt",    # text file or folder of .txt files; the-verdict.txt is downloaded on first use
@@ -40,721 +38,32 @@ DEFAULTS = dict(
     qkv_bias=False,            # bias in the query/key/value projections
     tie_weights=False,         # output layer shares the token embedding (as GPT-2 does)
     train_ratio=0.9,           # share of the text (by characters) used for training, the rest validates
-    batch_size=2,              # windows per step
-    grad_accum_steps=1,        # micro-batches summed per optimizer step
     stride=0,                  # tokens between window starts; 0 = context_length (no overlap)
-    epochs=10,                 # passes over the training windows; 0 = only evaluate
-    max_steps=0,               # stop after this many optimizer steps; 0 = off
-    lr=4e-4,                   # peak learning rate
-    weight_decay=0.1,          # AdamW decoupled weight decay
-    lr_schedule="constant",    # constant | cosine (cosine decays to min_lr after warmup)
-    warmup_steps=0,            # linear warmup from 0 to lr; 0 = off
-    min_lr=4e-5,               # floor of the cosine schedule
-    grad_clip=0.0,             # clip the global gradient norm to this; 0 = off
-    eval_freq=5,               # evaluate every this many steps
-    eval_iters=2,              # batches per evaluation of the training loss (the validation set is used whole)
-    save_every=0,              # also checkpoint every this many steps; 0 = only at the end and on Ctrl-C/SIGTERM
     sample_prompt="Every effort moves you",  # printed continuation after each epoch; "" = off
     sample_tokens=50,          # length of that continuation
-    seed=123,                  # seeds weights, dropout and data order
-    device="auto",             # auto | cpu | cuda | mps
-    dtype="auto",              # auto | float32 | bfloat16 | float16 (auto: bf16 on GPUs that have it, else fp32)
-    compile=False,             # torch.compile the model (slow start, faster steps on GPUs)
-    resume=False,              # continue from out_dir/model_and_optimizer.pth
-    fsdp=False,                # under torchrun: shard weights, gradients and optimizer state (FSDP2); off = DDP
-    dry_run=False,             # print parameters, estimated memory, tokens per step and steps per epoch, then exit
+    **training_settings(
+        batch_size=2,          # windows per micro-batch (per process under torchrun)
+        epochs=10,             # passes over the training windows; 0 = only evaluate
+        lr=4e-4,
+        min_lr=4e-5,
+        eval_freq=5,
+        eval_iters=2,          # training batches per evaluation (the validation set is used whole)
+    ),
 )
-
-TRAIN_STATE = "model_and_optimizer.pth"
 
 
 def check_settings(cfg):
-    positive = ["context_length", "batch_size", "grad_accum_steps", "eval_freq", "eval_iters"]
-    for k in positive:
-        if k in cfg and cfg[k] < 1:
-            raise UserError(f"--{k} must be at least 1, got {cfg[k]}")
-    for k in ["epochs", "max_steps", "warmup_steps", "save_every", "sample_tokens", "stride", "emb_dim", "n_heads",
-              "n_layers", "grad_clip", "weight_decay", "min_lr"]:
-        if k in cfg and cfg[k] < 0:
-            raise UserError(f"--{k} must be >= 0, got {cfg[k]}")
-    if "lr" in cfg and not cfg["lr"] > 0:
-        raise UserError(f"--lr must be > 0, got {cfg['lr']}")
-    if "drop_rate" in cfg and not 0 <= cfg["drop_rate"] < 1:
-        raise UserError(f"--drop_rate must be in [0, 1), got {cfg['drop_rate']}")
-    if "train_ratio" in cfg and not 0 < cfg["train_ratio"] < 1:
-        raise UserError(f"--train_ratio must be between 0 and 1, got {cfg['train_ratio']}")
-    if cfg.get("lr_schedule", "constant") not in ("constant", "cosine"):
-        raise UserError(f"--lr_schedule must be constant or cosine, got {cfg['lr_schedule']!r}")
-    if "model" in cfg and cfg["model"] not in MODEL_CONFIGS:
+    check_training(cfg)
+    if cfg["model"] not in MODEL_CONFIGS:
         raise UserError(f"--model must be one of {', '.join(MODEL_CONFIGS)}, got {cfg['model']!r}")
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Losses and evaluation (the book's chapter 5 functions)
-# ---------------------------------------------------------------------------------------------------------------
-
-def calc_loss_batch(input_batch, target_batch, model, device):
-    """Mean next-token cross-entropy of one batch."""
-    input_batch, target_batch = input_batch.to(device), target_batch.to(device)
-    logits = model(input_batch)
-    return F.cross_entropy(logits.flatten(0, 1).float(), target_batch.flatten())
-
-
-@torch.no_grad()
-def calc_loss_loader(data_loader, model, device, num_batches=None, dtype=torch.float32):
-    """Average batch loss over the first num_batches batches (all when None); nan for an empty loader."""
-    n = len(data_loader) if num_batches is None else min(num_batches, len(data_loader))
-    if n == 0:
-        return float("nan")
-    total = 0.0
-    for i, (x, y) in enumerate(data_loader):
-        if i >= n:
-            break
-        with autocast(torch.device(device), dtype):
-            total += calc_loss_batch(x, y, model, device).item()
-    return total / n
-
-
-def evaluate_model(model, train_loader, val_loader, device, eval_iter, dtype=torch.float32):
-    """(train_loss, val_loss) in eval mode; the model goes back to training mode afterwards."""
-    was_training = model.training
-    model.eval()
-    train_loss = calc_loss_loader(train_loader, model, device, eval_iter, dtype)
-    val_loss = calc_loss_loader(val_loader, model, device, None, dtype)
-    model.train(was_training)
-    return train_loss, val_loss
-
-
 def generate_and_print_sample(model, start_context, device, max_new_tokens=50, write=print):
-    """Greedy continuation of start_context, printed on one line."""
+    """Greedy continuation of start_context, printed on one line (the book's chapter 5 function)."""
     idx = text_to_token_ids(start_context).to(device)
     out = generate(model, idx, max_new_tokens, context_size=model.cfg["context_length"])
     write(token_ids_to_text(out).replace("\n", " "))
 
-
-# ---------------------------------------------------------------------------------------------------------------
-# The training loop, shared by the fine-tuning scripts
-# ---------------------------------------------------------------------------------------------------------------
-
-def lr_at_step(step, total_steps, lr, schedule="constant", warmup_steps=0, min_lr=0.0):
-    """Learning rate for optimizer step `step` (0-based): linear warmup, then constant or cosine down to min_lr."""
-    if warmup_steps and step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    if schedule == "cosine":
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
-    return lr
-
-
-def make_optimizer(model, lr, weight_decay, device):
-    """AdamW over the trainable parameters; fused kernels where the device has them (much faster on CPU too)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    try:
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
-    except (RuntimeError, TypeError):
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-
-
-def rng_state(device):
-    state = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state, device):
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def check_out_dir(out_dir):
-    """Create out_dir or say why it cannot be used."""
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise UserError(f"--out_dir {out_dir} is a file: pass a folder")
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create --out_dir {out_dir} ({e.strerror}): pass a writable folder") from None
-    if not os.access(out_dir, os.W_OK | os.X_OK):
-        raise UserError(f"--out_dir {out_dir} is not writable: pass a writable folder")
-
-
-def write_log(path, rows):
-    """Write every logged row as CSV (columns: union of the rows' keys, in first-seen order)."""
-    if not rows:
-        return
-    cols = []
-    for r in rows:
-        cols += [k for k in r if k not in cols]
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols)
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path)
-
-
-def plot_losses(rows, steps_per_epoch, path, keys=("train_loss", "val_loss"), ylabel="loss"):
-    """Loss against epochs, with tokens seen on a second x-axis (needs matplotlib; skipped without it)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    rows = [r for r in rows if all(k in r for k in keys)]
-    if not rows:
-        return None
-    epochs = [r["step"] / max(1, steps_per_epoch) for r in rows]
-    fig, ax1 = plt.subplots(figsize=(5, 3))
-    for k, style in zip(keys, ("-", "-.", ":", "--")):
-        ax1.plot(epochs, [r[k] for r in rows], style, label=k.replace("_", " "))
-    ax1.set_xlabel("epochs")
-    ax1.set_ylabel(ylabel)
-    ax1.legend(loc="upper right")
-    if "tokens_seen" in rows[0]:
-        ax2 = ax1.twiny()
-        ax2.plot([r["tokens_seen"] for r in rows], [r[keys[0]] for r in rows], alpha=0)
-        ax2.set_xlabel("tokens seen")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-class _StopRequest:
-    """Turns Ctrl-C and SIGTERM into a flag the loop checks after each step, so it can save before leaving."""
-
-    def __init__(self):
-        self.signal = None
-        self.old = {}
-
-    def __enter__(self):
-        if hasattr(signal, "SIGTERM"):
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                try:
-                    self.old[sig] = signal.signal(sig, self._handle)
-                except ValueError:  # not the main thread: leave signals alone
-                    pass
-        return self
-
-    def _handle(self, signum, frame):
-        if self.signal is not None:  # a second Ctrl-C: leave at once
-            raise KeyboardInterrupt
-        self.signal = signum
-
-    def __exit__(self, *exc):
-        for sig, handler in self.old.items():
-            signal.signal(sig, handler)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Several processes (torchrun): DistributedDataParallel, or FSDP2 with --fsdp. One process needs none of this.
-# ---------------------------------------------------------------------------------------------------------------
-
-_devnull = None
-
-
-def setup_distributed(device):
-    """Join torchrun's process group and return the device this process trains on; one process: returns device.
-
-    torchrun sets RANK, LOCAL_RANK and WORLD_SIZE. The backend is NCCL on CUDA (each process takes GPU LOCAL_RANK)
-    and gloo otherwise. Processes other than rank 0 send stdout to /dev/null, so every print and tqdm.write
-    appears once; errors still reach stderr. Call it at the top of main, before the model is built.
-    """
-    global _devnull
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return device
-    if not dist.is_available():
-        raise UserError("this torch build has no torch.distributed: run one process (python, not torchrun)")
-    if device.type == "mps":
-        raise UserError("torchrun with --device mps is not supported: use --device cpu or cuda")
-    if device.type == "cuda":
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if local_rank >= torch.cuda.device_count():
-            raise UserError(f"process LOCAL_RANK={local_rank} has no GPU of its own ({torch.cuda.device_count()} "
-                            f"visible): lower --nproc_per_node to the number of GPUs")
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)  # so that .to("cuda") elsewhere lands on this process's GPU
-    if not dist.is_initialized():
-        if device.type == "cuda":
-            dist.init_process_group("nccl", device_id=device)
-        else:
-            dist.init_process_group("gloo")
-        atexit.register(_leave_process_group)
-    if dist.get_rank() != 0:
-        _devnull = _devnull or open(os.devnull, "w")
-        sys.stdout = _devnull
-    return device
-
-
-def _leave_process_group():
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def _distributed():
-    return dist.is_available() and dist.is_initialized()
-
-
-def world_size():
-    """Number of training processes (1 without torchrun)."""
-    return dist.get_world_size() if _distributed() else 1
-
-
-def process_rank():
-    return dist.get_rank() if _distributed() else 0
-
-
-def is_main_process():
-    """True in rank 0, the process that logs and writes files (and in a one-process run)."""
-    return process_rank() == 0
-
-
-def describe_distributed(cfg):
-    """', DDP over 2 processes (gloo)' and the like for the start-up line; '' in one process."""
-    if world_size() == 1:
-        return ""
-    return f", {'FSDP' if cfg.get('fsdp') else 'DDP'} over {world_size()} processes ({dist.get_backend()})"
-
-
-def any_process(flag):
-    """True when flag is true in any process. Every process must call it at the same point (one tiny all-reduce);
-    it keeps the processes in step when only some see a NaN loss or a Ctrl-C."""
-    if not _distributed():
-        return bool(flag)
-    t = torch.tensor([1.0 if flag else 0.0], device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
-@contextlib.contextmanager
-def local_main_first():
-    """Run the body in the first process of each machine (LOCAL_RANK 0) before the others: downloads and caches get
-    written once, then found by the rest. Every process must enter it."""
-    first = int(os.environ.get("LOCAL_RANK", "0")) == 0
-    if _distributed() and not first:
-        dist.barrier()
-    yield
-    if _distributed() and first:
-        dist.barrier()
-
-
-def _grad_sync(step_model, last):
-    """DDP's no_sync() for all but the last micro-batch of a step, so gradients are averaged once per step."""
-    from torch.nn.parallel import DistributedDataParallel
-    if last or not isinstance(step_model, DistributedDataParallel):
-        return contextlib.nullcontext()
-    return step_model.no_sync()
-
-
-def shard_loader(loader, seed):
-    """This process's share of a training DataLoader: a DistributedSampler over the same dataset.
-
-    With seed * 1000 + epoch, the sampler draws the permutation that a one-process run draws for that epoch and
-    deals it out in turn, so N processes with batch b see, step by step, the samples one process sees with batch
-    N * b. A few windows at the end (fewer than N) are dropped so that every process takes the same number of steps.
-    """
-    from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler, SequentialSampler
-    if type(loader.batch_sampler) is not BatchSampler or not isinstance(loader.sampler,
-                                                                         (RandomSampler, SequentialSampler)):
-        raise UserError("the training loader uses its own sampler, which cannot be split between processes: "
-                        "run with one process")
-    sampler = DistributedSampler(loader.dataset, shuffle=isinstance(loader.sampler, RandomSampler),
-                                 seed=seed * 1000, drop_last=True)
-    return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler, drop_last=loader.drop_last,
-                      collate_fn=loader.collate_fn, num_workers=loader.num_workers, pin_memory=loader.pin_memory)
-
-
-def shard_model(model, device):
-    """FSDP2 in place: each transformer block, and the rest (embeddings, final norm, output layer) as one more group,
-    keeps only 1/N of its parameters, gradients and optimizer state per process and gathers the full weights just
-    for its own forward and backward."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-    mesh = init_device_mesh(device.type, (world_size(),))
-    for block in model.trf_blocks:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    return model
-
-
-def is_fsdp(model):
-    if not _distributed():
-        return False
-    from torch.distributed.fsdp import FSDPModule
-    return isinstance(model, FSDPModule)
-
-
-def full_state_dict(model):
-    """The model's weights as whole tensors without compile/DDP prefixes. For an FSDP model every process must call
-    it; rank 0 gets the tensors (on the CPU), the others an empty dict."""
-    if not is_fsdp(model):
-        return clean_state_dict(model.state_dict())
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def save_model(path, model, kind="pretrain", **extra):
-    """model.save_checkpoint that also works under torchrun: every process calls it, FSDP shards are gathered, and
-    rank 0 writes. Returns path."""
-    if not _distributed():
-        return save_checkpoint(path, model, kind, **extra)
-    state = full_state_dict(model)
-    if is_main_process():
-        atomic_save({"model": state, "config": dict(model.cfg), "kind": kind, **extra}, path)
-    dist.barrier()  # written before any process goes on
-    return path
-
-
-def _fsdp_train_state(model, optimizer):
-    """(model, optimizer) state dicts with whole tensors, keyed by parameter name; {} outside rank 0."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, optimizer, options=opts)
-
-
-def _load_fsdp_train_state(model, optimizer, ckpt):
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                         set_optimizer_state_dict)
-    opts = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(model, ckpt["model"], options=opts)
-    set_optimizer_state_dict(model, optimizer, ckpt["optimizer"], options=opts)
-
-
-def _processes(n, fsdp):
-    return f"{n} process{'es' if n > 1 else ''}" + (" with --fsdp" if fsdp else "")
-
-
-def _rng_states_of_all(device):
-    """Every process's RNG state, gathered on rank 0 (None elsewhere)."""
-    states = [None] * world_size() if is_main_process() else None
-    dist.gather_object(rng_state(device), states, dst=0)
-    return states
-
-
-def train_model(model, train_loader, cfg, *, loss_fn, eval_fn, device, dtype=torch.float32, kind="pretrain",
-                extra=None, on_epoch_end=None, optimizer=None, write=None):
-    """Train `model` on train_loader for cfg['epochs'] (or cfg['max_steps']) optimizer steps.
-
-    loss_fn(model, batch) -> scalar loss; eval_fn(model) -> dict of metrics (logged every cfg['eval_freq'] steps
-    and at the end). cfg also needs: out_dir, lr, weight_decay, lr_schedule, warmup_steps, min_lr, grad_clip,
-    grad_accum_steps, seed, resume, save_every, compile. Writes out_dir/model_and_optimizer.pth (resumable),
-    out_dir/log.csv, out_dir/loss-plot.png; returns the logged rows. `extra` is stored in every checkpoint.
-
-    Under torchrun (after setup_distributed) every process runs this with the same arguments: each trains on its
-    own share of train_loader, gradients are averaged by DDP (or reduce-scattered by FSDP2 with cfg['fsdp']),
-    eval_fn and on_epoch_end run in every process on the whole data, and only rank 0 writes files. loss_fn then
-    gets the DDP wrapper, which can only be called; eval_fn gets the model itself.
-    """
-    from tqdm import tqdm
-    write = write or tqdm.write
-    out_dir = cfg["out_dir"]
-    state_path = os.path.join(out_dir, TRAIN_STATE)
-    if is_main_process() and os.path.isdir(out_dir):  # half-written saves of a run that was killed mid-write
-        for name in os.listdir(out_dir):
-            if name.endswith(".tmp") and name.startswith(TRAIN_STATE + "."):
-                os.remove(os.path.join(out_dir, name))
-    accum = cfg.get("grad_accum_steps", 1)
-    world, fsdp = world_size(), bool(cfg.get("fsdp"))
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _distributed():
-        raise RuntimeError("started by torchrun, but the script did not call setup_distributed() before training")
-    if fsdp and world == 1:
-        raise UserError("--fsdp shards the model across processes: start with "
-                        "`torchrun --nproc_per_node N` (N >= 2), or drop --fsdp")
-    if fsdp and dtype is torch.float16:
-        raise UserError("--fsdp with float16 is not supported (no sharded gradient scaler): use --dtype bfloat16")
-    if fsdp and optimizer is not None:
-        raise ValueError("with fsdp, train_model builds the optimizer after sharding the model: pass optimizer=None")
-    if world > 1:
-        train_loader = shard_loader(train_loader, cfg["seed"])
-    if device.type == "cpu":
-        keep_freed_memory()  # every step re-allocates the same big buffers: reuse them instead of page-faulting anew
-    steps_per_epoch = len(train_loader) // accum
-    if steps_per_epoch == 0:
-        raise UserError(f"the training data gives {len(train_loader)} batches, fewer than one optimizer step "
-                        f"({accum} micro-batches): add data or lower --batch_size / --grad_accum_steps")
-    total_steps = cfg["epochs"] * steps_per_epoch
-    if cfg.get("max_steps"):
-        total_steps = min(total_steps, cfg["max_steps"])
-    if fsdp:
-        shard_model(model, device)  # before the optimizer, which must hold the sharded parameters
-    optimizer = optimizer or make_optimizer(model, cfg["lr"], cfg["weight_decay"], device)
-    scaler = torch.amp.GradScaler("cuda", enabled=dtype is torch.float16)
-    fwd_model = torch.compile(model) if cfg.get("compile") else model
-
-    step, epoch, batch_pos, tokens_seen, rows = 0, 0, 0, 0, []
-    if cfg.get("resume"):
-        if not os.path.exists(state_path):
-            raise UserError(f"--resume: no {state_path} to continue from; run without --resume to start")
-        ckpt = read_checkpoint(state_path)
-        if "optimizer" not in ckpt:
-            raise UserError(f"{state_path} holds no optimizer state, so it cannot be resumed")
-        saved_world, saved_fsdp = ckpt.get("world_size", 1), bool(ckpt.get("fsdp", False))
-        if (saved_world, saved_fsdp) != (world, fsdp):
-            raise UserError(f"{state_path} was written by {_processes(saved_world, saved_fsdp)}, this run has "
-                            f"{_processes(world, fsdp)}: resume the same way (data order and steps depend on it)")
-        if fsdp:
-            _load_fsdp_train_state(model, optimizer, ckpt)
-        else:
-            load_state(model, ckpt["model"], state_path)
-            optimizer.load_state_dict(ckpt["optimizer"])
-        step, epoch, batch_pos = ckpt["step"], ckpt["epoch"], ckpt["batch_pos"]
-        tokens_seen, rows = ckpt["tokens_seen"], list(ckpt.get("log", []))
-        set_rng_state(ckpt["rng_per_process"][process_rank()] if world > 1 else ckpt["rng"], device)
-        write(f"resumed from {state_path} at step {step} (epoch {epoch + 1}, batch {batch_pos})")
-    elif world > 1:
-        torch.manual_seed(cfg["seed"] + 1 + process_rank())  # same initial weights, own dropout masks per process
-    # the module that runs training steps: DDP averages the gradients in backward (FSDP2 does so by itself)
-    step_model = fwd_model
-    if world > 1 and not fsdp:
-        from torch.nn.parallel import DistributedDataParallel
-        gpu = [torch.cuda.current_device()] if device.type == "cuda" else None  # set by setup_distributed
-        step_model = DistributedDataParallel(fwd_model, device_ids=gpu, gradient_as_bucket_view=True)
-
-    def save_state(path=state_path):
-        # every process calls this (gathering shards and RNG states needs them all); rank 0 writes
-        if fsdp:
-            model_state, optimizer_state = _fsdp_train_state(model, optimizer)
-        else:
-            model_state, optimizer_state = model.state_dict(), optimizer.state_dict()
-        per_process = {"world_size": world, "fsdp": fsdp, "rng_per_process": _rng_states_of_all(device)} \
-            if world > 1 else {}
-        if is_main_process():
-            atomic_save({"model": model_state, "config": dict(model.cfg), "kind": kind,
-                         "optimizer": optimizer_state, "step": step, "epoch": epoch, "batch_pos": batch_pos,
-                         "tokens_seen": tokens_seen, "rng": rng_state(device), "log": rows,
-                         "train_settings": {k: v for k, v in cfg.items() if isinstance(v, (int, float, str, bool))},
-                         **per_process, **(extra or {})}, path)
-        if world > 1:
-            dist.barrier()  # the file is there for every process (e.g. a --resume right after) once this returns
-
-    def log_eval():
-        model.eval()
-        with torch.no_grad(), autocast(device, dtype):
-            metrics = eval_fn(fwd_model)
-        model.train()
-        row = {"step": step, "epoch": round(step / steps_per_epoch, 3), "tokens_seen": tokens_seen,
-               **{k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()},
-               "lr": optimizer.param_groups[0]["lr"],
-               "tokens_per_s": round(speed_tokens / max(speed_time, 1e-9), 1)}
-        rows.append(row)
-        shown = " ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float))
-        write(f"ep {min(epoch + 1, cfg['epochs'])} (step {step:06d}): {shown}")
-
-    model.train()
-    speed_tokens, speed_time = 0, 0.0
-    bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True, leave=False,
-               disable=cfg.get("quiet", False) or not is_main_process())
-    with _StopRequest() as stop:
-        while step < total_steps:
-            sampler = getattr(train_loader, "sampler", None)
-            if isinstance(sampler, torch.utils.data.RandomSampler):
-                # the order of each epoch depends only on (seed, epoch), so a resumed run sees the same batches
-                sampler.generator = torch.Generator().manual_seed(cfg["seed"] * 1000 + epoch)
-            elif isinstance(sampler, torch.utils.data.DistributedSampler):
-                sampler.set_epoch(epoch)  # the same (seed, epoch) permutation, dealt out to the processes
-            # creating a loader iterator draws a worker seed from the global RNG; keep that draw from shifting the
-            # dropout stream, so a resumed run matches an uninterrupted one
-            rng = torch.get_rng_state()
-            batches = iter(train_loader)
-            torch.set_rng_state(rng)
-            for _ in range(batch_pos):
-                next(batches)
-            while batch_pos + accum <= len(train_loader) and step < total_steps:
-                t0 = time.perf_counter()
-                lr = lr_at_step(step, total_steps, cfg["lr"], cfg.get("lr_schedule", "constant"),
-                                cfg.get("warmup_steps", 0), cfg.get("min_lr", 0.0))
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                loss_sum = 0.0
-                for i in range(accum):
-                    batch = next(batches)
-                    with _grad_sync(step_model, last=i == accum - 1):
-                        with autocast(device, dtype):
-                            loss = loss_fn(step_model, batch)
-                        if any_process(not torch.isfinite(loss)):
-                            kept = (f"the last good checkpoint {state_path} is kept" if os.path.exists(state_path)
-                                    else "no checkpoint was written")
-                            bad = loss.item() if not torch.isfinite(loss) else "non-finite in another process"
-                            raise UserError(f"loss became {bad} at step {step + 1}; stopped, {kept}; "
-                                            f"lower --lr or set --grad_clip 1.0")
-                        scaler.scale(loss / accum).backward()
-                    loss_sum += loss.item() / accum
-                    tokens_seen += batch_tokens(batch) * world
-                    speed_tokens += batch_tokens(batch) * world
-                if cfg.get("grad_clip"):
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                batch_pos += accum
-                speed_time += time.perf_counter() - t0
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.2e}",
-                                tok_s=f"{speed_tokens / max(speed_time, 1e-9):.0f}")
-                epoch_done = batch_pos + accum > len(train_loader)
-                if epoch_done:
-                    epoch, batch_pos = epoch + 1, 0
-                    if on_epoch_end is not None:
-                        on_epoch_end(model, epoch)
-                if step == 1 or step % cfg["eval_freq"] == 0 or step == total_steps:
-                    log_eval()
-                    if is_main_process():
-                        write_log(os.path.join(out_dir, "log.csv"), rows)
-                if any_process(stop.signal is not None):  # all processes stop at the same step
-                    save_state()
-                    bar.close()
-                    name = "SIGTERM" if stop.signal == getattr(signal, "SIGTERM", None) else "Ctrl-C"
-                    if is_main_process():
-                        print(f"{name} at step {step}: saved {state_path}; continue with --resume", file=sys.stderr)
-                    sys.exit(130 if stop.signal == signal.SIGINT else 143)
-                if cfg.get("save_every") and step % cfg["save_every"] == 0 and step < total_steps:
-                    save_state()
-                if epoch_done:
-                    break
-    bar.close()
-    save_state()
-    if is_main_process():
-        write_log(os.path.join(out_dir, "log.csv"), rows)
-        plot_losses(rows, steps_per_epoch, os.path.join(out_dir, "loss-plot.png"))
-    return rows
-
-
-def batch_tokens(batch):
-    """Tokens in a batch: the first tensor's element count."""
-    first = batch[0] if isinstance(batch, (list, tuple)) else next(iter(batch.values()))
-    return first.numel()
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Memory estimate (--dry_run in every training script)
-# ---------------------------------------------------------------------------------------------------------------
-
-def estimate_memory(model_cfg, batch_size, context_length, dtype=torch.float32, trainable_params=None,
-                    total_params=None, trainable_layers=None, out_dim=None, world_size=1, fsdp=False,
-                    device_type="cpu"):
-    """Estimated bytes that one training process holds, as a dict: weights, gradients, optimizer, activations, total.
-
-    weights: fp32 parameters, plus the 16-bit copies of the matmul weights autocast keeps for backward.
-    gradients: fp32, one per trainable parameter. optimizer: AdamW's two fp32 moments per trainable parameter.
-    activations: what backward keeps for one micro-batch, counted with saved_tensors_hooks on torch 2.13: per
-    transformer block 16 values per token and channel (the two residual-stream ones stay fp32 under autocast, the
-    other 14 are 16-bit), 1 byte per dropout mask, and where dropout sends CPU attention down the unfused path about
-    13 bytes per attention score (B, n_heads, T, T); plus three fp32 copies of the logits (B, T, out_dim) around the
-    loss. trainable_layers: blocks (counted from the top) that need backward, None = all. With fsdp the first three
-    are split over world_size processes, plus the gathered weights of the non-block layers and of two blocks.
-    The total is a slight overestimate (gradients and activations do not peak together); Python, torch and the CUDA
-    context come on top (about 0.35 GB on CPU, 0.5-1 GB on a GPU).
-    """
-    if total_params is None:
-        with torch.device("meta"):
-            total_params = count_parameters(GPTModel(model_cfg))  # no memory, no init
-    trainable = total_params if trainable_params is None else trainable_params
-    d, L, h = model_cfg["emb_dim"], model_cfg["n_layers"], model_cfg["n_heads"]
-    out_dim = out_dim or model_cfg["vocab_size"]
-    B, T = batch_size, context_length
-    half = dtype in (torch.bfloat16, torch.float16)
-    act = 2 if half else 4
-    block_params = 12 * d * d + 13 * d  # attention 4 d^2, MLP 8 d^2, biases and norms
-    matmul_params = L * 12 * d * d + out_dim * d
-
-    weights, gradients, optimizer = 4 * total_params, 4 * trainable, 8 * trainable
-    if fsdp and world_size > 1:
-        gathered = total_params - (L - 2) * block_params  # non-block layers stay whole; two blocks in flight
-        weights = weights // world_size + 4 * gathered
-        gradients //= world_size
-        optimizer //= world_size
-    weights += 2 * matmul_params if half else 0
-    per_block = B * T * d * (2 * 4 + 14 * act)
-    if model_cfg.get("drop_rate", 0) > 0:
-        per_block += 2 * B * T * d
-        if device_type == "cpu":
-            per_block += 13 * B * h * T * T
-    blocks = L if trainable_layers is None else min(L, trainable_layers)
-    activations = blocks * per_block + 3 * 4 * B * T * out_dim
-    return {"weights": weights, "gradients": gradients, "optimizer": optimizer, "activations": activations,
-            "total": weights + gradients + optimizer + activations}
-
-
-def _size(n):
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
-
-
-def print_dry_run(model_cfg, cfg, train_batches, dtype, device=None, total_params=None, trainable_params=None,
-                  context_length=None, write=print, **estimate_kw):
-    """What --dry_run prints: parameters, estimated memory per process, tokens per step and steps per epoch.
-
-    cfg supplies batch_size, grad_accum_steps, epochs, max_steps and fsdp; train_batches is len(train_loader) in one
-    process; context_length defaults to cfg['context_length']; estimate_kw goes to estimate_memory (trainable_layers,
-    out_dim). Trains nothing and writes nothing; returns the numbers as a dict.
-    """
-    device = device or torch.device("cpu")
-    if total_params is None:
-        with torch.device("meta"):
-            total_params = count_parameters(GPTModel(model_cfg))
-    trainable = total_params if trainable_params is None else trainable_params
-    T = context_length or cfg.get("context_length") or model_cfg["context_length"]
-    world, accum = world_size(), cfg.get("grad_accum_steps", 1)
-    est = estimate_memory(model_cfg, cfg["batch_size"], T, dtype, trainable, total_params, world_size=world,
-                          fsdp=cfg.get("fsdp", False), device_type=device.type, **estimate_kw)
-    steps_per_epoch = train_batches // world // accum
-    total_steps = cfg.get("epochs", 1) * steps_per_epoch
-    if cfg.get("max_steps"):
-        total_steps = min(total_steps, cfg["max_steps"])
-    tokens_per_step = cfg["batch_size"] * T * accum * world
-    dtype_name = str(dtype).replace("torch.", "")
-    write(f"dry run: {total_params:,} parameters ({trainable:,} trainable), {_shape(model_cfg)}, device "
-          f"{device}, dtype {dtype_name}, {world} process{'es' if world > 1 else ''}"
-          f"{' with FSDP' if cfg.get('fsdp') and world > 1 else ''}")
-    write(f"estimated memory per process: weights {_size(est['weights'])}, gradients {_size(est['gradients'])}, "
-          f"AdamW state {_size(est['optimizer'])}, activations {_size(est['activations'])} (micro-batch "
-          f"{cfg['batch_size']} x {T} tokens); total {_size(est['total'])} plus the framework's own")
-    write(f"tokens per step {tokens_per_step:,} ({cfg['batch_size']} x {T} x {accum} micro-batches x {world} "
-          f"process{'es' if world > 1 else ''}), {steps_per_epoch} steps per epoch, {total_steps} steps in all; "
-          f"nothing trained or written (--dry_run)")
-    return {**est, "total_params": total_params, "trainable_params": trainable, "tokens_per_step": tokens_per_step,
-            "steps_per_epoch": steps_per_epoch, "total_steps": total_steps}
-
-
-def _shape(model_cfg):
-    return f"{model_cfg['n_layers']} layers x {model_cfg['emb_dim']} wide, {model_cfg['n_heads']} heads"
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Pretraining
-# ---------------------------------------------------------------------------------------------------------------
-
-def model_config(cfg):
-    """The scratch model's config: --model's size with any non-zero overrides."""
-    mcfg = dict(MODEL_CONFIGS[cfg["model"]])
-    mcfg.update(context_length=cfg["context_length"], drop_rate=cfg["drop_rate"], qkv_bias=cfg["qkv_bias"],
-                tie_weights=cfg["tie_weights"])
-    for k in ("emb_dim", "n_heads", "n_layers"):
-        if cfg[k]:
-            mcfg[k] = cfg[k]
-    if mcfg["emb_dim"] % mcfg["n_heads"]:
-        fits = next(h for h in range(mcfg["n_heads"], 0, -1) if mcfg["emb_dim"] % h == 0)
-        raise UserError(f"--emb_dim {mcfg['emb_dim']} is not divisible by --n_heads {mcfg['n_heads']}: every head "
-                        f"gets emb_dim / n_heads dimensions, so pick e.g. --n_heads {fits} or an --emb_dim that "
-                        f"{mcfg['n_heads']} divides")
-    return mcfg
-
-
-def build_model(cfg, device):
-    """A fresh model (init=scratch) or one started from OpenAI's weights or a .pth (load_gpt2.init_model)."""
-    if cfg["init"] == "scratch":
-        return GPTModel(model_config(cfg)).to(device)
-    from load_gpt2 import init_model
-    model, _ = init_model(cfg["init"], cfg_overrides={"drop_rate": cfg["drop_rate"]}, device=device)
-    if cfg["context_length"] > model.cfg["context_length"]:
-        raise UserError(f"--context_length {cfg['context_length']} exceeds the model's "
-                        f"{model.cfg['context_length']}: lower it")
-    return model
 
 
 def resolve_data(path):
@@ -796,12 +105,14 @@ def main(argv=None):
         text = load_text(resolve_data(cfg["data"]))
     train_loader, val_loader = make_loaders(text, cfg)
     if cfg["dry_run"]:
-        model_cfg = model_config(cfg) if cfg["init"] == "scratch" else build_model(cfg, torch.device("cpu")).cfg
+        model_cfg = model_config(cfg) if cfg["init"] == "scratch" else build_model(cfg)[0].cfg
         return print_dry_run(model_cfg, cfg, len(train_loader), dtype, device)
-    with local_main_first():  # the same for --init gpt2's weights
-        # with --fsdp the whole model stays in CPU memory; train_model moves only this process's shard to the GPU
-        model = build_model(cfg, torch.device("cpu") if cfg["fsdp"] and world_size() > 1 else device)
-    print(f"device {device}, dtype {str(dtype).replace('torch.', '')}, {count_parameters(model):,} parameters, "
+    # with --fsdp the whole model stays in CPU memory; train_model moves only this process's shard to the GPU
+    model, _ = build_model(cfg, torch.device("cpu") if cfg["fsdp"] and world_size() > 1 else device)
+    if cfg["context_length"] > model.cfg["context_length"]:
+        raise UserError(f"--context_length {cfg['context_length']} exceeds the model's "
+                        f"{model.cfg['context_length']}: lower it")
+    print(f"device {device}, dtype {dtype_name(dtype)}, {count_parameters(model):,} parameters, "
           f"{len(train_loader)} train / {len(val_loader)} val batches{describe_distributed(cfg)}; "
           f"settings: {changed_settings(cfg, DEFAULTS)}")
 
@@ -812,8 +123,7 @@ def main(argv=None):
         return {"train_loss": train_loss, "val_loss": val_loss}
 
     # training loss is measured on the first eval_iters batches in file order, the same ones every time
-    eval_train = create_dataloader_v1(train_loader.dataset.token_ids.tolist(), cfg["batch_size"],
-                                      cfg["context_length"], cfg["stride"] or cfg["context_length"], shuffle=False)
+    eval_train = DataLoader(train_loader.dataset, cfg["batch_size"], shuffle=False, drop_last=True)
     if cfg["epochs"] == 0:
         model.eval()
         with autocast(device, dtype):
@@ -825,7 +135,7 @@ def main(argv=None):
 
     def sample(m, epoch):
         if cfg["sample_prompt"] and cfg["sample_tokens"]:
-            generate_and_print_sample(m, cfg["sample_prompt"], device, cfg["sample_tokens"], write=_tqdm_write)
+            generate_and_print_sample(m, cfg["sample_prompt"], device, cfg["sample_tokens"], write=tqdm.write)
 
     start = time.time()
     rows = train_model(model, train_loader, cfg, device=device, dtype=dtype, kind="pretrain",
@@ -839,11 +149,6 @@ def main(argv=None):
     print(f"done in {time.time() - start:.0f} s: train loss {rows[-1]['train_loss']:.3f}, val loss "
           f"{rows[-1]['val_loss']:.3f}; wrote {', '.join(written)}")
     return rows[-1]
-
-
-def _tqdm_write(s):
-    from tqdm import tqdm
-    tqdm.write(s)
 
 
 if __name__ == "__main__":

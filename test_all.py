@@ -31,6 +31,10 @@ import data  # noqa: E402
 import generate as generate_script  # noqa: E402
 import model as M  # noqa: E402
 import pretrain  # noqa: E402
+import load_gpt2  # noqa: E402
+import settings  # noqa: E402
+import trainer  # noqa: E402
+import layers  # noqa: E402
 
 needs_shared = pytest.mark.skipif(not os.path.isdir(SHARED_DATA), reason="../shared/data not present")
 TINY = dict(M.GPT_CONFIG_124M, vocab_size=50257, context_length=32, emb_dim=32, n_heads=2, n_layers=2,
@@ -190,17 +194,22 @@ def test_causality_later_tokens_do_not_change_earlier_logits():
     assert not torch.allclose(a[:, 12:], b[:, 12:])
 
 
+def set_fused(model, fused):
+    for block in model.trf_blocks:
+        block.att.fused = fused
+
+
 def test_fused_and_manual_attention_agree():
     m = tiny_model(qkv_bias=True)
     x = torch.randint(0, 50257, (3, 25))
     with torch.no_grad():
         fused = m(x)
-        manual = m.set_fused_attention(False)(x)
-    assert all(not b.att.fused for b in m.trf_blocks)
+        set_fused(m, False)
+        manual = m(x)
     torch.testing.assert_close(fused, manual, atol=1e-5, rtol=1e-5)
     # and with a cache holding a prefix (the mask then is not the square one)
     for fused_flag in (True, False):
-        m.set_fused_attention(fused_flag)
+        set_fused(m, fused_flag)
         cache = M.KVCache(m, batch_size=3)
         with torch.no_grad():
             m(x[:, :10], kv_cache=cache)
@@ -337,12 +346,12 @@ def test_sliding_windows_match_the_book():
 
 def test_settings_helper_types_help_and_errors(capsys):
     defaults = dict(top_k=50, lr=4e-4, name="x", resume=False, limit=None)
-    cfg = data.get_config(defaults, ["--top_k", "40", "--lr=1e-3", "--resume", "--limit", "off"])
+    cfg = settings.get_config(defaults, ["--top_k", "40", "--lr=1e-3", "--resume", "--limit", "off"])
     assert cfg == dict(top_k=40, lr=1e-3, name="x", resume=True, limit=None)
-    assert data.get_config(defaults, ["--resume", "false"])["resume"] is False
+    assert settings.get_config(defaults, ["--resume", "false"])["resume"] is False
     for bad in (["--top_kk", "3"], ["--top_k", "many"], ["--resume", "maybe"]):
         with pytest.raises(SystemExit) as e:
-            data.get_config(defaults, bad)
+            settings.get_config(defaults, bad)
         assert e.value.code == 2
     with pytest.raises(SystemExit):
         generate_script.main(["--help"])
@@ -389,14 +398,14 @@ def test_load_text_folder_and_bad_files(tmp_path):
     (tmp_path / "b.txt").write_text("beta")
     assert data.load_text(str(tmp_path)) == "alpha<|endoftext|>beta"
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
-    with pytest.raises(data.UserError, match="not UTF-8"):
+    with pytest.raises(settings.UserError, match="not UTF-8"):
         data.load_text(str(tmp_path / "latin1.txt"))
     (tmp_path / "bin.txt").write_bytes(b"\x00\x01\x02")
-    with pytest.raises(data.UserError, match="binary"):
+    with pytest.raises(settings.UserError, match="binary"):
         data.load_text(str(tmp_path / "bin.txt"))
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(data.UserError, match="no .txt files"):
+    with pytest.raises(settings.UserError, match="no .txt files"):
         data.load_text(str(empty))
 
 
@@ -405,12 +414,12 @@ def test_load_text_folder_and_bad_files(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 
 def test_lr_schedule():
-    assert pretrain.lr_at_step(0, 100, 1e-3, "constant") == 1e-3
-    assert pretrain.lr_at_step(0, 100, 1e-3, "cosine", warmup_steps=10) == pytest.approx(1e-4)
-    assert pretrain.lr_at_step(9, 100, 1e-3, "cosine", warmup_steps=10) == pytest.approx(1e-3)
-    assert pretrain.lr_at_step(10, 100, 1e-3, "cosine", 10, 1e-5) == pytest.approx(1e-3)
-    assert pretrain.lr_at_step(55, 100, 1e-3, "cosine", 10, 1e-5) == pytest.approx((1e-3 + 1e-5) / 2)
-    assert pretrain.lr_at_step(100, 100, 1e-3, "cosine", 10, 1e-5) == pytest.approx(1e-5)
+    assert trainer.lr_at_step(0, 100, 1e-3, "constant") == 1e-3
+    assert trainer.lr_at_step(0, 100, 1e-3, "cosine", warmup_steps=10) == pytest.approx(1e-4)
+    assert trainer.lr_at_step(9, 100, 1e-3, "cosine", warmup_steps=10) == pytest.approx(1e-3)
+    assert trainer.lr_at_step(10, 100, 1e-3, "cosine", 10, 1e-5) == pytest.approx(1e-3)
+    assert trainer.lr_at_step(55, 100, 1e-3, "cosine", 10, 1e-5) == pytest.approx((1e-3 + 1e-5) / 2)
+    assert trainer.lr_at_step(100, 100, 1e-3, "cosine", 10, 1e-5) == pytest.approx(1e-5)
 
 
 def test_pretrain_end_to_end_writes_what_it_promises(verdict, tmp_path):
@@ -477,7 +486,7 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(verdict, tmp_path, monkeyp
         return loss * float("nan") if calls["n"] == 4 else loss
 
     monkeypatch.setattr(pretrain, "calc_loss_batch", flaky)
-    with pytest.raises(data.UserError, match="loss became nan at step 4.*last good checkpoint"):
+    with pytest.raises(settings.UserError, match="loss became nan at step 4.*last good checkpoint"):
         pretrain.main(["--data", verdict, "--out_dir", str(out), "--save_every", "2", "--epochs", "1", *TINY_FLAGS])
     state = M.read_checkpoint(str(out / "model_and_optimizer.pth"))
     assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["model"].values())
@@ -554,7 +563,7 @@ import socket
 import struct
 import zipfile
 from data import DownloadError
-from data import UserError
+from settings import UserError
 from load_gpt2 import SafetensorsFile
 from load_gpt2 import export_hf
 from load_gpt2 import init_model
@@ -564,22 +573,22 @@ from load_gpt2 import main
 from load_gpt2 import read_safetensors
 from load_gpt2 import write_safetensors
 from model import CheckpointError
-from model import DecodingLinear
+from layers import DecodingLinear
 from model import GPTModel
 from model import GPT_CONFIG_124M
-from model import Int8Linear
+from layers import Int8Linear
 from model import KVCache
 from model import apply_repetition_penalty
 from model import count_parameters
 from model import generate
-from model import generate_beam
+from generate import generate_beam
 from model import load_model
-from model import optimize_for_decoding
-from model import quantize_int8
+from layers import optimize_for_decoding
+from layers import quantize_int8
 from model import read_checkpoint
 from model import sample_next_token
 from model import save_checkpoint
-from pretrain import make_optimizer
+from trainer import make_optimizer
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -1145,15 +1154,15 @@ def test_csv_problems_say_what_is_wrong(tmp_path, capsys):
     good = write_csv(tmp_path / "a.csv", [("spam", "win"), ("ham", ""), ("ham", "  "), ("ham", "see you")])
     assert data.read_labelled_csv(good) == [("win", "spam"), ("see you", "ham")]
     assert "skipped 2 row(s) with empty 'Text'" in capsys.readouterr().err
-    with pytest.raises(data.UserError, match=r"no column 'review'.*columns found: 'Label', 'Text'"):
+    with pytest.raises(settings.UserError, match=r"no column 'review'.*columns found: 'Label', 'Text'"):
         data.read_labelled_csv(good, text_column="review")
     (tmp_path / "empty.csv").write_text("")
-    with pytest.raises(data.UserError, match="is empty"):
+    with pytest.raises(settings.UserError, match="is empty"):
         data.read_labelled_csv(str(tmp_path / "empty.csv"))
     no_label = write_csv(tmp_path / "b.csv", [("spam", "win"), ("", "who am I")])
-    with pytest.raises(data.UserError, match="line 3 has text but an empty 'Label'"):
+    with pytest.raises(settings.UserError, match="line 3 has text but an empty 'Label'"):
         data.read_labelled_csv(no_label)
-    with pytest.raises(data.UserError, match="no CSV file"):
+    with pytest.raises(settings.UserError, match="no CSV file"):
         data.read_labelled_csv(str(tmp_path / "missing.csv"))
     tsv = tmp_path / "c.tsv"
     tsv.write_text("text\tlabel\nhello there\tpos\n")
@@ -1162,9 +1171,9 @@ def test_csv_problems_say_what_is_wrong(tmp_path, capsys):
 
 def test_single_class_and_bad_columns_stop_training(tmp_path):
     one = write_csv(tmp_path / "one.csv", [("ham", f"text {i}") for i in range(20)])
-    with pytest.raises(data.UserError, match="single class .'ham'"):
+    with pytest.raises(settings.UserError, match="single class .'ham'"):
         finetune_cls.main(CLS_TINY_FLAGS + ["--csv", one, "--out_dir", str(tmp_path / "o")])
-    with pytest.raises(data.UserError, match="columns found"):
+    with pytest.raises(settings.UserError, match="columns found"):
         finetune_cls.main(CLS_TINY_FLAGS + ["--csv", one, "--label_column", "y", "--out_dir", str(tmp_path / "o")])
 
 
@@ -1196,7 +1205,7 @@ def test_sms_download_extracts_and_verifies(tmp_path):
     bad = tmp_path / "g"
     bad.mkdir()
     (bad / "SMSSpamCollection").write_text("ham\tchanged\n")
-    with pytest.raises(data.UserError, match="does not match the expected sha256"):
+    with pytest.raises(settings.UserError, match="does not match the expected sha256"):
         data.fetch_sms_spam(str(bad))
 
 
@@ -1241,18 +1250,18 @@ def test_lora_starts_equal_and_merges_to_equal_logits():
     ids = torch.randint(0, 50257, (2, 12))
     with torch.no_grad():
         base = model(ids)
-        M.replace_linear_with_lora(model.trf_blocks, rank=4, alpha=8)
+        layers.add_lora(model.trf_blocks, rank=4, alpha=8)
         assert torch.equal(model(ids), base)  # B starts at zero
         layer = model.trf_blocks[0].att.W_query
-        assert isinstance(layer, M.LoRALinear) and layer.weight is layer.base.weight and layer.bias is None
+        assert isinstance(layer, layers.LoRALinear) and layer.weight is layer.base.weight and layer.bias is None
         assert layer.A.shape == (4, 32) and layer.B.shape == (32, 4) and layer.scaling == 2.0
         for name, p in model.named_parameters():
             if name.endswith(".B"):
                 p.normal_(std=0.1)
         adapted = model(ids)
         assert not torch.allclose(adapted, base, atol=1e-3)
-        M.merge_lora(model)
-        assert not any(isinstance(m, M.LoRALinear) for m in model.modules())
+        layers.merge_lora(model)
+        assert not any(isinstance(m, layers.LoRALinear) for m in model.modules())
         assert isinstance(model.trf_blocks[0].ff.layers[0], torch.nn.Linear)
         assert torch.allclose(model(ids), adapted, atol=1e-5)
 
@@ -1301,7 +1310,7 @@ def test_evaluate_matches_training_metrics_and_rejects_unknown_labels(small_run,
     metrics = finetune_cls.main(["--evaluate", "--out_dir", out, "--device", "cpu"])  # OUT_DIR/test.csv
     assert metrics["confusion"] == summary["test"]["confusion"]
     unknown = write_csv(tmp_path / "u.csv", [("ham", "hi"), ("maybe", "hmm"), ("maybe", "well")])
-    with pytest.raises(data.UserError, match=r"'maybe' \(2 rows\).*known: ham, spam"):
+    with pytest.raises(settings.UserError, match=r"'maybe' \(2 rows\).*known: ham, spam"):
         finetune_cls.main(["--evaluate", "--test_csv", unknown, "--out_dir", out, "--device", "cpu"])
 
 
@@ -1332,11 +1341,11 @@ def test_int8_classifier_evaluates_predicts_and_saves_smaller(small_run, tmp_pat
 
 def test_non_classifier_checkpoints_are_refused(small_run, tmp_path):
     path = M.save_checkpoint(str(tmp_path / "model.pth"), M.GPTModel(CLS_TINY), kind="pretrain")
-    with pytest.raises(data.UserError, match="'pretrain' checkpoint, not a classifier"):
+    with pytest.raises(settings.UserError, match="'pretrain' checkpoint, not a classifier"):
         finetune_cls.main(["--predict", "hello", "--checkpoint", path])
-    with pytest.raises(data.UserError, match="no classifier at"):
+    with pytest.raises(settings.UserError, match="no classifier at"):
         finetune_cls.main(["--predict", "hello", "--checkpoint", str(tmp_path / "none.pth")])
-    with pytest.raises(data.UserError, match="no LoRA adapters"):
+    with pytest.raises(settings.UserError, match="no LoRA adapters"):
         finetune_cls.main(["--merge_lora", "--checkpoint", os.path.join(small_run[1], "spam_classifier.pth")])
 
 
@@ -1411,12 +1420,12 @@ def test_ready_made_splits_with_three_classes_and_custom_columns(tmp_path, capsy
     assert "1 of 7 texts in the test split are longer than 8 tokens" in capsys.readouterr().err
     ckpt = M.read_checkpoint(os.path.join(out, "spam_classifier.pth"))
     assert ckpt["class_names"] == ["food", "sport", "tech"] and ckpt["label_column"] == "category"
-    with pytest.raises(data.UserError, match="exceeds the model's context_length 16"):
+    with pytest.raises(settings.UserError, match="exceeds the model's context_length 16"):
         finetune_cls.main(CLS_TINY_FLAGS + ["--train_csv", paths[0], "--val_csv", paths[1], "--test_csv",
                                         paths[2], "--text_column", "sentence", "--label_column", "category",
                                         "--max_length", "64", "--context_length", "16", "--out_dir", out])
     bad_val = write_csv(tmp_path / "bad_val.csv", [("music", "guitar")], header)
-    with pytest.raises(data.UserError, match="'music'"):
+    with pytest.raises(settings.UserError, match="'music'"):
         finetune_cls.main(CLS_TINY_FLAGS + ["--train_csv", paths[0], "--val_csv", bad_val, "--test_csv", paths[2],
                                         "--text_column", "sentence", "--label_column", "category", "--out_dir", out])
 
@@ -1643,7 +1652,7 @@ def test_chat_sends_the_first_turn_in_the_second_prompt_and_reuses_its_cache(tmp
     assert "warning" not in err
 
     # the reply computed with the cached prefix equals one computed from scratch
-    model, _ = chat_generate.load_model(path)
+    model, _ = M.load_model(path)
     messages = [{"role": "user", "content": "Name a color."}, {"role": "assistant", "content": turns[0]["reply"]},
                 {"role": "user", "content": "And another one?"}]
     ids, dropped = chat_generate.chat_prompt(messages, "", 128, 6)
@@ -1719,19 +1728,19 @@ def test_dpo_raises_the_chosen_minus_rejected_margin(tmp_path):
 ])
 def test_bad_instruction_files_name_what_is_wrong(tmp_path, name, text, message):
     (tmp_path / name).write_text(text, encoding="utf-8")
-    with pytest.raises(data.UserError, match=message):
+    with pytest.raises(settings.UserError, match=message):
         finetune_chat.main(CHAT_TINY_FLAGS + ["--data", str(tmp_path / name), "--out_dir", str(tmp_path / "run")])
 
 
 def test_bad_preference_data_and_missing_init(tmp_path):
     init, _ = tiny_checkpoint(tmp_path / "sft.pth")
     prefs = write_json(tmp_path / "prefs.json", [{"instruction": "a", "input": "", "chosen": "b"}])
-    with pytest.raises(data.UserError, match=r"record 0 \(0-based\) has no 'rejected' field"):
+    with pytest.raises(settings.UserError, match=r"record 0 \(0-based\) has no 'rejected' field"):
         finetune_chat.main(["--method", "dpo", "--init", init, "--data", prefs, "--device", "cpu"])
     empty = write_json(tmp_path / "empty.json", [{"instruction": "a", "chosen": "b", "rejected": " "}])
-    with pytest.raises(data.UserError, match=r"record 0 \(0-based\) has an empty 'rejected' response"):
+    with pytest.raises(settings.UserError, match=r"record 0 \(0-based\) has an empty 'rejected' response"):
         finetune_chat.main(["--method", "dpo", "--init", init, "--data", empty, "--device", "cpu"])
-    with pytest.raises(data.UserError, match=r"no SFT checkpoint at .*nope.pth"):
+    with pytest.raises(settings.UserError, match=r"no SFT checkpoint at .*nope.pth"):
         finetune_chat.main(["--method", "dpo", "--init", str(tmp_path / "nope.pth"), "--data", prefs])
 
 
@@ -1807,7 +1816,7 @@ def test_int8_checkpoint_round_trip_is_smaller(tmp_path):
     quantize_int8(model)
     int8_path = save_checkpoint(tmp_path / "int8.pth", model, quantize="int8")
     assert os.path.getsize(int8_path) < 0.5 * os.path.getsize(fp32_path)
-    loaded, ckpt = load_model(str(int8_path))
+    loaded, ckpt = load_gpt2.load_pth(str(int8_path), int8_ok=True)
     assert isinstance(loaded.out_head, Int8Linear) and ckpt["quantize"] == "int8"
     idx = torch.randint(0, 256, (1, 10))
     with torch.no_grad():
@@ -1819,7 +1828,7 @@ def test_int8_checkpoint_round_trip_is_smaller(tmp_path):
 def test_int8_checkpoint_with_tied_weights(tmp_path):
     model = quantize_int8(speed_tiny_model(tie_weights=True))
     path = save_checkpoint(tmp_path / "int8.pth", model)  # bare of extras: recognised by its weight_scale keys
-    loaded, _ = load_model(str(path))
+    loaded, _ = load_gpt2.load_pth(str(path), int8_ok=True)
     idx = torch.randint(0, SPEED_TINY["vocab_size"], (1, 10))
     with torch.no_grad():
         assert torch.equal(loaded(idx), model(idx))
@@ -1864,7 +1873,7 @@ def test_generate_save_int8_writes_a_smaller_model_that_trains_nothing(tmp_path,
     int8 = str(tmp_path / "int8.pth")
     generate_script.main(["--checkpoint", fp32, "--quantize", "int8", "--save_int8", int8, "--device", "cpu"])
     assert os.path.getsize(int8) < 0.5 * os.path.getsize(fp32)
-    loaded, ckpt = load_model(int8)
+    loaded, ckpt = load_gpt2.load_pth(int8, int8_ok=True)
     # the other entries survive (generate.py --chat reads the template), and the weights are the quantized ones
     assert (ckpt["kind"], ckpt["template"], ckpt["step"], ckpt["quantize"]) == ("sft", "alpaca", 7, "int8")
     idx = torch.randint(0, 256, (1, 10))
@@ -1987,7 +1996,7 @@ def test_bench_runs_and_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     result = bench.main(["--size", "tiny", "--context_length", "32", "--steps", "1", "--repeats", "1",
                          "--decode_tokens", "3", "--prompt_tokens", "4", "--matmul_size", "64",
-                         "--bandwidth_mib", "1", "--compare", "off", "--json", str(out)])
+                         "--bandwidth_mib", "1", "--compare", "off", "--compile", "off", "--json", str(out)])
     saved = json.loads(out.read_text())
     assert saved["results"].keys() == result["results"].keys()
     for key in ("matmul_fp32_gflops", "mem_read_gbs", "mem_copy_gbs", "train_fp32_tok_s", "train_fp32_mfu",
@@ -2136,7 +2145,7 @@ def test_keep_freed_memory_stops_big_buffers_from_going_back_to_the_system():
         grown = (libc.mallinfo2().hblkhd - before) / 2**20
         del buf
         return grown
-    assert data.keep_freed_memory() is True
+    assert settings.keep_freed_memory() is True
     assert mmapped_growth_mib() == 0  # taken from the heap, whose freed memory stays for the next step
 
 
@@ -2227,12 +2236,12 @@ def test_ddp_and_fsdp_match_one_process_and_resume(tmp_path):
     for out, first in ((ddp, 0), (fsdp, 2)):  # model_<i>.pth: what run i of the list wrote
         assert max_diff(weights(out / f"model_{first}.pth"), one_2) < 1e-5, out
         assert max_diff(weights(out / f"model_{first + 1}.pth"), one_4) < 1e-5, out
-        state = read_checkpoint(str(out / pretrain.TRAIN_STATE))
+        state = read_checkpoint(str(out / trainer.TRAIN_STATE))
         assert state["step"] == 4 and state["world_size"] == 2 and len(state["rng_per_process"]) == 2
         assert not [k for k in state["model"] if k.startswith(("module.", "_orig_mod."))]
     # the same samples per step: the logs count the same global tokens
-    assert read_checkpoint(str(ddp / pretrain.TRAIN_STATE))["tokens_seen"] == \
-        read_checkpoint(str(one / pretrain.TRAIN_STATE))["tokens_seen"]
+    assert read_checkpoint(str(ddp / trainer.TRAIN_STATE))["tokens_seen"] == \
+        read_checkpoint(str(one / trainer.TRAIN_STATE))["tokens_seen"]
 
     printed = open(log + ".0").read()
     assert printed.count("DDP over 2 processes (gloo)") == 2  # the start-up line, once per run
@@ -2262,8 +2271,8 @@ def test_distributed_sampler_deals_out_the_one_process_order():
         s.set_epoch(3)
         shares.append(list(s))
     assert shares[0] == one[0:10:2] and shares[1] == one[1:10:2]
-    assert pretrain.any_process(True) and not pretrain.any_process(False)  # one process: the flag itself
-    assert pretrain.world_size() == 1 and pretrain.is_main_process() and pretrain.describe_distributed({}) == ""
+    assert trainer.any_process(True) and not trainer.any_process(False)  # one process: the flag itself
+    assert trainer.world_size() == 1 and trainer.is_main_process() and trainer.describe_distributed({}) == ""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -2278,8 +2287,8 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
     for word in ("parameters", "trainable", "weights", "gradients", "AdamW state", "activations",
                  "tokens per step", "steps per epoch"):
         assert word in text
-    cfg = pretrain.get_config(pretrain.DEFAULTS, DIST_TINY + ["--batch_size", "2"])
-    model = GPTModel(pretrain.model_config(cfg))
+    cfg = settings.get_config(pretrain.DEFAULTS, DIST_TINY + ["--batch_size", "2"])
+    model = GPTModel(trainer.model_config(cfg))
     train_loader, _ = pretrain.make_loaders(open(VERDICT).read(), cfg)
     assert got["total_params"] == got["trainable_params"] == count_parameters(model)
     assert got["tokens_per_step"] == 2 * 32 * 3
@@ -2288,8 +2297,8 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
 
 
 def test_memory_estimate_scales_as_it_should():
-    cfg = pretrain.model_config(pretrain.get_config(pretrain.DEFAULTS, DIST_TINY))
-    est = lambda **kw: pretrain.estimate_memory(cfg, **{"batch_size": 2, "context_length": 32, **kw})  # noqa: E731
+    cfg = trainer.model_config(settings.get_config(pretrain.DEFAULTS, DIST_TINY))
+    est = lambda **kw: trainer.estimate_memory(cfg, **{"batch_size": 2, "context_length": 32, **kw})  # noqa: E731
     base = est()
     assert est(batch_size=4)["activations"] == 2 * base["activations"]
     assert est(batch_size=4)["weights"] == base["weights"]
@@ -2312,7 +2321,7 @@ def test_bfloat16_trains_close_to_float32(tmp_path):
     assert max_diff(w32, w16) > 0  # the bf16 path really ran
     for k in ("train_loss", "val_loss"):
         assert abs(fp32[k] - bf16[k]) < 0.01, (k, fp32[k], bf16[k])
-    first = read_checkpoint(str(tmp_path / "bf16" / pretrain.TRAIN_STATE))["log"][0]
+    first = read_checkpoint(str(tmp_path / "bf16" / trainer.TRAIN_STATE))["log"][0]
     assert first["step"] == 1 and bf16["train_loss"] < first["train_loss"]  # it learned something
 
 
@@ -2809,9 +2818,9 @@ def make_bad_inputs(w):
     (w / "runs" / "pre" / "log.csv").write_text("step,train_loss\n1,10.9\n")
     M.save_checkpoint(str(w / "runs" / "noopt" / STATE), lm, kind="pretrain")  # no optimizer state
     wide = faults_tiny_model(emb_dim=64)
-    M.atomic_save({"model": wide.state_dict(), "config": dict(wide.cfg), "kind": "pretrain", "optimizer": {},
-                   "step": 1, "epoch": 0, "batch_pos": 1, "tokens_seen": 64, "rng": torch.get_rng_state(),
-                   "log": []}, str(w / "runs" / "wide" / STATE))
+    data.save_pth(str(w / "runs" / "wide" / STATE), {
+        "model": wide.state_dict(), "config": dict(wide.cfg), "kind": "pretrain", "optimizer": {}, "step": 1,
+        "epoch": 0, "batch_pos": 1, "tokens_seen": 64, "rng": torch.get_rng_state(), "log": []})
 
 
 def bad_input_cases():

@@ -1,0 +1,299 @@
+"""What every script shares around its main(): settings from the command line, one-line errors, device and dtype.
+
+    from settings import entry, get_config, training_settings
+    DEFAULTS = dict(data="the-verdict.txt",   # comment shown by --help
+                    **training_settings(lr=4e-4))
+    def main(argv=None):
+        cfg = get_config(DEFAULTS, argv, __doc__)
+
+A script's settings are one dict; `get_config` turns it into argparse flags, with each setting's comment (written
+beside it in the script, or beside the shared training settings below) as its --help text.
+"""
+import argparse
+import ctypes
+import math
+import os
+import re
+import signal
+import sys
+
+import torch
+
+from model import CheckpointError
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Errors the user can fix: one line on stderr, a non-zero exit, no traceback
+# ---------------------------------------------------------------------------------------------------------------
+
+class UserError(Exception):
+    """Bad input, with a message that says what is wrong and what to do."""
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so that cleanup code runs before the process leaves."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated
+
+
+def entry(main):
+    """Run main() as a command: a user error is one `error:` line and exit 1, Ctrl-C exits 130, SIGTERM 143."""
+    try:
+        signal.signal(signal.SIGTERM, _raise_terminated)
+    except (ValueError, AttributeError):  # not the main thread, or no SIGTERM on this OS
+        pass
+    try:
+        return main()
+    except (UserError, CheckpointError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        sys.exit(143)
+    except BrokenPipeError:  # output piped into `head` and the like
+        sys.stderr.close()
+        sys.exit(0)
+
+
+def note(message):
+    print(f"note: {message}", file=sys.stderr)
+
+
+def few(names, n=4):
+    """'a, b, c, d (+3 more)': the first n of names for a message; 'nothing' when there are none."""
+    names = [str(x) for x in names]
+    if not names:
+        return "nothing"
+    return ", ".join(names[:n]) + (f" (+{len(names) - n} more)" if len(names) > n else "")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Settings: a DEFAULTS dict -> argparse
+# ---------------------------------------------------------------------------------------------------------------
+
+# The settings every training script has; each script takes them through training_settings() with its own values.
+TRAINING = dict(
+    batch_size=8,              # examples per micro-batch (per process under torchrun)
+    grad_accum_steps=1,        # micro-batches summed per optimizer step
+    epochs=1,                  # passes over the training data
+    max_steps=0,               # stop after this many optimizer steps; 0 = off
+    lr=5e-5,                   # peak learning rate
+    weight_decay=0.1,          # AdamW decoupled weight decay
+    lr_schedule="constant",    # constant | cosine (cosine decays to min_lr after warmup)
+    warmup_steps=0,            # linear warmup from 0 to lr; 0 = off
+    min_lr=0.0,                # floor of the cosine schedule
+    grad_clip=0.0,             # clip the global gradient norm to this; 0 = off
+    eval_freq=5,               # evaluate every this many steps
+    eval_iters=5,              # batches of each split per evaluation
+    save_every=0,              # also checkpoint every this many steps; 0 = only at the end and on Ctrl-C/SIGTERM
+    seed=123,                  # seeds weights, dropout and data order
+    device="auto",             # auto | cpu | cuda | mps
+    dtype="auto",              # auto | float32 | bfloat16 | float16 (auto: bf16 where the hardware has it, else fp32)
+    compile=False,             # torch.compile the model (slow start, faster steps on GPUs)
+    resume=False,              # continue from OUT_DIR/model_and_optimizer.pth
+    fsdp=False,                # under torchrun: shard weights, gradients and optimizer state (FSDP2); off = DDP
+    dry_run=False,             # print parameters, estimated memory, tokens per step and steps per epoch, then exit
+)
+
+
+def training_settings(**values):
+    """TRAINING with this script's values (same keys, same order)."""
+    unknown = set(values) - set(TRAINING)
+    if unknown:
+        raise KeyError(f"not shared training settings: {sorted(unknown)}")
+    return {**TRAINING, **values}
+
+
+_OFF = {"none", "off", "null"}
+
+
+def _parse_bool(s):
+    v = s.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+
+
+def _finite(x, s):
+    if isinstance(x, float) and not math.isfinite(x):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {s!r}")
+    return x
+
+
+def _typed(default):
+    """The argparse type for a setting, taken from its default; None-like words give None where that is allowed.
+    Numbers must be finite: nan and inf are refused like any other value out of range."""
+    if isinstance(default, bool):
+        return _parse_bool
+
+    def convert(s):
+        if s.strip().lower() in _OFF and default is None:
+            return None
+        if default is None:  # no type to go by: the most specific that parses
+            for t in (int, float):
+                try:
+                    return _finite(t(s), s)
+                except ValueError:
+                    pass
+            return s
+        try:
+            return _finite(type(default)(s), s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {type(default).__name__}, got {s!r}") from None
+    convert.__name__ = type(default).__name__ if default is not None else "value"
+    return convert
+
+
+def setting_comments(source_file):
+    """name -> the comment of each `name=value,  # comment` line (keyword style, as in a dict(...) of settings)."""
+    try:
+        with open(source_file, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, TypeError):
+        return {}
+    found = {}
+    for line in lines:
+        m = re.match(r"^\s+(\w+)=.*?#\s*(.+)$", line)
+        if m:
+            found.setdefault(m.group(1), m.group(2).strip())
+    return found
+
+
+def get_config(defaults, argv=None, doc=None, check=None):
+    """Parse --name value (or --name=value) for every key of defaults; returns a dict.
+
+    `--help` lists each setting with its comment: the one beside it in the calling script, else the one beside the
+    shared TRAINING settings here. A misspelled flag, a value of the wrong type, a non-finite number, or a value
+    that check(cfg) refuses with a UserError exits 2 with a usage line.
+    """
+    script = sys._getframe(1).f_globals.get("__file__")  # the module whose DEFAULTS these are
+    comments = {**setting_comments(__file__), **setting_comments(script)}
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
+    for name, default in defaults.items():
+        help_text = f"{comments.get(name, '')} (default: {default})".strip()
+        kwargs = dict(default=default, type=_typed(default), help=help_text, metavar=_typed(default).__name__.upper())
+        if isinstance(default, bool):
+            kwargs.update(nargs="?", const=True, metavar="BOOL")
+        parser.add_argument(f"--{name}", **kwargs)
+    cfg = vars(parser.parse_args(argv))
+    if check is not None:
+        try:
+            check(cfg)
+        except UserError as e:
+            parser.error(str(e))
+    return cfg
+
+
+def changed_settings(cfg, defaults):
+    """The settings that differ from the defaults, as 'name=value' text for the start-up line."""
+    diff = [f"{k}={cfg[k]}" for k in defaults if cfg.get(k) != defaults[k]]
+    return " ".join(diff) if diff else "(defaults)"
+
+
+def check_training(cfg):
+    """Range checks of the settings the training scripts share (each checked where the script has it)."""
+    for k in ("context_length", "batch_size", "grad_accum_steps", "eval_freq", "eval_iters"):
+        if k in cfg and cfg[k] < 1:
+            raise UserError(f"--{k} must be at least 1, got {cfg[k]}")
+    for k in ("epochs", "max_steps", "warmup_steps", "save_every", "sample_tokens", "stride", "emb_dim", "n_heads",
+              "n_layers", "grad_clip", "weight_decay", "min_lr"):
+        if k in cfg and cfg[k] < 0:
+            raise UserError(f"--{k} must be >= 0, got {cfg[k]}")
+    if "lr" in cfg and not cfg["lr"] > 0:
+        raise UserError(f"--lr must be > 0, got {cfg['lr']}")
+    if "drop_rate" in cfg and not 0 <= cfg["drop_rate"] < 1:
+        raise UserError(f"--drop_rate must be in [0, 1), got {cfg['drop_rate']}")
+    if "train_ratio" in cfg and not 0 < cfg["train_ratio"] < 1:
+        raise UserError(f"--train_ratio must be between 0 and 1, got {cfg['train_ratio']}")
+    if cfg.get("lr_schedule", "constant") not in ("constant", "cosine"):
+        raise UserError(f"--lr_schedule must be constant or cosine, got {cfg['lr_schedule']!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Device and dtype
+# ---------------------------------------------------------------------------------------------------------------
+
+def pick_device(name="auto"):
+    """auto -> cuda, then mps, then cpu."""
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda asked for, but torch sees no CUDA GPU: use --device cpu")
+    if name == "mps" and not mps:
+        raise UserError("--device mps asked for, but this machine has no MPS: use --device cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}: use auto, cpu, cuda or mps") from None
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def has_native_bf16(device):
+    """Whether bf16 matmuls run at hardware speed: AVX512-BF16 or AMX on x86 CPUs, bf16 support on CUDA GPUs."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    cpu = getattr(torch, "cpu", None)
+    flags = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(f() for f in flags if f is not None)
+
+
+def pick_dtype(name, device):
+    """The autocast dtype: 'auto' -> bf16 on GPUs that support it, else float32.
+
+    On CPU, auto stays float32: bf16 matmuls are fast only with AVX512-BF16/AMX and very slow without; pass
+    --dtype bfloat16 on a CPU that has them.
+    """
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if name not in DTYPES:
+        raise UserError(f"unknown dtype {name!r}: use auto, float32, bfloat16 or float16")
+    if DTYPES[name] is torch.float16 and device.type != "cuda":
+        raise UserError("float16 needs a CUDA GPU (it trains with a gradient scaler there): use bfloat16 or float32")
+    return DTYPES[name]
+
+
+def dtype_name(dtype):
+    return str(dtype).replace("torch.", "")
+
+
+def autocast(device, dtype):
+    """A context manager: autocast to dtype, or nothing for float32."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not torch.float32)
+
+
+def keep_freed_memory():
+    """Ask glibc's malloc to keep freed memory for reuse instead of returning it to the system; True if it could.
+
+    A training step frees and re-allocates the same big buffers every time (gradients, bf16 copies of the weights,
+    the logits). glibc hands buffers over 32 MiB back to the system when they are freed, and the next step then
+    pays a page fault for every 4 KiB it touches again. Kept, the memory is reused; the price is fragmentation (a
+    higher peak, and the process does not shrink after it). For CPU training; elsewhere (macOS, musl) a no-op.
+    """
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's malloc.h
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+def cpu_count():
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
