@@ -18,6 +18,7 @@ import re
 import string
 import time
 from collections import Counter
+from contextlib import nullcontext
 from functools import partial
 
 import torch
@@ -30,12 +31,12 @@ from data import (DATA_FILES, EOT_ID, TEMPLATE_NAME, InstructionDataset, Prefere
                   custom_collate_fn, cut_reply, encode_segments, fetch_data, format_prompt, get_tokenizer,
                   load_preference_records, load_records, preference_collate_fn, split_records, write_json)
 from layers import add_lora, merge_lora
-from model import count_parameters, generate_stream
+from model import checkpoint_dict, count_parameters, generate_stream
 from settings import (UserError, autocast, changed_settings, check_training, dtype_name, entry, get_config,
                       pick_device, pick_dtype, training_settings)
-from trainer import (TRAIN_STATE, build_model, calc_loss_batch, check_out_dir, describe_distributed, evaluate_model,
-                     is_main_process, local_main_first, print_dry_run, save_model, setup_distributed, train_model,
-                     world_size)
+from trainer import (TRAIN_STATE, RunFolder, build_model, calc_loss_batch, command_line, describe_distributed,
+                     evaluate_model, is_main_process, local_main_first, print_dry_run, save_model, setup_distributed,
+                     train_model, world_size)
 
 DEFAULTS = dict(
     method="sft",              # sft (learn the outputs) | dpo (learn to prefer chosen over rejected; from SFT)
@@ -325,17 +326,22 @@ def resolve_data(cfg):
 
 
 def build_policy(cfg, device):
-    """(model, name): a scratch model or the one --init names; name is used for the output file."""
+    """The model training starts from: a scratch model or the one --init names."""
     if cfg["dry_run"] or (cfg["fsdp"] and world_size() > 1):
         # with --fsdp the whole model stays in CPU memory; train_model moves only this process's shard to the GPU
         device = torch.device("cpu")
     model, info = build_model(cfg, device)
-    if cfg["init"] == "scratch":
-        return model, "scratch"
-    if cfg["method"] == "dpo" and info["kind"] != "chat":
+    if cfg["method"] == "dpo" and info["kind"] not in ("chat", None):
         print(f"warning: --init {cfg['init']} is not an instruction-tuned model (kind {info['kind']}); DPO is "
               f"meant to start from finetune_chat.py's SFT checkpoint")
-    return model, BOOK_NAMES.get(cfg["init"]) or os.path.splitext(os.path.basename(cfg["init"].rstrip("/")))[0]
+    return model
+
+
+def output_path(cfg):
+    """OUT_DIR/NAME-sft.pth or NAME-dpo.pth, NAME from --init (gpt2-medium355M for gpt2-medium, as the book)."""
+    name = "scratch" if cfg["init"] == "scratch" else (
+        BOOK_NAMES.get(cfg["init"]) or os.path.splitext(os.path.basename(cfg["init"].rstrip("/")))[0])
+    return os.path.join(cfg["out_dir"], f"{re.sub(r'-sft$', '', name)}-{cfg['method']}.pth")
 
 
 def add_adapters(model, cfg):
@@ -371,10 +377,19 @@ def startup_line(cfg, device, dtype, model, counts):
           f"({trainable:,} trainable), {counts}{describe_distributed(cfg)}; settings: {cfg['changed']}")
 
 
-def run_sft(cfg, device, dtype):
+def best_checkpoint_of(cfg, **extra):
+    """What --save_best keeps: the model as the run will save it (LoRA adapters merged into a copy)."""
+    def best(model):
+        if cfg["trainable"] == "lora":
+            model = merge_lora(copy.deepcopy(model))
+        return checkpoint_dict(model, "chat", template=TEMPLATE_NAME, method=cfg["method"], **extra)
+    return best
+
+
+def run_sft(cfg, device, dtype, run):
     path = resolve_data(cfg)
     train, test, val = split_data(load_records(path), cfg)
-    model, name = build_policy(cfg, device)
+    model = build_policy(cfg, device)
     max_len = min(cfg["allowed_max_length"], model.cfg["context_length"])
     datasets = {}
     for split, records in (("train", train), ("val", val)):
@@ -393,21 +408,26 @@ def run_sft(cfg, device, dtype):
                              trainable_params=count_parameters(model, True), context_length=max_len)
     startup_line(cfg, device, dtype, model, f"{len(train)} train / {len(test)} test / {len(val)} val records "
                                             f"from {path}")
-    check_out_dir(cfg["out_dir"])
 
     def eval_fn(m):
-        train_loss, val_loss = evaluate_model(m, eval_train, val_loader, device, cfg["eval_iters"], dtype)
+        train_loss, val_loss = evaluate_model(m, eval_train, val_loader, device, cfg["eval_iters"], dtype,
+                                              progress=not cfg["quiet"])
         return {"train_loss": train_loss, "val_loss": val_loss}
 
     start = time.time()
-    rows = train_model(model, train_loader, cfg, device=device, dtype=dtype, kind="chat",
+    rows = train_model(model, train_loader, cfg, device=device, dtype=dtype, kind="chat", run=run,
                        extra={"template": TEMPLATE_NAME, "method": "sft"},
-                       loss_fn=lambda m, b: calc_loss_batch(b[0], b[1], m, device), eval_fn=eval_fn)
+                       loss_fn=lambda m, b: calc_loss_batch(b[0], b[1], m, device), eval_fn=eval_fn,
+                       best_checkpoint=best_checkpoint_of(cfg))
+    if run.finished:
+        return {"rows": rows}
     train_time = time.time() - start
     model = finished_model(model, cfg)
     out_dir = cfg["out_dir"]
+    if cfg["full_eval"]:
+        rows[-1]["val_loss_full"] = evaluate_model(model, eval_train, val_loader, device, 0, dtype, True)[1]
     # every process calls save_model (FSDP gathers the shards), rank 0 writes
-    ckpt_path = save_model(os.path.join(out_dir, f"{name}-sft.pth"), model, kind="chat",
+    ckpt_path = save_model(output_path(cfg), model, kind="chat",
                            template=TEMPLATE_NAME, method="sft", step=rows[-1]["step"],
                            train_loss=rows[-1]["train_loss"], val_loss=rows[-1]["val_loss"])
     metrics = {"train_loss": rows[-1]["train_loss"], "val_loss": rows[-1]["val_loss"],
@@ -434,13 +454,13 @@ def run_sft(cfg, device, dtype):
     return {"rows": rows, "metrics": metrics, "checkpoint": ckpt_path, "model": model}
 
 
-def run_dpo(cfg, device, dtype):
+def run_dpo(cfg, device, dtype, run):
     if cfg["init"].endswith(".pth") and not os.path.isfile(cfg["init"]):
         raise UserError(f"no SFT checkpoint at {cfg['init']}: run `python finetune_chat.py` first, or pass "
                         f"--init PATH of one")
     path = resolve_data(cfg)
     train, test, val = split_data(load_preference_records(path), cfg)
-    policy, name = build_policy(cfg, device)
+    policy = build_policy(cfg, device)
     # the frozen reference, a copy of the policy as built; under --fsdp it is not sharded: whole on this device
     reference_params = count_parameters(policy)
     reference = None if cfg["dry_run"] else copy.deepcopy(policy).to(device).eval().requires_grad_(False)
@@ -464,18 +484,17 @@ def run_dpo(cfg, device, dtype):
                              trainable_params=count_parameters(policy, True), context_length=max_len)
     startup_line(cfg, device, dtype, policy, f"{len(train)} train / {len(test)} test / {len(val)} val preference "
                                              f"pairs from {path}, beta {cfg['beta']}")
-    check_out_dir(cfg["out_dir"])
 
     ref_cache = {split: {} for split in loaders}
 
-    def evaluate(m, splits=("train", "val", "test")):
-        """DPO scores per split: the first eval_iters batches of train, all of val and test."""
-        return {split: evaluate_dpo(m, reference, loaders[split], cfg["beta"], device,
-                                    cfg["eval_iters"] if split == "train" else None, dtype, ref_cache[split])
+    def evaluate(m, splits=("train", "val", "test"), num_batches=None):
+        """DPO scores per split, over the first num_batches batches of each (all when None)."""
+        return {split: evaluate_dpo(m, reference, loaders[split], cfg["beta"], device, num_batches, dtype,
+                                    ref_cache[split])
                 for split in splits if split in loaders}
 
     def eval_fn(m):
-        scores = evaluate(m, ("train", "val"))
+        scores = evaluate(m, ("train", "val"), cfg["eval_iters"])
         return {f"{split}_{k}": scores[split][k] for k in ("loss", "reward_margin", "reward_acc")
                 for split in ("train", "val")}
 
@@ -485,17 +504,18 @@ def run_dpo(cfg, device, dtype):
     print("before: " + ", ".join(f"{split} loss {v['loss']:.3f} margin {v['reward_margin']:.3f}"
                                  for split, v in before.items()))
     start = time.time()
-    rows = train_model(policy, train_loader, cfg, device=device, dtype=dtype, kind="chat",
+    rows = train_model(policy, train_loader, cfg, device=device, dtype=dtype, kind="chat", run=run,
                        extra={"template": TEMPLATE_NAME, "method": "dpo", "beta": cfg["beta"]},
                        loss_fn=lambda m, b: dpo_batch_loss(m, reference, b, cfg["beta"], device)[0],
-                       eval_fn=eval_fn)
+                       eval_fn=eval_fn, best_checkpoint=best_checkpoint_of(cfg, beta=cfg["beta"]))
+    if run.finished:
+        return {"rows": rows}
     train_time = time.time() - start
     after = evaluate(policy)
     policy = finished_model(policy, cfg)
     out_dir = cfg["out_dir"]
-    stem = re.sub(r"-sft$", "", name)
     # every process calls save_model (FSDP gathers the shards), rank 0 writes
-    ckpt_path = save_model(os.path.join(out_dir, f"{stem}-dpo.pth"), policy, kind="chat",
+    ckpt_path = save_model(output_path(cfg), policy, kind="chat",
                            template=TEMPLATE_NAME, method="dpo", beta=cfg["beta"], step=rows[-1]["step"],
                            val_loss=after["val"]["loss"], val_reward_margin=after["val"]["reward_margin"])
     metrics = {"before": before, "after": after, "beta": cfg["beta"], "train_seconds": round(train_time, 1)}
@@ -517,9 +537,11 @@ def main(argv=None):
     torch.manual_seed(cfg["seed"])
     device = setup_distributed(pick_device(cfg["device"]))  # under torchrun: join the group, take this GPU
     dtype = pick_dtype(cfg["dtype"], device)
-    if cfg["method"] == "dpo":
-        return run_dpo(cfg, device, dtype)
-    return run_sft(cfg, device, dtype)
+    outputs = [output_path(cfg)] + [os.path.join(cfg["out_dir"], name) for name in
+                                     ("metrics.json", "instruction-data-with-response.json")]
+    run_method = run_dpo if cfg["method"] == "dpo" else run_sft
+    with RunFolder(cfg, outputs, command_line(__file__, argv)) if not cfg["dry_run"] else nullcontext() as run:
+        return run_method(cfg, device, dtype, run)
 
 
 if __name__ == "__main__":

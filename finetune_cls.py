@@ -12,6 +12,7 @@ Without --csv or --train_csv the SMS Spam Collection is downloaded, balanced (ha
 messages) and split 70/10/20; every split made here is written to OUT_DIR as train.csv, validation.csv, test.csv.
 The classifier reads its answer off the last real token of each text (padding, id 50256, comes after it).
 """
+import contextlib
 import os
 import re
 import time
@@ -29,8 +30,8 @@ from layers import Int8Linear, add_lora, is_int8_state_dict, merge_lora, quantiz
 from model import GPTModel, checkpoint_dict, count_parameters, load_state, read_checkpoint
 from settings import (UserError, autocast, changed_settings, check_training, dtype_name, entry, get_config, note,
                       pick_device, pick_dtype, training_settings)
-from trainer import (build_model, check_out_dir, describe_distributed, is_main_process, local_main_first,
-                     plot_losses, print_dry_run, save_model, setup_distributed, train_model, world_size)
+from trainer import (RunFolder, build_model, command_line, describe_distributed, is_main_process, local_main_first,
+                     print_dry_run, save_model, setup_distributed, train_model, world_size)
 
 DEFAULTS = dict(
     csv="",                    # one labelled CSV, balanced and split 70/10/20 here; "" = the SMS Spam Collection
@@ -42,6 +43,7 @@ DEFAULTS = dict(
     balance=True,              # undersample every class to the smallest before splitting (the book's choice)
     out_dir="runs/cls",        # where split CSVs, checkpoints, metrics.json, log.csv and plots go
     checkpoint="",             # classifier that training writes and --predict reads; "" = OUT_DIR/spam_classifier.pth
+                               # for the SMS data, OUT_DIR/classifier.pth for a CSV
     init="gpt2",               # gpt2 | gpt2-medium | gpt2-large | gpt2-xl | scratch | PATH.pth | PATH.safetensors
     model="gpt2",              # architecture when init=scratch: gpt2 | gpt2-medium | gpt2-large | gpt2-xl
     emb_dim=0,                 # init=scratch only; 0 = the size of --model
@@ -68,7 +70,8 @@ DEFAULTS = dict(
     ),
 )
 
-CLASSIFIER = "spam_classifier.pth"
+CLASSIFIER = "spam_classifier.pth"  # trained on the SMS Spam Collection
+CSV_CLASSIFIER = "classifier.pth"   # trained on a CSV of the user's
 # what a classifier checkpoint stores beside the weights, so that it can be used alone
 CLS_KEYS = ("class_names", "max_length", "pad_id", "text_column", "label_column", "trainable", "lora", "step",
             "accuracy")
@@ -250,15 +253,14 @@ def load_splits(cfg):
     counts = Counter(label for _, label in rows)
     described = f"{len(rows)} texts from {source} ({', '.join(f'{n} {k}' for k, n in sorted(counts.items()))})"
     if cfg["balance"]:
+        rarest, n = min(counts.items(), key=lambda kv: (kv[1], kv[0]))
         rows = balance_classes(rows, cfg["seed"])
-        described += f", balanced to {min(counts.values())} per class"
+        described += f", balanced to {n} per class by the rarest class {rarest!r}"
+        if len(rows) < sum(counts.values()) / 2:
+            note(f"--balance keeps {len(rows)} of the {sum(counts.values())} texts ({n} per class, as many as the "
+                 f"rarest class {rarest!r} has): pass --balance false to train on all of them")
     splits = split_rows(rows, cfg["seed"])
-    written = [os.path.join(cfg["out_dir"], name) for name in ("train.csv", "validation.csv", "test.csv")]
-    if is_main_process() and not cfg["dry_run"]:
-        for path, part in zip(written, splits):
-            write_labelled_csv(path, part, tc, lc)
-    where = "(not written: --dry_run)" if cfg["dry_run"] else f"into {', '.join(written)}"
-    print(f"data: {described}; split {' / '.join(str(len(s)) for s in splits)} {where}")
+    print(f"data: {described}; split {' / '.join(str(len(s)) for s in splits)}")
     return splits
 
 
@@ -325,7 +327,7 @@ def main(argv=None):
     torch.manual_seed(cfg["seed"])
     device = setup_distributed(pick_device(cfg["device"]))  # under torchrun: join the group, take this GPU
     dtype = pick_dtype(cfg["dtype"], device)
-    checkpoint = cfg["checkpoint"] or os.path.join(cfg["out_dir"], CLASSIFIER)
+    checkpoint = cfg["checkpoint"] or default_checkpoint(cfg)
     if cfg["predict"] or cfg["predict_file"]:
         return run_predict(cfg, checkpoint, device, dtype)
     if cfg["evaluate"]:
@@ -334,7 +336,17 @@ def main(argv=None):
         return run_merge(checkpoint)
     if cfg["save_int8"]:
         return run_save_int8(checkpoint, cfg["save_int8"])
-    return run_training(cfg, checkpoint, device, dtype)
+    return run_training(cfg, checkpoint, device, dtype, command_line(__file__, argv))
+
+
+def default_checkpoint(cfg):
+    """OUT_DIR/classifier.pth for a CSV's classifier, OUT_DIR/spam_classifier.pth for the SMS data's; to predict or
+    evaluate without training, the one that exists."""
+    spam, csv = os.path.join(cfg["out_dir"], CLASSIFIER), os.path.join(cfg["out_dir"], CSV_CLASSIFIER)
+    if cfg["csv"] or cfg["train_csv"]:
+        return csv
+    trains = not any(cfg[k] for k in ("predict", "predict_file", "evaluate", "merge_lora", "save_int8"))
+    return spam if trains or os.path.exists(spam) or not os.path.exists(csv) else csv
 
 
 def run_predict(cfg, checkpoint, device, dtype):
@@ -398,11 +410,18 @@ def run_save_int8(checkpoint, out):
     return out
 
 
-def run_training(cfg, checkpoint, device, dtype):
-    out_dir = cfg["out_dir"]
-    if not cfg["dry_run"]:
-        check_out_dir(out_dir)
-    train_rows, val_rows, test_rows = load_splits(cfg)
+SPLITS = ("train.csv", "validation.csv", "test.csv")
+
+
+def run_training(cfg, checkpoint, device, dtype, command=""):
+    outputs = [checkpoint] + [os.path.join(cfg["out_dir"], name) for name in
+                              ("metrics.json", "accuracy-plot.png", *(SPLITS if not cfg["train_csv"] else ()))]
+    with RunFolder(cfg, outputs, command) if not cfg["dry_run"] else contextlib.nullcontext() as run:
+        return train_classifier(cfg, checkpoint, device, dtype, run)
+
+
+def train_classifier(cfg, checkpoint, device, dtype, run):
+    train_rows, val_rows, test_rows = splits = load_splits(cfg)
     class_names = check_two_classes(train_rows, "the training split")
 
     train_texts, train_labels = [t for t, _ in train_rows], label_ids(train_rows, class_names, "the training split")
@@ -444,9 +463,10 @@ def run_training(cfg, checkpoint, device, dtype):
           f"settings: {changed_settings(cfg, DEFAULTS)}")
 
     def eval_fn(m):
+        """Loss and accuracy on the first eval_iters batches of the training and validation splits."""
         train_loss, train_acc = loss_and_accuracy(*predict_loader(m, eval_loaders["train"], device,
                                                                   cfg["eval_iters"]))
-        val_loss, val_acc = loss_and_accuracy(*predict_loader(m, eval_loaders["val"], device))
+        val_loss, val_acc = loss_and_accuracy(*predict_loader(m, eval_loaders["val"], device, cfg["eval_iters"]))
         return {"train_loss": train_loss, "val_loss": val_loss, "train_acc": train_acc, "val_acc": val_acc}
 
     epochs = []
@@ -458,7 +478,7 @@ def run_training(cfg, checkpoint, device, dtype):
         m.train()
         epochs.append({"epoch": epoch, **{k: round(v, 5) for k, v in metrics.items()}})
         tqdm.write(f"epoch {epoch}: train loss {metrics['train_loss']:.3f}, val loss {metrics['val_loss']:.3f}, "
-               f"train acc {100 * metrics['train_acc']:.2f}%, val acc {100 * metrics['val_acc']:.2f}%")
+                   f"train acc {100 * metrics['train_acc']:.2f}%, val acc {100 * metrics['val_acc']:.2f}%")
 
     extra = {"class_names": class_names, "max_length": max_length, "pad_id": EOT_ID,
              "text_column": cfg["text_column"], "label_column": cfg["label_column"], "trainable": cfg["trainable"],
@@ -468,8 +488,12 @@ def run_training(cfg, checkpoint, device, dtype):
     rows = []
     if cfg["epochs"]:
         rows = train_model(model, train_loader, cfg, loss_fn=lambda m, b: calc_loss_batch(b, m, device),
-                           eval_fn=eval_fn, device=device, dtype=dtype, kind="cls", extra=extra,
-                           on_epoch_end=on_epoch_end)
+                           eval_fn=eval_fn, device=device, dtype=dtype, kind="cls", extra=extra, run=run,
+                           on_epoch_end=on_epoch_end, plots=(("loss-plot.png", ("train_loss", "val_loss"), "loss"),
+                                                             ("accuracy-plot.png", ("train_acc", "val_acc"), "accuracy")))
+        if run.finished:
+            return {}
+    run.started()  # --epochs 0 writes its metrics and splits too
     train_time = time.time() - start
 
     model.eval()
@@ -481,23 +505,21 @@ def run_training(cfg, checkpoint, device, dtype):
     summary = {"class_names": class_names, "max_length": max_length, "train_time_s": round(train_time, 1),
                "parameters": count_parameters(model), "trainable_parameters": count_parameters(model, True),
                "settings": cfg, "epochs": epochs, **results}
-    written = [os.path.join(out_dir, "metrics.json")]
+    written = [run.path("metrics.json")]
     if is_main_process():
         write_json(written[0], summary)
+        if not cfg["train_csv"]:  # the splits made here, for --evaluate and for a look
+            for name, part in zip(SPLITS, splits):
+                written.append(write_labelled_csv(run.path(name), part, cfg["text_column"], cfg["label_column"]))
     if not cfg["epochs"]:
-        print(f"no training (--epochs 0); wrote {written[0]}")
+        print(f"no training (--epochs 0); wrote {', '.join(written)}")
         return summary
     accuracy = {name: m["accuracy"] for name, m in results.items()}
     # every process calls save_model (FSDP gathers the shards), rank 0 writes
     written.insert(0, save_model(checkpoint, model, kind="cls", **extra, step=rows[-1]["step"] if rows else 0,
                                  accuracy=accuracy))
-    steps_per_epoch = len(train_loader) // world_size() // cfg["grad_accum_steps"]  # each process's share
-    plot = None
-    if is_main_process():
-        plot = plot_losses(rows, steps_per_epoch, os.path.join(out_dir, "accuracy-plot.png"),
-                           keys=("train_acc", "val_acc"), ylabel="accuracy")
-    written += [p for p in (os.path.join(out_dir, "log.csv"), os.path.join(out_dir, "loss-plot.png"), plot)
-                if p and os.path.exists(p)]
+    written += [p for p in (run.path("log.csv"), run.path("loss-plot.png"), run.path("accuracy-plot.png"))
+                if os.path.exists(p)]
     print(f"done in {train_time:.0f} s of training: accuracy train {100 * accuracy['train']:.2f}%, val "
           f"{100 * accuracy['val']:.2f}%, test {100 * accuracy['test']:.2f}%; wrote {', '.join(written)}")
     return summary

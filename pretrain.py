@@ -10,6 +10,7 @@ It follows the book's chapter 5 (gpt_train.py): load the text, split it, window 
 evaluation every few steps and a sample after each epoch, plot the losses. The loop itself is trainer.train_model,
 which the fine-tuning scripts share.
 """
+import contextlib
 import os
 import time
 
@@ -19,11 +20,11 @@ from tqdm import tqdm
 
 from data import DATA_FILES, create_dataloader_v1, fetch_data, get_tokenizer, load_text, text_to_token_ids, token_ids_to_text
 from model import MODEL_CONFIGS, count_parameters, generate
-from settings import (UserError, autocast, changed_settings, check_training, dtype_name, entry, get_config,
+from settings import (UserError, changed_settings, check_training, dtype_name, entry, get_config,
                       pick_device, pick_dtype, training_settings)
-from trainer import (TRAIN_STATE, build_model, calc_loss_batch, check_out_dir, describe_distributed, evaluate_model,
-                     local_main_first, model_config, print_dry_run, save_model, setup_distributed, train_model,
-                     world_size)
+from trainer import (TRAIN_STATE, RunFolder, build_model, calc_loss_batch, command_line, describe_distributed,
+                     evaluate_model, local_main_first, model_config, print_dry_run, save_model, setup_distributed,
+                     train_model, world_size)
 
 DEFAULTS = dict(
     data="the-verdict.txt",    # text file or folder of .txt files; the-verdict.txt is downloaded on first use
@@ -100,55 +101,64 @@ def main(argv=None):
     torch.manual_seed(cfg["seed"])
     device = setup_distributed(pick_device(cfg["device"]))  # under torchrun: join the group, take this GPU
     dtype = pick_dtype(cfg["dtype"], device)
-    out_dir = cfg["out_dir"]
-    with local_main_first():  # under torchrun one process per machine downloads, the others then find the file
-        text = load_text(resolve_data(cfg["data"]))
-    train_loader, val_loader = make_loaders(text, cfg)
-    if cfg["dry_run"]:
-        model_cfg = model_config(cfg) if cfg["init"] == "scratch" else build_model(cfg)[0].cfg
-        return print_dry_run(model_cfg, cfg, len(train_loader), dtype, device)
-    # with --fsdp the whole model stays in CPU memory; train_model moves only this process's shard to the GPU
-    model, _ = build_model(cfg, torch.device("cpu") if cfg["fsdp"] and world_size() > 1 else device)
-    if cfg["context_length"] > model.cfg["context_length"]:
-        raise UserError(f"--context_length {cfg['context_length']} exceeds the model's "
-                        f"{model.cfg['context_length']}: lower it")
-    print(f"device {device}, dtype {dtype_name(dtype)}, {count_parameters(model):,} parameters, "
-          f"{len(train_loader)} train / {len(val_loader)} val batches{describe_distributed(cfg)}; "
-          f"settings: {changed_settings(cfg, DEFAULTS)}")
+    trains = not (cfg["dry_run"] or cfg["epochs"] == 0)  # the other two only print
+    outputs = [os.path.join(cfg["out_dir"], "model.pth")]
+    with RunFolder(cfg, outputs, command_line(__file__, argv)) if trains else contextlib.nullcontext() as run:
+        with local_main_first():  # under torchrun one process per machine downloads, the others then find the file
+            text = load_text(resolve_data(cfg["data"]))
+        train_loader, val_loader = make_loaders(text, cfg)
+        if cfg["dry_run"]:
+            model_cfg = model_config(cfg) if cfg["init"] == "scratch" else build_model(cfg)[0].cfg
+            return print_dry_run(model_cfg, cfg, len(train_loader), dtype, device)
+        # with --fsdp the whole model stays in CPU memory; train_model moves only this process's shard to the GPU
+        model, _ = build_model(cfg, torch.device("cpu") if cfg["fsdp"] and world_size() > 1 else device)
+        if cfg["context_length"] > model.cfg["context_length"]:
+            raise UserError(f"--context_length {cfg['context_length']} exceeds the model's "
+                            f"{model.cfg['context_length']}: lower it")
+        print(f"device {device}, dtype {dtype_name(dtype)}, {count_parameters(model):,} parameters, "
+              f"{len(train_loader)} train / {len(val_loader)} val batches{describe_distributed(cfg)}; "
+              f"settings: {changed_settings(cfg, DEFAULTS)}")
+        if not trains:
+            train_loss, val_loss = evaluate_model(model, train_loader, val_loader, device, None, progress=True)
+            print(f"train loss {train_loss:.3f}, val loss {val_loss:.3f} (no training: --epochs 0)")
+            return {"train_loss": train_loss, "val_loss": val_loss}
+        return pretrain(model, train_loader, val_loader, cfg, device, dtype, run)
+
+
+def pretrain(model, train_loader, val_loader, cfg, device, dtype, run):
+    """The book's train_model_simple, through the shared loop: train, evaluate every eval_freq steps on the first
+    eval_iters batches of each split, print a sample after each epoch, then write model.pth."""
+    # the training loss is measured on the first eval_iters batches in file order, the same ones every time
+    eval_train = DataLoader(train_loader.dataset, cfg["batch_size"], shuffle=False, drop_last=True)
 
     def eval_fn(m):
         # in float32 whatever --dtype says (the default of evaluate_model): a few batches, so exact losses cost little
         # and runs in different dtypes report comparable numbers
-        train_loss, val_loss = evaluate_model(m, eval_train, val_loader, device, cfg["eval_iters"])
+        train_loss, val_loss = evaluate_model(m, eval_train, val_loader, device, cfg["eval_iters"], progress=True)
         return {"train_loss": train_loss, "val_loss": val_loss}
-
-    # training loss is measured on the first eval_iters batches in file order, the same ones every time
-    eval_train = DataLoader(train_loader.dataset, cfg["batch_size"], shuffle=False, drop_last=True)
-    if cfg["epochs"] == 0:
-        model.eval()
-        with autocast(device, dtype):
-            train_loss, val_loss = evaluate_model(model, train_loader, val_loader, device, None)
-        print(f"train loss {train_loss:.3f}, val loss {val_loss:.3f} (no training: --epochs 0)")
-        return {"train_loss": train_loss, "val_loss": val_loss}
-
-    check_out_dir(out_dir)
 
     def sample(m, epoch):
-        if cfg["sample_prompt"] and cfg["sample_tokens"]:
+        if cfg["sample_prompt"] and cfg["sample_tokens"] and not cfg["quiet"]:
             generate_and_print_sample(m, cfg["sample_prompt"], device, cfg["sample_tokens"], write=tqdm.write)
 
     start = time.time()
-    rows = train_model(model, train_loader, cfg, device=device, dtype=dtype, kind="pretrain",
+    rows = train_model(model, train_loader, cfg, device=device, dtype=dtype, kind="pretrain", run=run,
                        loss_fn=lambda m, b: calc_loss_batch(b[0], b[1], m, device), eval_fn=eval_fn,
                        on_epoch_end=sample)
-    path = save_model(os.path.join(out_dir, "model.pth"), model, kind="pretrain", step=rows[-1]["step"],
-                      train_loss=rows[-1]["train_loss"], val_loss=rows[-1]["val_loss"])
-    written = [path, os.path.join(out_dir, TRAIN_STATE), os.path.join(out_dir, "log.csv")]
-    if os.path.exists(os.path.join(out_dir, "loss-plot.png")):
-        written.append(os.path.join(out_dir, "loss-plot.png"))
-    print(f"done in {time.time() - start:.0f} s: train loss {rows[-1]['train_loss']:.3f}, val loss "
-          f"{rows[-1]['val_loss']:.3f}; wrote {', '.join(written)}")
-    return rows[-1]
+    if run.finished:
+        return rows[-1] if rows else {}
+    final = dict(rows[-1])
+    if cfg["full_eval"]:
+        final["val_loss_full"] = evaluate_model(model, eval_train, val_loader, device, None, progress=True)[1]
+        print(f"validation loss over the whole split: {final['val_loss_full']:.3f}")
+    path = save_model(run.path("model.pth"), model, kind="pretrain", step=final["step"],
+                      train_loss=final["train_loss"], val_loss=final["val_loss"])
+    written = [path, run.path(TRAIN_STATE), run.path("log.csv")]
+    if os.path.exists(run.path("loss-plot.png")):
+        written.append(run.path("loss-plot.png"))
+    print(f"done in {time.time() - start:.0f} s: train loss {final['train_loss']:.3f}, val loss "
+          f"{final['val_loss']:.3f}; wrote {', '.join(written)}")
+    return final
 
 
 if __name__ == "__main__":

@@ -95,7 +95,12 @@ TRAINING = dict(
     device="auto",             # auto | cpu | cuda | mps
     dtype="auto",              # auto | float32 | bfloat16 | float16 (auto: bf16 where the hardware has it, else fp32)
     compile=False,             # torch.compile the model (slow start, faster steps on GPUs)
-    resume=False,              # continue from OUT_DIR/model_and_optimizer.pth
+    resume=False,              # continue the run in OUT_DIR from its model_and_optimizer.pth
+    overwrite=False,           # start over in an OUT_DIR that holds an earlier run (its files go at the first step)
+    save_best=False,           # also keep OUT_DIR/best.pth: the model at its lowest validation loss
+    full_eval=False,           # after training, evaluate once more on the whole validation split
+    quiet=False,               # print only the evaluations and the summary: no progress bar or lines
+    logger="none",             # none | tensorboard | wandb: also log every evaluation there (needs that package)
     fsdp=False,                # under torchrun: shard weights, gradients and optimizer state (FSDP2); off = DDP
     dry_run=False,             # print parameters, estimated memory, tokens per step and steps per epoch, then exit
 )
@@ -215,6 +220,10 @@ def check_training(cfg):
         raise UserError(f"--train_ratio must be between 0 and 1, got {cfg['train_ratio']}")
     if cfg.get("lr_schedule", "constant") not in ("constant", "cosine"):
         raise UserError(f"--lr_schedule must be constant or cosine, got {cfg['lr_schedule']!r}")
+    if cfg.get("logger", "none") not in ("none", "tensorboard", "wandb"):
+        raise UserError(f"--logger must be none, tensorboard or wandb, got {cfg['logger']!r}")
+    if cfg.get("resume") and cfg.get("overwrite"):
+        raise UserError("--resume continues the earlier run and --overwrite replaces it: pass one of them")
 
 
 # ---------------------------------------------------------------------------------------------------------------

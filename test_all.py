@@ -486,7 +486,7 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(verdict, tmp_path, monkeyp
         return loss * float("nan") if calls["n"] == 4 else loss
 
     monkeypatch.setattr(pretrain, "calc_loss_batch", flaky)
-    with pytest.raises(settings.UserError, match="loss became nan at step 4.*last good checkpoint"):
+    with pytest.raises(settings.UserError, match="diverged at step 4: the loss is nan.*last good checkpoint"):
         pretrain.main(["--data", verdict, "--out_dir", str(out), "--save_every", "2", "--epochs", "1", *TINY_FLAGS])
     state = M.read_checkpoint(str(out / "model_and_optimizer.pth"))
     assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["model"].values())
@@ -1291,7 +1291,7 @@ def test_tiny_scratch_run_on_sms_beats_chance(tmp_path, monkeypatch):
 
 def test_predict_cli_prints_a_label(small_run, tmp_path):
     _, out = small_run
-    ckpt = os.path.join(out, "spam_classifier.pth")
+    ckpt = os.path.join(out, "classifier.pth")
     r = subprocess.run([sys.executable, os.path.join(HERE, "finetune_cls.py"), "--predict",
                         "You won a free cruise, call now!", "--checkpoint", ckpt, "--device", "cpu"],
                        env=ONE_THREAD, capture_output=True, text=True, timeout=120)
@@ -1316,7 +1316,7 @@ def test_evaluate_matches_training_metrics_and_rejects_unknown_labels(small_run,
 
 def test_int8_classifier_evaluates_predicts_and_saves_smaller(small_run, tmp_path, capsys):
     _, out = small_run
-    ckpt = os.path.join(out, "spam_classifier.pth")
+    ckpt = os.path.join(out, "classifier.pth")
     fp32 = finetune_cls.main(["--evaluate", "--out_dir", out, "--device", "cpu"])
     q = finetune_cls.main(["--evaluate", "--out_dir", out, "--device", "cpu", "--quantize", "int8"])
     assert "int8 weights" in capsys.readouterr().out
@@ -1346,7 +1346,7 @@ def test_non_classifier_checkpoints_are_refused(small_run, tmp_path):
     with pytest.raises(settings.UserError, match="no classifier at"):
         finetune_cls.main(["--predict", "hello", "--checkpoint", str(tmp_path / "none.pth")])
     with pytest.raises(settings.UserError, match="no LoRA adapters"):
-        finetune_cls.main(["--merge_lora", "--checkpoint", os.path.join(small_run[1], "spam_classifier.pth")])
+        finetune_cls.main(["--merge_lora", "--checkpoint", os.path.join(small_run[1], "classifier.pth")])
 
 
 def test_init_from_a_pretrain_checkpoint_keeps_frozen_weights(small_csv, tmp_path):
@@ -1355,7 +1355,7 @@ def test_init_from_a_pretrain_checkpoint_keeps_frozen_weights(small_csv, tmp_pat
     out = str(tmp_path / "run")
     finetune_cls.main(["--init", path, "--trainable", "last_block", "--csv", small_csv, "--max_length", "32",
                        "--max_steps", "2", "--out_dir", out, "--device", "cpu", "--eval_iters", "1"])
-    start, tuned = M.read_checkpoint(path)["model"], M.read_checkpoint(os.path.join(out, "spam_classifier.pth"))
+    start, tuned = M.read_checkpoint(path)["model"], M.read_checkpoint(os.path.join(out, "classifier.pth"))
     assert torch.equal(start["tok_emb.weight"], tuned["model"]["tok_emb.weight"])
     assert torch.equal(start["trf_blocks.0.att.W_query.weight"], tuned["model"]["trf_blocks.0.att.W_query.weight"])
     assert not torch.equal(start["trf_blocks.1.att.W_query.weight"], tuned["model"]["trf_blocks.1.att.W_query.weight"])
@@ -1371,8 +1371,8 @@ def test_resume_equals_an_uninterrupted_run(small_csv, tmp_path):
     parts = str(tmp_path / "parts")
     finetune_cls.main(flags + ["--out_dir", parts, "--max_steps", "3"])
     finetune_cls.main(flags + ["--out_dir", parts, "--resume"])
-    a = M.read_checkpoint(os.path.join(whole, "spam_classifier.pth"))
-    b = M.read_checkpoint(os.path.join(parts, "spam_classifier.pth"))
+    a = M.read_checkpoint(os.path.join(whole, "classifier.pth"))
+    b = M.read_checkpoint(os.path.join(parts, "classifier.pth"))
     assert a["step"] == b["step"] == 10  # 42 training texts, batch 8 -> 5 steps per epoch
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
@@ -1383,7 +1383,7 @@ def test_lora_training_and_merge_lora_cli(small_csv, tmp_path):
     summary = finetune_cls.main(CLS_TINY_FLAGS + ["--csv", small_csv, "--trainable", "lora", "--lora_rank", "4",
                                               "--max_steps", "3", "--lr", "1e-2", "--out_dir", out])
     assert summary["trainable_parameters"] < summary["parameters"] / 10
-    path = os.path.join(out, "spam_classifier.pth")
+    path = os.path.join(out, "classifier.pth")
     ckpt = M.read_checkpoint(path)
     assert ckpt["lora"] == {"rank": 4, "alpha": 16.0} and any(k.endswith(".B") for k in ckpt["model"])
     merged_path = finetune_cls.main(["--merge_lora", "--checkpoint", path])
@@ -1418,16 +1418,18 @@ def test_ready_made_splits_with_three_classes_and_custom_columns(tmp_path, capsy
     assert summary["class_names"] == ["food", "sport", "tech"]
     assert len(summary["test"]["confusion"]) == 3 and summary["test"]["examples"] == 7
     assert "1 of 7 texts in the test split are longer than 8 tokens" in capsys.readouterr().err
-    ckpt = M.read_checkpoint(os.path.join(out, "spam_classifier.pth"))
+    ckpt = M.read_checkpoint(os.path.join(out, "classifier.pth"))
     assert ckpt["class_names"] == ["food", "sport", "tech"] and ckpt["label_column"] == "category"
     with pytest.raises(settings.UserError, match="exceeds the model's context_length 16"):
         finetune_cls.main(CLS_TINY_FLAGS + ["--train_csv", paths[0], "--val_csv", paths[1], "--test_csv",
                                         paths[2], "--text_column", "sentence", "--label_column", "category",
-                                        "--max_length", "64", "--context_length", "16", "--out_dir", out])
+                                        "--max_length", "64", "--context_length", "16", "--out_dir", out,
+                                        "--overwrite"])
     bad_val = write_csv(tmp_path / "bad_val.csv", [("music", "guitar")], header)
     with pytest.raises(settings.UserError, match="'music'"):
         finetune_cls.main(CLS_TINY_FLAGS + ["--train_csv", paths[0], "--val_csv", bad_val, "--test_csv", paths[2],
-                                        "--text_column", "sentence", "--label_column", "category", "--out_dir", out])
+                                        "--text_column", "sentence", "--label_column", "category", "--out_dir", out,
+                                        "--overwrite"])
 
 
 @pytest.mark.parametrize("argv", [["--trainable", "some"], ["--trainable", "last_n:0"], ["--epocs", "1"],
@@ -2468,8 +2470,8 @@ def test_cls_two_processes_equal_one_process(tmp_path):
     torch.multiprocessing.start_processes(fdist_worker, args=(2, fdist_free_port(), runs, log), nprocs=2, join=True,
                                           start_method="fork")
 
-    w1 = read_checkpoint(str(one / finetune_cls.CLASSIFIER))["model"]
-    w2 = read_checkpoint(str(two / finetune_cls.CLASSIFIER))["model"]
+    w1 = read_checkpoint(str(one / finetune_cls.CSV_CLASSIFIER))["model"]
+    w2 = read_checkpoint(str(two / finetune_cls.CSV_CLASSIFIER))["model"]
     assert w1.keys() == w2.keys()
     # 3 Adam steps move weights by ~5e-4; unaveraged gradients would leave the processes' copies that far apart.
     # Rounding (batches cut to different lengths, sums in another order) stays near 3e-6 at this lr (Adam
@@ -2660,7 +2662,7 @@ def test_finetune_cls_survives_kills_and_matches_an_uninterrupted_run(tmp_path, 
                              str(tmp_path / "run.log"), tmp_path)
     assert ref.wait(timeout=300) == 0, (tmp_path / "ref.log").read_text()[-2000:]
     assert len(events) == len(plan), events
-    ref_ckpt, run_ckpt = tmp_path / "ref" / "spam_classifier.pth", tmp_path / "run" / "spam_classifier.pth"
+    ref_ckpt, run_ckpt = tmp_path / "ref" / "classifier.pth", tmp_path / "run" / "classifier.pth"
     assert max_weight_diff(ref_ckpt, run_ckpt) <= 1e-6
     ref_m, run_m = (json.load(open(tmp_path / d / "metrics.json")) for d in ("ref", "run"))
     scores = ["train", "val", "test"]
@@ -2691,7 +2693,11 @@ def assert_disk_full_keeps_the_checkpoint(folder, cmd, cwd):
     lines = [ln[ln.index("error:"):] for ln in r.stderr.replace("\r", "\n").splitlines() if "error:" in ln]
     assert "Traceback" not in r.stderr and len(lines) == 1, r.stderr[-2000:]
     assert "could not write" in lines[0] and STATE in lines[0] and "free disk space" in lines[0]
-    assert tree_hashes(folder) == before  # nothing changed, no .tmp left behind
+    after = tree_hashes(folder)
+    settings = json.load(open(os.path.join(folder, "settings.json")))
+    assert settings["resumed"] and settings["settings"]["resume"] is False  # the resume is recorded, the start kept
+    after.pop("settings.json"), before.pop("settings.json")
+    assert after == before  # nothing else changed, no .tmp left behind
     assert M.read_checkpoint(os.path.join(folder, STATE))["step"] == step
     M.load_model(os.path.join(folder, "model.pth"))
 
@@ -2963,6 +2969,9 @@ def test_bad_input_table(tmp_path):
     make_bad_inputs(w)
     cases = bad_input_cases()
     assert len(cases) >= 60
+    # the cases run three at a time: each new run gets a folder of its own (one folder holds one run at a time)
+    cases = [(s, [f"{a}-{i}" if a.startswith("runs/new") else a for a in args], words)
+             for i, (s, args, words) in enumerate(cases)]
     before = tree_hashes(w)
     results = run_cases([(s, a) for s, a, _ in cases], w, tmp_path)
     problems = []

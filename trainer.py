@@ -1,36 +1,45 @@
 """The training machinery the training scripts share (no user runs this file): losses and evaluation, the
-optimizer and its schedule, the training loop with checkpoints, resume and signals, several processes (DDP or
-FSDP2 under torchrun), and the --dry_run memory estimate.
+optimizer and its schedule, the run folder (one run at a time, settings.json, logs, plots, the best checkpoint),
+the training loop with resumable checkpoints, signals and a divergence guard, several processes (DDP or FSDP2
+under torchrun), and the --dry_run memory estimate.
 
-    from trainer import train_model, calc_loss_batch
-    rows = train_model(model, train_loader, cfg, device=device, loss_fn=lambda m, b: calc_loss_batch(*b, m, device),
-                       eval_fn=lambda m: {"val_loss": ...})
+    from trainer import RunFolder, calc_loss_batch, train_model
+    with RunFolder(cfg, outputs=["model.pth"]) as run:
+        rows = train_model(model, train_loader, cfg, run=run, device=device, eval_fn=...,
+                           loss_fn=lambda m, batch: calc_loss_batch(*batch, m, device))
 """
 import atexit
 import contextlib
 import csv
-import io
+import datetime
+import fcntl
+import json
 import math
 import os
+import platform
+import shlex
 import signal
 import sys
 import time
 
+import tiktoken
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler, SequentialSampler
+from torch.utils.data import RandomSampler, SequentialSampler, default_collate
 from tqdm import tqdm
 
-from data import atomic_write, save_pth, text_to_token_ids, token_ids_to_text
+from data import atomic_write, remove_stale_tmp, save_pth, write_json
 from load_gpt2 import init_model
 from model import MODEL_CONFIGS, GPTModel, checkpoint_dict, clean_state_dict, count_parameters, load_state, read_checkpoint
 from settings import UserError, autocast, keep_freed_memory
 
-TRAIN_STATE = "model_and_optimizer.pth"
+TRAIN_STATE = "model_and_optimizer.pth"  # everything --resume needs
+BEST = "best.pth"                        # the model at its lowest validation loss (--save_best)
+RUN_FILES = (TRAIN_STATE, BEST, "log.csv", "loss-plot.png", "settings.json")
 
 # ---------------------------------------------------------------------------------------------------------------
 # Losses and evaluation (the book's chapter 5 functions)
@@ -44,39 +53,37 @@ def calc_loss_batch(input_batch, target_batch, model, device):
 
 
 @torch.no_grad()
-def calc_loss_loader(data_loader, model, device, num_batches=None, dtype=torch.float32):
-    """Average batch loss over the first num_batches batches (all when None); nan for an empty loader."""
+def calc_loss_loader(data_loader, model, device, num_batches=None, dtype=torch.float32, progress=False):
+    """Average batch loss over the first num_batches batches (all when None); nan for an empty loader.
+    progress=True shows a bar of its own (on a terminal) while it runs."""
     n = len(data_loader) if num_batches is None else min(num_batches, len(data_loader))
     if n == 0:
         return float("nan")
     total = 0.0
-    for i, (x, y) in enumerate(data_loader):
+    batches = tqdm(data_loader, total=n, desc="evaluating", unit="batch", leave=False,
+                   disable=not (progress and n > 1 and sys.stderr.isatty()))
+    for i, (x, y) in enumerate(batches):
         if i >= n:
             break
         with autocast(torch.device(device), dtype):
             total += calc_loss_batch(x, y, model, device).item()
+    batches.close()
     return total / n
 
 
-def evaluate_model(model, train_loader, val_loader, device, eval_iter, dtype=torch.float32):
-    """(train_loss, val_loss) in eval mode; the model goes back to training mode afterwards."""
+def evaluate_model(model, train_loader, val_loader, device, eval_iter, dtype=torch.float32, progress=False):
+    """(train_loss, val_loss) over the first eval_iter batches of each (all when None), in eval mode; the model
+    goes back to training mode afterwards."""
     was_training = model.training
     model.eval()
-    train_loss = calc_loss_loader(train_loader, model, device, eval_iter, dtype)
-    val_loss = calc_loss_loader(val_loader, model, device, None, dtype)
+    train_loss = calc_loss_loader(train_loader, model, device, eval_iter, dtype, progress)
+    val_loss = calc_loss_loader(val_loader, model, device, eval_iter, dtype, progress)
     model.train(was_training)
     return train_loss, val_loss
 
 
-def generate_and_print_sample(model, start_context, device, max_new_tokens=50, write=print):
-    """Greedy continuation of start_context, printed on one line."""
-    idx = text_to_token_ids(start_context).to(device)
-    out = generate(model, idx, max_new_tokens, context_size=model.cfg["context_length"])
-    write(token_ids_to_text(out).replace("\n", " "))
-
-
 # ---------------------------------------------------------------------------------------------------------------
-# The training loop, shared by the fine-tuning scripts
+# Optimizer, schedule, random state
 # ---------------------------------------------------------------------------------------------------------------
 
 def lr_at_step(step, total_steps, lr, schedule="constant", warmup_steps=0, min_lr=0.0):
@@ -111,16 +118,131 @@ def set_rng_state(state, device):
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def check_out_dir(out_dir):
-    """Create out_dir or say why it cannot be used."""
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise UserError(f"--out_dir {out_dir} is a file: pass a folder")
+# ---------------------------------------------------------------------------------------------------------------
+# The run folder: one run at a time, nothing changed before the first step, settings, logs and plots
+# ---------------------------------------------------------------------------------------------------------------
+
+def command_line(script, argv):
+    """The command that started this run, as a shell would show it."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    return " ".join(shlex.quote(str(a)) for a in ["python", os.path.basename(script), *args])
+
+
+class RunFolder:
+    """A training run's out_dir, held from the checks before any work until the last file is written.
+
+    On entry it refuses an out_dir that is a file, an output path that is a folder, and a folder that already
+    holds a run unless --resume (continue it) or --overwrite (start over) is given; it takes an advisory lock (the
+    OS drops it when the process dies, so a killed run blocks nothing) and deletes the temporary files of killed
+    writes. Nothing is written until the first training step is done (started()): then settings.json appears
+    and, with --overwrite, the earlier run's files go. A run that stops before that leaves the folder as it was.
+    Under torchrun only rank 0 touches the folder.
+
+    outputs: the paths of the files the script writes besides RUN_FILES in out_dir.
+    """
+
+    def __init__(self, cfg, outputs=(), command=""):
+        self.cfg, self.out_dir, self.command = cfg, cfg["out_dir"], command
+        self.outputs = [os.path.join(self.out_dir, name) for name in RUN_FILES] + list(outputs)
+        self.finished = False  # set by train_model when --resume finds nothing left to do
+        self.is_started = False
+        self.logger = None
+        self._lock = None
+        self._created = False
+
+    def path(self, name):
+        return os.path.join(self.out_dir, name)
+
+    def __enter__(self):
+        if not is_main_process():
+            return self
+        out_dir = self.out_dir
+        if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+            raise UserError(f"--out_dir {out_dir} is a file: pass a folder")
+        for path in self.outputs:
+            if os.path.isdir(path):
+                raise UserError(f"{path} is a folder where the run writes a file: move it away or pass another "
+                                f"--out_dir")
+            check_parent(path)
+        self.logger = open_logger(self.cfg.get("logger", "none"), out_dir, self.cfg)  # a missing package fails now
+        self._created = not os.path.exists(out_dir)
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+            self._lock = open(self.path(".lock"), "a+")
+        except OSError as e:
+            raise UserError(f"cannot use --out_dir {out_dir} ({e.strerror}): pass a folder you can write to") from None
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lock.seek(0)
+            other = self._lock.read().strip() or "another process"
+            self._lock.close()
+            self._lock = None
+            raise UserError(f"{out_dir} is in use by another run ({other}): wait for it to finish, or pass another "
+                            f"--out_dir") from None
+        self._lock.seek(0)
+        self._lock.truncate()
+        self._lock.write(f"PID {os.getpid()} on {platform.node()}")
+        self._lock.flush()
+        remove_stale_tmp(out_dir)
+        held = [os.path.basename(p) for p in self.outputs if os.path.isfile(p)]
+        if held and not (self.cfg.get("resume") or self.cfg.get("overwrite")):
+            self.__exit__(None, None, None)
+            raise UserError(f"{out_dir} already holds a run ({', '.join(held[:3])}): pass --resume to continue it, "
+                            f"--overwrite to start over, or another --out_dir")
+        return self
+
+    def started(self):
+        """The first step is done: drop the earlier run's files (with --overwrite) and write settings.json."""
+        if self.is_started:
+            return
+        self.is_started = True
+        if not is_main_process():
+            return
+        if self.cfg.get("overwrite") and not self.cfg.get("resume"):
+            for path in self.outputs:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
+        start = {"command": self.command, "settings": self.cfg, "processes": world_size(),
+                 "time": datetime.datetime.now().isoformat(" ", "seconds"), "torch": torch.__version__,
+                 "tiktoken": tiktoken.__version__, "python": platform.python_version()}
+        path = self.path("settings.json")
+        earlier = _read_json(path) if self.cfg.get("resume") else None
+        if isinstance(earlier, dict) and "settings" in earlier:  # a resume: keep how the run began, add this start
+            write_json(path, {**earlier, "resumed": [*earlier.get("resumed", []), start]})
+        else:
+            write_json(path, start)
+
+    def __exit__(self, *exc):
+        if self.logger is not None:
+            self.logger.close()
+            self.logger = None
+        if self._lock is not None:
+            with contextlib.suppress(OSError):
+                os.remove(self.path(".lock"))
+            self._lock.close()  # closing the file drops the lock
+            self._lock = None
+            if self._created and not self.is_started:
+                with contextlib.suppress(OSError):
+                    os.rmdir(self.out_dir)  # only when still empty
+        return False
+
+
+def _read_json(path):
     try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create --out_dir {out_dir} ({e.strerror}): pass a writable folder") from None
-    if not os.access(out_dir, os.W_OK | os.X_OK):
-        raise UserError(f"--out_dir {out_dir} is not writable: pass a writable folder")
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def check_parent(path):
+    """Refuse a path below a regular file (e.g. --out afile/x.pth) before any work starts."""
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UserError(f"{path}: {parent} is a file, not a folder: choose another path")
 
 
 def write_log(path, rows):
@@ -161,9 +283,84 @@ def plot_losses(rows, steps_per_epoch, path, keys=("train_loss", "val_loss"), yl
         ax2.plot([r["tokens_seen"] for r in rows], [r[keys[0]] for r in rows], alpha=0)
         ax2.set_xlabel("tokens seen")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda f: fig.savefig(f, dpi=120, format="png"))
     plt.close(fig)
     return path
+
+
+class open_logger:
+    """--logger tensorboard | wandb: every logged row also goes there. Neither package is required; asking for
+    one that is not installed is an error before any work starts. Returns None for --logger none."""
+
+    def __new__(cls, name, out_dir, cfg):
+        return None if name in ("", "none") else super().__new__(cls)
+
+    def __init__(self, name, out_dir, cfg):
+        self.name = name
+        try:  # optional dependencies
+            if name == "tensorboard":
+                from torch.utils.tensorboard import SummaryWriter
+                self.writer = SummaryWriter(os.path.join(out_dir, "tensorboard"))
+            elif name == "wandb":
+                import wandb
+                self.writer = wandb.init(project="gpt2-from-scratch", dir=out_dir, config=cfg,
+                                         name=os.path.basename(os.path.abspath(out_dir)))
+            else:
+                raise UserError(f"--logger must be none, tensorboard or wandb, got {name!r}")
+        except ImportError:
+            raise UserError(f"--logger {name} needs the {name} package: pip install {name}, or drop --logger") from None
+
+    def log(self, row):
+        numbers = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
+        if self.name == "tensorboard":
+            for k, v in numbers.items():
+                self.writer.add_scalar(k, v, row["step"])
+            self.writer.flush()
+        else:
+            self.writer.log(numbers, step=row["step"])
+
+    def close(self):
+        (self.writer.close if self.name == "tensorboard" else self.writer.finish)()
+
+
+class Progress:
+    """The step counter: a tqdm bar on a terminal; where stderr is a file or a pipe, a plain line at every tenth of
+    the run or once a minute; nothing with --quiet. Time spent evaluating counts neither in tokens/s nor in the
+    time left."""
+
+    def __init__(self, total, initial, quiet):
+        shown = not quiet and is_main_process()
+        self.bar = (tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, leave=False)
+                    if shown and sys.stderr.isatty() else None)
+        self.plain = shown and self.bar is None
+        self.total, self.every, self.last_line = total, max(1, total // 10), time.time()
+        self.tokens, self.seconds, self.steps = 0, 0.0, 0
+
+    def add(self, tokens, seconds):
+        self.tokens, self.seconds, self.steps = self.tokens + tokens, self.seconds + seconds, self.steps + 1
+
+    def tokens_per_s(self):
+        return self.tokens / max(self.seconds, 1e-9)
+
+    def update(self, step, loss, lr):
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{self.tokens_per_s():.0f}")
+        elif self.plain and (step % self.every == 0 or step == self.total or time.time() - self.last_line >= 60):
+            left = (self.total - step) * self.seconds / max(self.steps, 1)
+            print(f"step {step}/{self.total}: loss {loss:.3f}, lr {lr:.2e}, {self.tokens_per_s():.0f} tokens/s, "
+                  f"{datetime.timedelta(seconds=round(left))} left", file=sys.stderr, flush=True)
+            self.last_line = time.time()
+
+    def resume_clock(self):
+        """After an evaluation or a sample: the bar's rate and time left leave out the time they took."""
+        if self.bar is not None:
+            self.bar.unpause()
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 class _StopRequest:
@@ -291,23 +488,6 @@ def _grad_sync(step_model, last):
     return step_model.no_sync()
 
 
-def shard_loader(loader, seed):
-    """This process's share of a training DataLoader: a DistributedSampler over the same dataset.
-
-    With seed * 1000 + epoch, the sampler draws the permutation that a one-process run draws for that epoch and
-    deals it out in turn, so N processes with batch b see, step by step, the samples one process sees with batch
-    N * b. A few windows at the end (fewer than N) are dropped so that every process takes the same number of steps.
-    """
-    if type(loader.batch_sampler) is not BatchSampler or not isinstance(loader.sampler,
-                                                                         (RandomSampler, SequentialSampler)):
-        raise UserError("the training loader uses its own sampler, which cannot be split between processes: "
-                        "run with one process")
-    sampler = DistributedSampler(loader.dataset, shuffle=isinstance(loader.sampler, RandomSampler),
-                                 seed=seed * 1000, drop_last=True)
-    return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler, drop_last=loader.drop_last,
-                      collate_fn=loader.collate_fn, num_workers=loader.num_workers, pin_memory=loader.pin_memory)
-
-
 def shard_model(model, device):
     """FSDP2 in place: each transformer block, and the rest (embeddings, final norm, output layer) as one more group,
     keeps only 1/N of its parameters, gradients and optimizer state per process and gathers the full weights just
@@ -373,29 +553,77 @@ def _rng_states_of_all(device):
     return states
 
 
-def train_model(model, train_loader, cfg, *, loss_fn, eval_fn, device, dtype=torch.float32, kind="pretrain",
-                extra=None, on_epoch_end=None, optimizer=None, write=None):
-    """Train `model` on train_loader for cfg['epochs'] (or cfg['max_steps']) optimizer steps.
+# ---------------------------------------------------------------------------------------------------------------
+# Batches: each process's share of each epoch, from any position, without a list of every index
+# ---------------------------------------------------------------------------------------------------------------
 
-    loss_fn(model, batch) -> scalar loss; eval_fn(model) -> dict of metrics (logged every cfg['eval_freq'] steps
-    and at the end). cfg also needs: out_dir, lr, weight_decay, lr_schedule, warmup_steps, min_lr, grad_clip,
-    grad_accum_steps, seed, resume, save_every, compile. Writes out_dir/model_and_optimizer.pth (resumable),
-    out_dir/log.csv, out_dir/loss-plot.png; returns the logged rows. `extra` is stored in every checkpoint.
+def epoch_indices(n, shuffle, seed, epoch, rank=0, world=1):
+    """This process's dataset indices for one epoch: a permutation drawn from (seed, epoch) when shuffling (a
+    tensor, the one a DataLoader with a seeded RandomSampler draws), else range(n) (lazy: a corpus of 10^9 windows
+    costs nothing here); dealt out in turn to `world` processes, the last few (fewer than world) dropped so that
+    every process gets as many."""
+    per = n // world
+    if not shuffle:
+        return range(rank, per * world, world)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+    return order[rank:per * world:world]
+
+
+def loader_batches(loader, epoch, start, seed, rank=0, world=1):
+    """Batches start, start + 1, ... of `epoch` for one process, read from loader's dataset as the DataLoader would
+    (its batch_size, drop_last and collate_fn; shuffled when its sampler is a RandomSampler), without reading the
+    batches before start: a resumed run continues at the exact next window at once."""
+    if not isinstance(loader.sampler, (RandomSampler, SequentialSampler)) or loader.batch_size is None:
+        raise UserError("the training loader has its own sampler: give train_model a DataLoader with batch_size and "
+                        "shuffle")
+    indices = epoch_indices(len(loader.dataset), isinstance(loader.sampler, RandomSampler), seed, epoch, rank, world)
+    collate = loader.collate_fn or default_collate
+    bs = loader.batch_size
+    for b in range(start, batches_per_epoch(loader, world)):
+        chunk = indices[b * bs:(b + 1) * bs]
+        yield collate([loader.dataset[i] for i in (chunk.tolist() if torch.is_tensor(chunk) else chunk)])
+
+
+def batches_per_epoch(loader, world=1):
+    """Batches in one process's share of an epoch."""
+    n = len(loader.dataset) // world
+    return n // loader.batch_size if loader.drop_last else -(-n // loader.batch_size)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The training loop
+# ---------------------------------------------------------------------------------------------------------------
+
+def train_model(model, train_loader, cfg, *, loss_fn, eval_fn, device, dtype=torch.float32, kind="pretrain",
+                extra=None, run=None, on_epoch_end=None, optimizer=None, write=None,
+                plots=(("loss-plot.png", ("train_loss", "val_loss"), "loss"),), best_checkpoint=None):
+    """Train `model` on train_loader for cfg['epochs'] (or cfg['max_steps']) optimizer steps; returns the logged rows.
+
+    loss_fn(model, batch) -> scalar loss; eval_fn(model) -> dict of metrics, logged every cfg['eval_freq'] steps
+    and at the end to log.csv, the plots (file name, metric keys, y label) and --logger. cfg also needs out_dir,
+    lr, weight_decay, grad_accum_steps, seed and epochs, and may set the other training settings (settings.TRAINING).
+    `run` is the script's RunFolder (one is opened for the call when None). Writes the resumable
+    model_and_optimizer.pth at --save_every steps, on Ctrl-C/SIGTERM and at the end; `extra` goes into every
+    checkpoint. With --save_best, best.pth holds best_checkpoint(model) (default: the model's checkpoint dict) at
+    the lowest val_loss. A loss, gradient norm or weight that is not finite stops the run with one line before
+    anything is saved. With --resume on a finished run nothing happens: run.finished is set.
 
     Under torchrun (after setup_distributed) every process runs this with the same arguments: each trains on its
     own share of train_loader, gradients are averaged by DDP (or reduce-scattered by FSDP2 with cfg['fsdp']),
     eval_fn and on_epoch_end run in every process on the whole data, and only rank 0 writes files. loss_fn then
     gets the DDP wrapper, which can only be called; eval_fn gets the model itself.
     """
-    write = write or tqdm.write
-    out_dir = cfg["out_dir"]
-    state_path = os.path.join(out_dir, TRAIN_STATE)
-    if is_main_process() and os.path.isdir(out_dir):  # half-written saves of a run that was killed mid-write
-        for name in os.listdir(out_dir):
-            if name.endswith(".tmp") and name.startswith(TRAIN_STATE + "."):
-                os.remove(os.path.join(out_dir, name))
+    with contextlib.ExitStack() as stack:
+        run = run or stack.enter_context(RunFolder(cfg))
+        return _train(model, train_loader, cfg, loss_fn, eval_fn, device, dtype, kind, extra or {}, run,
+                      on_epoch_end, optimizer, write or tqdm.write, plots, best_checkpoint)
+
+
+def _train(model, train_loader, cfg, loss_fn, eval_fn, device, dtype, kind, extra, run, on_epoch_end, optimizer,
+           write, plots, best_checkpoint):
+    state_path = run.path(TRAIN_STATE)
     accum = cfg.get("grad_accum_steps", 1)
-    world, fsdp = world_size(), bool(cfg.get("fsdp"))
+    world, rank, fsdp = world_size(), process_rank(), bool(cfg.get("fsdp"))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _distributed():
         raise RuntimeError("started by torchrun, but the script did not call setup_distributed() before training")
     if fsdp and world == 1:
@@ -405,53 +633,67 @@ def train_model(model, train_loader, cfg, *, loss_fn, eval_fn, device, dtype=tor
         raise UserError("--fsdp with float16 is not supported (no sharded gradient scaler): use --dtype bfloat16")
     if fsdp and optimizer is not None:
         raise ValueError("with fsdp, train_model builds the optimizer after sharding the model: pass optimizer=None")
-    if world > 1:
-        train_loader = shard_loader(train_loader, cfg["seed"])
-    if device.type == "cpu":
-        keep_freed_memory()  # every step re-allocates the same big buffers: reuse them instead of page-faulting anew
-    steps_per_epoch = len(train_loader) // accum
+    per_epoch = batches_per_epoch(train_loader, world)
+    steps_per_epoch = per_epoch // accum
     if steps_per_epoch == 0:
-        raise UserError(f"the training data gives {len(train_loader)} batches, fewer than one optimizer step "
+        raise UserError(f"the training data gives {per_epoch} batches, fewer than one optimizer step "
                         f"({accum} micro-batches): add data or lower --batch_size / --grad_accum_steps")
     total_steps = cfg["epochs"] * steps_per_epoch
     if cfg.get("max_steps"):
         total_steps = min(total_steps, cfg["max_steps"])
+
+    step, epoch, batch_pos, tokens_seen, rows, ckpt = 0, 0, 0, 0, [], None
+    if cfg.get("resume"):
+        ckpt = read_train_state(state_path, world, fsdp)
+        step, epoch, batch_pos = ckpt["step"], ckpt["epoch"], ckpt["batch_pos"]
+        tokens_seen, rows = ckpt["tokens_seen"], list(ckpt.get("log", []))
+        if step >= total_steps:
+            run.finished = True
+            write(f"{cfg['out_dir']}: the run already finished at step {step} (of {total_steps}): nothing to do; "
+                  f"raise --epochs or --max_steps to train further")
+            return rows
+    if device.type == "cpu":
+        keep_freed_memory()  # every step re-allocates the same big buffers: reuse them instead of page-faulting anew
     if fsdp:
         shard_model(model, device)  # before the optimizer, which must hold the sharded parameters
     optimizer = optimizer or make_optimizer(model, cfg["lr"], cfg["weight_decay"], device)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype is torch.float16)
     fwd_model = torch.compile(model) if cfg.get("compile") else model
-
-    step, epoch, batch_pos, tokens_seen, rows = 0, 0, 0, 0, []
-    if cfg.get("resume"):
-        if not os.path.exists(state_path):
-            raise UserError(f"--resume: no {state_path} to continue from; run without --resume to start")
-        ckpt = read_checkpoint(state_path)
-        if "optimizer" not in ckpt:
-            raise UserError(f"{state_path} holds no optimizer state, so it cannot be resumed")
-        saved_world, saved_fsdp = ckpt.get("world_size", 1), bool(ckpt.get("fsdp", False))
-        if (saved_world, saved_fsdp) != (world, fsdp):
-            raise UserError(f"{state_path} was written by {_processes(saved_world, saved_fsdp)}, this run has "
-                            f"{_processes(world, fsdp)}: resume the same way (data order and steps depend on it)")
+    saved_step = None  # the step of the last checkpoint that --resume can continue from
+    if ckpt is not None:
         if fsdp:
             _load_fsdp_train_state(model, optimizer, ckpt)
         else:
             load_state(model, ckpt["model"], state_path)
             optimizer.load_state_dict(ckpt["optimizer"])
-        step, epoch, batch_pos = ckpt["step"], ckpt["epoch"], ckpt["batch_pos"]
-        tokens_seen, rows = ckpt["tokens_seen"], list(ckpt.get("log", []))
-        set_rng_state(ckpt["rng_per_process"][process_rank()] if world > 1 else ckpt["rng"], device)
+        set_rng_state(ckpt["rng_per_process"][rank] if world > 1 else ckpt["rng"], device)
+        saved_step = step
         write(f"resumed from {state_path} at step {step} (epoch {epoch + 1}, batch {batch_pos})")
     elif world > 1:
-        torch.manual_seed(cfg["seed"] + 1 + process_rank())  # same initial weights, own dropout masks per process
+        torch.manual_seed(cfg["seed"] + 1 + rank)  # same initial weights, own dropout masks per process
     # the module that runs training steps: DDP averages the gradients in backward (FSDP2 does so by itself)
     step_model = fwd_model
     if world > 1 and not fsdp:
         gpu = [torch.cuda.current_device()] if device.type == "cuda" else None  # set by setup_distributed
         step_model = DistributedDataParallel(fwd_model, device_ids=gpu, gradient_as_bucket_view=True)
+    best = min([r["val_loss"] for r in rows if isinstance(r.get("val_loss"), float)], default=math.inf)
 
-    def save_state(path=state_path):
+    def diverged(what, at):
+        kept = (f"the last good checkpoint is {state_path} (step {saved_step}): --resume continues from it"
+                if saved_step is not None else "nothing was saved")
+        raise UserError(f"training diverged at step {at}: {what}; the learning rate ({cfg['lr']:g}) is likely too "
+                        f"high for this model and data: lower --lr or set --grad_clip 1.0; {kept}")
+
+    def check_weights():
+        """Every process checks its weights (its shard under FSDP) before anything is saved."""
+        bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(_local(p)).all())]
+        if any_process(bool(bad)):
+            diverged(f"weights are not finite ({', '.join(bad[:3]) or 'in another process'})", step)
+
+    def save_state():
         # every process calls this (gathering shards and RNG states needs them all); rank 0 writes
+        nonlocal saved_step
+        check_weights()
         if fsdp:
             model_state, optimizer_state = _fsdp_train_state(model, optimizer)
         else:
@@ -459,106 +701,134 @@ def train_model(model, train_loader, cfg, *, loss_fn, eval_fn, device, dtype=tor
         per_process = {"world_size": world, "fsdp": fsdp, "rng_per_process": _rng_states_of_all(device)} \
             if world > 1 else {}
         if is_main_process():
-            save_pth(path, {"model": model_state, "config": dict(model.cfg), "kind": kind,
-                         "optimizer": optimizer_state, "step": step, "epoch": epoch, "batch_pos": batch_pos,
-                         "tokens_seen": tokens_seen, "rng": rng_state(device), "log": rows,
-                         "train_settings": {k: v for k, v in cfg.items() if isinstance(v, (int, float, str, bool))},
-                         **per_process, **(extra or {})})
+            save_pth(state_path, {
+                "model": model_state, "config": dict(model.cfg), "kind": kind, "optimizer": optimizer_state,
+                "step": step, "epoch": epoch, "batch_pos": batch_pos, "tokens_seen": tokens_seen,
+                "rng": rng_state(device), "log": rows,
+                "train_settings": {k: v for k, v in cfg.items() if isinstance(v, (int, float, str, bool))},
+                **per_process, **extra})
         if world > 1:
             dist.barrier()  # the file is there for every process (e.g. a --resume right after) once this returns
+        saved_step = step
+
+    def write_outputs():
+        if is_main_process() and rows:
+            write_log(run.path("log.csv"), rows)
+            for name, keys, ylabel in plots:
+                plot_losses(rows, steps_per_epoch, run.path(name), keys, ylabel)
 
     def log_eval():
+        nonlocal best
         model.eval()
         with torch.no_grad(), autocast(device, dtype):
             metrics = eval_fn(fwd_model)
         model.train()
+        progress.resume_clock()
         row = {"step": step, "epoch": round(step / steps_per_epoch, 3), "tokens_seen": tokens_seen,
                **{k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()},
-               "lr": optimizer.param_groups[0]["lr"],
-               "tokens_per_s": round(speed_tokens / max(speed_time, 1e-9), 1)}
+               "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": round(progress.tokens_per_s(), 1)}
         rows.append(row)
         shown = " ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float))
         write(f"ep {min(epoch + 1, cfg['epochs'])} (step {step:06d}): {shown}")
+        if run.logger is not None:
+            run.logger.log(row)
+        write_outputs()
+        if cfg.get("save_best") and metrics.get("val_loss", math.inf) < best:
+            best = metrics["val_loss"]
+            check_weights()
+            state = full_state_dict(model) if fsdp else None  # every process takes part in gathering the shards
+            if is_main_process():
+                best_ckpt = best_checkpoint(model) if best_checkpoint else checkpoint_dict(model, kind, **extra)
+                if state is not None:
+                    best_ckpt["model"] = state
+                save_pth(run.path(BEST), {**best_ckpt, "step": step, "val_loss": best})
 
     model.train()
-    speed_tokens, speed_time = 0, 0.0
-    bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True, leave=False,
-               disable=cfg.get("quiet", False) or not is_main_process())
-    with _StopRequest() as stop:
-        while step < total_steps:
-            sampler = getattr(train_loader, "sampler", None)
-            if isinstance(sampler, torch.utils.data.RandomSampler):
-                # the order of each epoch depends only on (seed, epoch), so a resumed run sees the same batches
-                sampler.generator = torch.Generator().manual_seed(cfg["seed"] * 1000 + epoch)
-            elif isinstance(sampler, torch.utils.data.DistributedSampler):
-                sampler.set_epoch(epoch)  # the same (seed, epoch) permutation, dealt out to the processes
-            # creating a loader iterator draws a worker seed from the global RNG; keep that draw from shifting the
-            # dropout stream, so a resumed run matches an uninterrupted one
-            rng = torch.get_rng_state()
-            batches = iter(train_loader)
-            torch.set_rng_state(rng)
-            for _ in range(batch_pos):
-                next(batches)
-            while batch_pos + accum <= len(train_loader) and step < total_steps:
-                t0 = time.perf_counter()
-                lr = lr_at_step(step, total_steps, cfg["lr"], cfg.get("lr_schedule", "constant"),
-                                cfg.get("warmup_steps", 0), cfg.get("min_lr", 0.0))
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                loss_sum = 0.0
-                for i in range(accum):
-                    batch = next(batches)
-                    with _grad_sync(step_model, last=i == accum - 1):
-                        with autocast(device, dtype):
-                            loss = loss_fn(step_model, batch)
-                        if any_process(not torch.isfinite(loss)):
-                            kept = (f"the last good checkpoint {state_path} is kept" if os.path.exists(state_path)
-                                    else "no checkpoint was written")
-                            bad = loss.item() if not torch.isfinite(loss) else "non-finite in another process"
-                            raise UserError(f"loss became {bad} at step {step + 1}; stopped, {kept}; "
-                                            f"lower --lr or set --grad_clip 1.0")
-                        scaler.scale(loss / accum).backward()
-                    loss_sum += loss.item() / accum
-                    tokens_seen += batch_tokens(batch) * world
-                    speed_tokens += batch_tokens(batch) * world
-                if cfg.get("grad_clip"):
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                batch_pos += accum
-                speed_time += time.perf_counter() - t0
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.2e}",
-                                tok_s=f"{speed_tokens / max(speed_time, 1e-9):.0f}")
-                epoch_done = batch_pos + accum > len(train_loader)
-                if epoch_done:
-                    epoch, batch_pos = epoch + 1, 0
-                    if on_epoch_end is not None:
-                        on_epoch_end(model, epoch)
-                if step == 1 or step % cfg["eval_freq"] == 0 or step == total_steps:
-                    log_eval()
-                    if is_main_process():
-                        write_log(os.path.join(out_dir, "log.csv"), rows)
-                if any_process(stop.signal is not None):  # all processes stop at the same step
-                    save_state()
-                    bar.close()
-                    name = "SIGTERM" if stop.signal == getattr(signal, "SIGTERM", None) else "Ctrl-C"
-                    if is_main_process():
-                        print(f"{name} at step {step}: saved {state_path}; continue with --resume", file=sys.stderr)
-                    sys.exit(130 if stop.signal == signal.SIGINT else 143)
-                if cfg.get("save_every") and step % cfg["save_every"] == 0 and step < total_steps:
-                    save_state()
-                if epoch_done:
-                    break
-    bar.close()
-    save_state()
-    if is_main_process():
-        write_log(os.path.join(out_dir, "log.csv"), rows)
-        plot_losses(rows, steps_per_epoch, os.path.join(out_dir, "loss-plot.png"))
+    progress = Progress(total_steps, step, cfg.get("quiet", False))
+    try:
+        with _StopRequest() as stop:
+            while step < total_steps:
+                batches = loader_batches(train_loader, epoch, batch_pos, cfg["seed"], rank, world)
+                while batch_pos + accum <= per_epoch and step < total_steps:
+                    t0 = time.perf_counter()
+                    lr = lr_at_step(step, total_steps, cfg["lr"], cfg.get("lr_schedule", "constant"),
+                                    cfg.get("warmup_steps", 0), cfg.get("min_lr", 0.0))
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr
+                    loss_sum, step_tokens = 0.0, 0
+                    for i in range(accum):
+                        batch = next(batches)
+                        with _grad_sync(step_model, last=i == accum - 1):
+                            with autocast(device, dtype):
+                                loss = loss_fn(step_model, batch)
+                            if any_process(not torch.isfinite(loss)):
+                                diverged(f"the loss is {loss.item()}" if not torch.isfinite(loss) else
+                                         "the loss is not finite in another process", step + 1)
+                            scaler.scale(loss / accum).backward()
+                        loss_sum += loss.item() / accum
+                        step_tokens += batch_tokens(batch) * world
+                    saves_next = step + 1 == total_steps or (cfg.get("save_every") and
+                                                              (step + 1) % cfg["save_every"] == 0)
+                    if cfg.get("grad_clip") or (saves_next and not scaler.is_enabled()):
+                        scaler.unscale_(optimizer)
+                        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.get("grad_clip") or math.inf)
+                        if not scaler.is_enabled() and any_process(not torch.isfinite(norm)):
+                            diverged(f"the gradient norm is {norm.item()} (loss {loss_sum:.4g})", step + 1)
+                    scaler.step(optimizer)
+                    scaler.update()
+                    optimizer.zero_grad(set_to_none=True)
+                    step += 1
+                    batch_pos += accum
+                    tokens_seen += step_tokens
+                    progress.add(step_tokens, time.perf_counter() - t0)
+                    progress.update(step, loss_sum, lr)
+                    run.started()
+                    epoch_done = batch_pos + accum > per_epoch
+                    if epoch_done:
+                        epoch, batch_pos = epoch + 1, 0
+                        if on_epoch_end is not None:
+                            on_epoch_end(model, epoch)
+                            progress.resume_clock()
+                    if step == 1 or step % cfg["eval_freq"] == 0 or step == total_steps:
+                        log_eval()
+                    if any_process(stop.signal is not None):  # all processes stop at the same step
+                        save_state()
+                        progress.close()
+                        name = "SIGTERM" if stop.signal == getattr(signal, "SIGTERM", None) else "Ctrl-C"
+                        if is_main_process():
+                            print(f"{name} at step {step}: saved {state_path}; continue with --resume",
+                                  file=sys.stderr)
+                        sys.exit(130 if stop.signal == signal.SIGINT else 143)
+                    if cfg.get("save_every") and step % cfg["save_every"] == 0 and step < total_steps:
+                        save_state()
+                    if epoch_done:
+                        break
+        progress.close()
+        save_state()
+    finally:
+        progress.close()
+        write_outputs()  # whatever stopped the run, its log and plots are up to date
     return rows
+
+
+def read_train_state(path, world, fsdp):
+    """The resumable state in path, checked to fit this run's process layout."""
+    if not os.path.exists(path):
+        raise UserError(f"--resume: no {path} to continue from; run without --resume to start")
+    ckpt = read_checkpoint(path)
+    missing = [k for k in ("optimizer", "step", "epoch", "batch_pos", "tokens_seen", "rng") if k not in ckpt]
+    if missing:
+        raise UserError(f"{path} holds no {missing[0]}, so it cannot be resumed: run without --resume (with "
+                        f"--overwrite) to start over")
+    saved_world, saved_fsdp = ckpt.get("world_size", 1), bool(ckpt.get("fsdp", False))
+    if (saved_world, saved_fsdp) != (world, fsdp):
+        raise UserError(f"{path} was written by {_processes(saved_world, saved_fsdp)}, this run has "
+                        f"{_processes(world, fsdp)}: resume the same way (data order and steps depend on it)")
+    return ckpt
+
+
+def _local(p):
+    return p.to_local() if hasattr(p, "to_local") else p
 
 
 def batch_tokens(batch):
