@@ -4,20 +4,32 @@ labelled CSVs, instructions, preferences), readers of text/CSV/JSON, verified do
     from data import get_tokenizer, text_to_token_ids, create_dataloader_v1, fetch_data
     path = fetch_data("the-verdict.txt")            # downloads once, checks sha256
     loader = create_dataloader_v1(open(path).read(), batch_size=2, max_length=256, stride=256)
+
+    from data import token_cache, split_point, TokenWindows, RandomWindows
+    tokens = token_cache("my_texts/").tokens        # tokenized once, memory-mapped on later runs
+    split = split_point(len(tokens), 0.9)
+    train = RandomWindows(tokens, max_length=1024, end=split, seed=epoch)
+    val = TokenWindows(tokens, max_length=1024, stride=1024, start=split)
 """
+import codecs
 import contextlib
 import csv
 import errno
+import glob
 import hashlib
 import io
 import json
+import mmap
 import os
 import random
 import re
+import stat
 import sys
 import time
 import zipfile
 import zlib
+from collections import deque, namedtuple
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import requests
@@ -26,7 +38,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from settings import UserError, few, note
+from settings import UserError, cpu_count, few, note
+
+try:
+    import fcntl
+except ImportError:  # Windows: caches are built without a lock between processes
+    fcntl = None
 
 class DownloadError(UserError):
     pass
@@ -106,13 +123,36 @@ def read_text_file(path):
             raw = f.read()
     except OSError as e:
         raise UserError(f"cannot read {path} ({e.strerror}): check its permissions") from None
-    if b"\x00" in raw[:65536]:
-        raise UserError(f"{path} looks binary (it holds NUL bytes): pass a UTF-8 text file")
+    problem = encoding_problem(path, raw[:65536])
+    if problem:
+        raise UserError(problem)
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not UTF-8 (bad byte at offset {e.start}): convert it, e.g. "
-                        f"`iconv -f latin1 -t utf-8`") from None
+        raise UserError(not_utf8_message(path, e.start)) from None
+
+
+def encoding_problem(path, head):
+    """What makes a file that starts with the bytes `head` unreadable as UTF-8 text, as a UserError message; None
+    when nothing is wrong with its start (a bad byte further on is found while decoding)."""
+    if head.startswith((b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff")):
+        return (f"{path} is UTF-32 (it starts with a UTF-32 byte-order mark): convert it to UTF-8, e.g. "
+                f"`iconv -f utf-32 -t utf-8 {path} > converted.txt`")
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return (f"{path} is UTF-16 (it starts with a UTF-16 byte-order mark): convert it to UTF-8, e.g. "
+                f"`iconv -f utf-16 -t utf-8 {path} > converted.txt`")
+    if b"\x00" not in head:
+        return None
+    # UTF-16 without a byte-order mark: mostly-ASCII text has a NUL in every other byte
+    for order, nul_half in (("utf-16le", head[1::2]), ("utf-16be", head[0::2])):
+        if len(head) >= 4 and nul_half.count(0) >= 0.9 * len(nul_half):
+            return (f"{path} looks like {order.upper()} without a byte-order mark (every other byte is NUL): "
+                    f"convert it to UTF-8, e.g. `iconv -f {order} -t utf-8 {path} > converted.txt`")
+    return f"{path} looks binary (it holds NUL bytes): pass a UTF-8 text file"
+
+
+def not_utf8_message(path, offset):
+    return f"{path} is not UTF-8 (bad byte at offset {offset}): convert it, e.g. `iconv -f latin1 -t utf-8`"
 
 
 def load_text(path):
@@ -123,6 +163,562 @@ def load_text(path):
             raise UserError(f"folder {path} holds no .txt files: put text files there or pass a file to --data")
         return "<|endoftext|>".join(read_text_file(f) for f in files)
     return read_text_file(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Token caches: a corpus (a file, or a folder of .txt, .md and .jsonl files) tokenized once into a file of uint16
+# ids with a JSON description beside it, memory-mapped on every later start; windows over the ids for training
+# ---------------------------------------------------------------------------------------------------------------
+
+CACHE_FORMAT = 1                              # bump when the token file or its metadata changes meaning
+CORPUS_SUFFIXES = (".txt", ".md", ".jsonl")   # what a --data folder is searched for
+READ_BYTES = 1 << 20                          # bytes read from a source file at a time
+PIECE_CHARS = 1 << 20                         # characters per tokenizer call (more only where no safe cut comes)
+TOKENIZER_THREADS = None                      # threads tokenizing at once; None = every core this process may use
+EOT_TEXT = "<|endoftext|>"                    # the separator between documents, as text
+GPT2_N_VOCAB = 50257
+
+TokenCache = namedtuple("TokenCache", "tokens meta path")
+
+# Where a text may be cut into pieces that tokenize, one by one, to the same ids as the whole text. GPT-2's
+# pre-tokenizer splits text into pieces with
+#     '(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+$|\s+(?!\S)|\s
+# after cutting out the special tokens, and BPE never merges across pieces. A cut is safe where a piece boundary
+# lies whatever text follows, and no piece before it looks past it:
+# - before whitespace that follows non-whitespace ("word| next", "end.|\n"): the piece holding the non-whitespace
+#   character ends there (whitespace can only be the first character of a non-whitespace piece), and the pieces
+#   before it look no further. Not at the end of a whitespace run: "a  b" is "a", " ", " b", but "a  " alone ends
+#   in the piece "  ". Python's \s covers every character GPT-2's \s does (and a few more), and U+180E and U+200B
+#   were whitespace in older Unicode versions, so [^\s\u180e\u200b] is never whitespace to GPT-2.
+# - right after <|endoftext|>: special tokens are cut out before the pre-tokenizer runs.
+# - for text without whitespace (one giant line of CJK, say): before a digit or punctuation mark that follows a
+#   letter, both from a few ranges whose Unicode categories never changed: the letter piece ends at the first
+#   non-letter and a digit or punctuation piece starts there. Not before ' (it starts contractions, "'s") or |
+#   (it sits inside <|endoftext|>).
+_CUT_BEFORE_SPACE = re.compile(r"(?s).*[^\s\u180e\u200b](?=[\t\n\r ])")  # greedy: finds the last such position
+_FALLBACK_LETTERS = "A-Za-z\u0410-\u044f\u3041-\u3096\u30a1-\u30fa\u4e00-\u9fa5\uac00-\ud7a3"
+_FALLBACK_MARKS = "0-9" + re.escape("!\"#$%&()*+,-./:;<=>?@[\\]^_`{}~") + "\u3001\u3002\uff01\uff0c\uff1a\uff1b\uff1f"
+_CUT_AFTER_LETTER = re.compile(f"(?s).*[{_FALLBACK_LETTERS}](?=[{_FALLBACK_MARKS}])")
+
+
+def safe_cut(text, start=0, end=None):
+    """The last position p in start < p <= end where text can be cut without changing its tokens (see above); 0 if
+    there is none."""
+    end = len(text) if end is None else end
+    m = _CUT_BEFORE_SPACE.match(text, start, end)
+    cut = m.end() if m else 0
+    eot = text.rfind(EOT_TEXT, start, end)
+    if eot >= 0:
+        cut = max(cut, eot + len(EOT_TEXT))
+    if cut == 0:
+        m = _CUT_AFTER_LETTER.match(text, start, end)
+        cut = m.end() if m else 0
+    return cut
+
+
+def safe_pieces(blocks, size=None):
+    """Text blocks (a file read in parts) -> pieces of at most `size` characters, cut only where safe_cut allows,
+    so that tokenizing the pieces one by one gives the tokens of the whole text. Where no safe cut lies within
+    `size` characters, the piece grows until one comes."""
+    size = size or PIECE_CHARS
+    parts, held, reach = [], 0, size  # reach: how far to look for a cut
+    for block in blocks:
+        parts.append(block)
+        held += len(block)
+        if held <= reach:
+            continue
+        text, pos = "".join(parts), 0
+        while len(text) - pos > reach:
+            cut = safe_cut(text, pos, pos + reach)
+            if cut:
+                yield text[pos:cut]
+                pos, reach = cut, size
+            else:
+                reach *= 2
+        parts, held = [text[pos:]], len(text) - pos
+    text = "".join(parts)
+    if text:
+        yield text
+
+
+def note(message):
+    print(f"note: {message}", file=sys.stderr)
+
+
+def _open_source(path):
+    try:
+        return open(path, "rb")
+    except OSError as e:
+        raise UserError(f"cannot read {path} ({e.strerror}): check its permissions") from None
+
+
+def text_file_blocks(path, bar=None):
+    """The text of a UTF-8 file in blocks of about READ_BYTES; a UserError names the first problem."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with _open_source(path) as f:
+        while True:
+            raw = f.read(READ_BYTES)
+            if offset == 0 and (problem := encoding_problem(path, raw[:65536])):
+                raise UserError(problem)
+            held = len(decoder.getstate()[0])  # bytes of a character cut by the previous block
+            try:
+                text = decoder.decode(raw, final=not raw)
+            except UnicodeDecodeError as e:
+                raise UserError(not_utf8_message(path, offset - held + e.start)) from None
+            offset += len(raw)
+            if bar is not None:
+                bar.update(len(raw))
+            if text:
+                yield text
+            if not raw:
+                return
+
+
+def jsonl_blocks(path, text_field="text", bar=None):
+    """The text_field of each record of a JSON Lines file, with <|endoftext|> between records. Blank lines are
+    skipped; any other line that is not a JSON object with that text field is a UserError naming the line."""
+    with _open_source(path) as f:
+        if problem := encoding_problem(path, f.read(65536)):
+            raise UserError(problem)
+        f.seek(0)
+        offset, first = 0, True
+        for line_no, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(not_utf8_message(path, offset + e.start)) from None
+            offset += len(raw)
+            if bar is not None:
+                bar.update(len(raw))
+            if line_no == 1:
+                line = line.removeprefix("\ufeff")
+            if not line.strip():
+                continue
+            if not first:
+                yield EOT_TEXT
+            yield record_text(line, path, line_no, text_field)
+            first = False
+
+
+def record_text(line, path, line_no, text_field):
+    """The text of one JSON Lines record, or a UserError that says what is wrong with the line."""
+    where = f"{path} line {line_no}"
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{where} is not valid JSON ({e.msg}, column {e.colno}): fix or delete that line (a .jsonl "
+                        f"file holds one JSON object per line)") from None
+    if not isinstance(record, dict):
+        raise UserError(f"{where} is a JSON {type(record).__name__}, expected an object with a {text_field!r} "
+                        f"field")
+    if text_field not in record:
+        raise UserError(f"{where} has no {text_field!r} field (it has {few(map(repr, record))}): pass "
+                        f"--text_field with the name of the field that holds the text")
+    text = record[text_field]
+    if not isinstance(text, str):
+        raise UserError(f"{where}: field {text_field!r} is a JSON {type(text).__name__}, expected text")
+    return text
+
+
+def corpus_files(data_path):
+    """(root, files): the absolute path of a corpus and its files, each a dict of path (relative to a folder,
+    "/"-separated; a file's own name), size and mtime_ns. A folder is searched recursively for .txt, .md and .jsonl
+    files, skipping hidden names and not following links to folders, and sorted by relative path. Entries that
+    cannot be read (FIFOs, sockets, broken links, no permission) are skipped with a note each; they are never
+    opened, so a FIFO cannot block."""
+    root = os.path.abspath(data_path)
+    if not os.path.isdir(root):
+        return root, [_single_file(data_path, root)]
+    files = []
+
+    def unlistable(e):
+        note(f"skipped folder {e.filename} ({e.strerror})")
+
+    for folder, dirs, names in os.walk(root, onerror=unlistable):
+        for d in [d for d in dirs if os.path.islink(os.path.join(folder, d))]:
+            if not d.startswith("."):
+                note(f"skipped {os.path.join(folder, d)}: a link to a folder (links to folders are not followed)")
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in names:
+            if name.startswith(".") or not name.lower().endswith(CORPUS_SUFFIXES):
+                continue
+            full = os.path.join(folder, name)
+            why, st = _unreadable(full)
+            if why:
+                note(f"skipped {full}: {why}")
+                continue
+            files.append(_file_entry(os.path.relpath(full, root).replace(os.sep, "/"), st))
+    if not files:
+        raise UserError(f"folder {data_path} holds no readable .txt, .md or .jsonl files: put text files there or "
+                        f"pass a file to --data")
+    return root, sorted(files, key=lambda f: f["path"])
+
+
+def _single_file(data_path, root):
+    if not os.path.lexists(root):
+        raise UserError(f"no file at {data_path}: check the path or pass --data")
+    why, st = _unreadable(root)
+    if why:
+        raise UserError(f"cannot read {data_path}: {why}; pass a text file or a folder")
+    return _file_entry(os.path.basename(root), st)
+
+
+def _unreadable(path):
+    """(why path cannot be read as a text file, or None; its stat) without opening it."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        return ("a broken link" if os.path.islink(path) else e.strerror), None
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("a FIFO" if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode)
+                else "a folder" if stat.S_ISDIR(st.st_mode) else "a device")
+        return f"{kind}, not a regular file", st
+    if not os.access(path, os.R_OK):
+        return "permission denied", st
+    return None, st
+
+
+def _file_entry(rel, st):
+    return {"path": rel, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def cache_paths(data_path, cache_dir=None):
+    """(token file, metadata file) of a corpus's cache: <cache_dir>/<name>-<hash of its absolute path>.bin and
+    .json, cache_dir defaulting to the token-cache folder in DATA_DIR (GPT2_DATA_DIR)."""
+    root = os.path.abspath(data_path)
+    digest = hashlib.sha256(os.fsencode(root)).hexdigest()[:8]
+    stem = os.path.join(cache_dir or os.path.join(DATA_DIR, "token-cache"), f"{os.path.basename(root)}-{digest}")
+    return stem + ".bin", stem + ".json"
+
+
+def token_cache(data_path, cache_dir=None, text_field="text", progress=True):
+    """A corpus (a file, or a folder of .txt, .md and .jsonl files) as GPT-2 token ids: TokenCache(tokens, meta,
+    path), tokens a read-only uint16 numpy.memmap of the cache file at path, meta its metadata (cache_meta).
+
+    Documents (each file; each record of a .jsonl file, its text_field) are joined by <|endoftext|>, and
+    "<|endoftext|>" inside a text is that special token, as in load_text + encode. The first call tokenizes the
+    corpus in pieces on every core, with a progress bar on stderr; later calls only stat the sources and map the
+    file. A changed or removed source rebuilds the cache; added files are tokenized and appended (after the files
+    already cached, so their order is kept). The token file is complete before the metadata that vouches for it is
+    written, so a killed build leaves no cache that a later call accepts. A lock file serializes processes (DDP
+    ranks) that build the same cache.
+    """
+    root, files = corpus_files(data_path)
+    bin_path, meta_path = cache_paths(data_path, cache_dir)
+    try:
+        return _cached_or_built(data_path, root, files, bin_path, meta_path, text_field, progress)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        raise UserError(f"cannot write the token cache {bin_path} ({e.strerror}): free some space, or set "
+                        f"GPT2_DATA_DIR to a writable folder with room for about half the corpus's size") from None
+
+
+def _cached_or_built(data_path, root, files, bin_path, meta_path, text_field, progress):
+    """token_cache's work, under the lock that keeps other processes from building the same cache."""
+    os.makedirs(os.path.dirname(bin_path), exist_ok=True)
+    if all(f["size"] == 0 for f in files):
+        raise UserError(f"{data_path} holds no text: add some")
+    with _exclusive_lock(os.path.join(os.path.dirname(bin_path), ".lock")):  # one lock for the cache folder
+        meta = committed_meta(bin_path, meta_path, root, text_field)
+        if meta is not None:
+            gone = changed_files(meta["files"], files)
+            if gone:
+                note(f"{few(gone)} changed since the token cache was built: tokenizing {data_path} again")
+                meta = None
+        if meta is None:
+            meta = _build_cache(root, files, bin_path, meta_path, text_field, progress)
+        else:
+            cached = {f["path"] for f in meta["files"]}
+            added = [f for f in files if f["path"] not in cached]
+            if added:
+                meta = _extend_cache(root, meta, added, bin_path, meta_path, progress)
+        if meta["n_tokens"] == 0:
+            raise UserError(f"{data_path} holds no text: add some")
+        tokens = np.memmap(bin_path, dtype=np.uint16, mode="r", shape=(meta["n_tokens"],))
+    return TokenCache(tokens, meta, bin_path)
+
+
+def cache_meta(root, text_field, files):
+    """The metadata of a token cache. files: per source file its path, size, mtime_ns, and the offset and count
+    of its tokens (the <|endoftext|> before a file belongs to neither file)."""
+    return {"format": CACHE_FORMAT, "tokenizer": "gpt2", "n_vocab": GPT2_N_VOCAB, "separator_id": EOT_ID,
+            "dtype": "uint16", "n_tokens": sum(f["n_tokens"] for f in files) + max(len(files) - 1, 0),
+            "source": root, "text_field": text_field, "files": files}
+
+
+def committed_meta(bin_path, meta_path, root, text_field):
+    """The metadata of a complete cache of root at these paths, or None (no cache, an unfinished or foreign one).
+    Tokens beyond the count in the metadata (an extension that was killed) are cut off the token file."""
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+        size = os.path.getsize(bin_path)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        note(f"cannot use the token cache {meta_path} ({e}): building it again")
+        return None
+    fixed = {k: v for k, v in cache_meta(root, text_field, []).items() if k not in ("n_tokens", "files")}
+    if not isinstance(meta, dict) or any(meta.get(k) != v for k, v in fixed.items()):
+        return None  # another format, tokenizer, source or text field
+    try:
+        consistent = meta["n_tokens"] == cache_meta(root, text_field, meta["files"])["n_tokens"]
+    except (KeyError, TypeError):
+        consistent = False
+    if not consistent:
+        note(f"the token cache {meta_path} does not add up: building it again")
+        return None
+    if size < 2 * meta["n_tokens"]:
+        note(f"the token file {bin_path} is shorter than its metadata says: building it again")
+        return None
+    if size > 2 * meta["n_tokens"]:
+        os.truncate(bin_path, 2 * meta["n_tokens"])
+    return meta
+
+
+def changed_files(cached, files):
+    """Paths of the cached files that are gone or whose size or modification time changed."""
+    now = {f["path"]: (f["size"], f["mtime_ns"]) for f in files}
+    return [f["path"] for f in cached if now.get(f["path"]) != (f["size"], f["mtime_ns"])]
+
+
+def _build_cache(root, files, bin_path, meta_path, text_field, progress):
+    """Tokenize files into a new cache (see token_cache); returns its metadata."""
+    for path in [meta_path, bin_path]:
+        if os.path.exists(path):  # the metadata first: it must not vouch for what comes next
+            os.remove(path)
+    _remove_leftovers(bin_path, meta_path)
+    tmp = f"{bin_path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as out:
+            entries = tokenize_files(root, files, out, text_field, progress)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, bin_path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    meta = cache_meta(root, text_field, entries)
+    assert os.path.getsize(bin_path) == 2 * meta["n_tokens"]
+    write_json(meta_path, meta)
+    return meta
+
+
+def _extend_cache(root, meta, added, bin_path, meta_path, progress):
+    """Append the tokens of added files to a cache; returns the new metadata. Killed midway, the old metadata still
+    holds and committed_meta cuts the partial tokens off."""
+    note(f"{len(added)} file(s) added since the token cache was built: tokenizing them")
+    _remove_leftovers(bin_path, meta_path)
+    with open(bin_path, "r+b") as out:
+        out.seek(2 * meta["n_tokens"])
+        entries = tokenize_files(root, added, out, meta["text_field"], progress, offset=meta["n_tokens"],
+                                 after=True)
+        out.flush()
+        os.fsync(out.fileno())
+    meta = cache_meta(root, meta["text_field"], meta["files"] + entries)
+    assert os.path.getsize(bin_path) == 2 * meta["n_tokens"]
+    write_json(meta_path, meta)
+    return meta
+
+
+def _remove_leftovers(bin_path, meta_path):
+    """Delete the temporary files of builds that were killed (callers hold the cache's lock)."""
+    for path in glob.glob(glob.escape(bin_path) + ".*.tmp") + glob.glob(glob.escape(meta_path) + ".*.tmp"):
+        os.remove(path)
+
+
+def tokenize_files(root, files, out, text_field, progress, offset=0, after=False):
+    """Tokenize files in order and write their ids to out as uint16, <|endoftext|> between files (and before the
+    first one when they come `after` files already cached, whose tokens end at `offset`). Returns the files'
+    entries with the offset and count of their tokens.
+
+    Pieces of about PIECE_CHARS characters are tokenized by a pool of threads (the tokenizer releases the GIL)
+    while this thread reads on; at most two pieces per thread wait, so memory does not grow with the corpus.
+    """
+    tokenizer = get_tokenizer()
+    assert tokenizer.name == "gpt2" and tokenizer.n_vocab == GPT2_N_VOCAB < 2 ** 16
+    threads = TOKENIZER_THREADS or cpu_count()
+    entries, waiting = [], deque()  # waiting: (entry, future of its piece's ids), in file order
+    separator = np.array([EOT_ID], dtype=np.uint16)
+    name = os.path.basename(root)
+    start = time.time()
+
+    def write_oldest():
+        entry, ids = waiting.popleft()
+        ids = ids.result()
+        if entry is not None:
+            entry["n_tokens"] += len(ids)
+        out.write(ids.tobytes())
+
+    with ThreadPoolExecutor(threads) as pool, tqdm(
+            total=sum(f["size"] for f in files), unit="B", unit_scale=True,
+            desc=f"tokenizing {name}", disable=not (progress and sys.stderr.isatty()), leave=False,
+            file=sys.stderr) as bar:
+        for f in files:
+            entry = dict(f, offset=None, n_tokens=0)
+            if after or entries:
+                waiting.append((None, pool.submit(lambda: separator)))
+            entries.append(entry)
+            path = os.path.join(root, f["path"]) if os.path.isdir(root) else root
+            blocks = (jsonl_blocks(path, text_field, bar) if path.lower().endswith(".jsonl")
+                      else text_file_blocks(path, bar))
+            for piece in safe_pieces(blocks):
+                waiting.append((entry, pool.submit(piece_ids, tokenizer, piece)))
+                while len(waiting) > 2 * threads:
+                    write_oldest()
+        while waiting:
+            write_oldest()
+    position = offset + after
+    for entry in entries:
+        entry["offset"] = position
+        position += entry["n_tokens"] + 1
+    if progress:
+        mb, seconds = sum(f["size"] for f in files) / 1e6, time.time() - start
+        print(f"tokenized {mb:,.1f} MB of {name} into {position - 1 - offset:,} tokens in {seconds:.0f} s "
+              f"({mb / max(seconds, 1e-9):.1f} MB/s)")
+    return entries
+
+
+def piece_ids(tokenizer, text):
+    """The ids of one piece of text as uint16, "<|endoftext|>" in it as the special token."""
+    to_numpy = getattr(tokenizer, "encode_to_numpy", None)  # tiktoken >= 0.8: no list of Python ints on the way
+    try:
+        ids = to_numpy(text, allowed_special={EOT_TEXT}) if to_numpy else None
+    except UnicodeEncodeError:  # lone surrogates (from JSON escapes): encode() replaces them
+        ids = None
+    if ids is None:
+        ids = tokenizer.encode(text, allowed_special={EOT_TEXT})
+    return np.asarray(ids, dtype=np.uint16)
+
+
+@contextlib.contextmanager
+def _exclusive_lock(path):
+    """Hold an exclusive lock on path: one process builds a cache, the others wait for it. Without fcntl (Windows),
+    or in a folder this process cannot write (a cache there can only be read), it goes without."""
+    try:
+        f = open(path, "a")
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EROFS, errno.EPERM):
+            raise
+        f = None
+    if f is None or fcntl is None:
+        yield
+        return
+    with f:
+        deadline = time.time() + 2  # a short wait (another process reusing the cache) goes unmentioned
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.time() > deadline:
+                    note(f"waiting for another process that holds {path}")
+                    fcntl.flock(f, fcntl.LOCK_EX)
+                    break
+                time.sleep(0.05)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def split_point(n_tokens, train_ratio):
+    """The token position where validation starts: train on [0, split), validate on [split, n_tokens)."""
+    return int(n_tokens * train_ratio)
+
+
+class _TokenSpan(Dataset):
+    """Windows over tokens[start:end]. A whole memory-mapped file pickles as its name, so DataLoader workers
+    started by spawn or forkserver map the file instead of receiving a copy of the corpus."""
+
+    def __init__(self, tokens, max_length, start, end):
+        end = len(tokens) if end is None else end
+        if not 0 <= start <= end <= len(tokens) or max_length < 1:
+            raise ValueError(f"bad window range: start {start}, end {end}, max_length {max_length} over "
+                             f"{len(tokens)} tokens")
+        self.tokens, self.max_length, self.start, self.end = tokens, max_length, start, end
+
+    def window(self, s):
+        """(input, target) LongTensors of max_length starting at token s."""
+        chunk = torch.from_numpy(np.asarray(self.tokens[s:s + self.max_length + 1], dtype=np.int64))
+        return chunk[:-1], chunk[1:]
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        t = self.tokens
+        if isinstance(t, np.memmap) and isinstance(t.base, mmap.mmap) and t.offset == 0 and t.ndim == 1:
+            state["tokens"] = (t.filename, t.dtype.str, len(t))
+        return state
+
+    def __setstate__(self, state):
+        if isinstance(state["tokens"], tuple):
+            filename, dtype, n = state["tokens"]
+            state["tokens"] = np.memmap(filename, dtype=dtype, mode="r", shape=(n,))
+        self.__dict__.update(state)
+
+
+class TokenWindows(_TokenSpan):
+    """Sliding windows over tokens[start:end] (a uint16 memmap, or any 1-D array of ids): window i starts at
+    start + i * stride; item i is (input, target), LongTensors of max_length, the target shifted by one. The
+    windows of GPTDatasetV1 over the same ids, converted one at a time instead of held as a tensor."""
+
+    def __init__(self, tokens, max_length, stride, start=0, end=None):
+        super().__init__(tokens, max_length, start, end)
+        self.stride = stride
+        self.n = len(range(0, self.end - self.start - max_length, stride))
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        if not 0 <= i < self.n:
+            raise IndexError(f"window {i} of {self.n}")
+        return self.window(self.start + i * self.stride)
+
+
+class RandomWindows(_TokenSpan):
+    """Windows at pseudo-random offsets in tokens[start:end], for corpora too big to visit every window in order.
+
+    Item i starts at an offset computed from (seed, i) alone: no permutation is stored, and any index gives the
+    same window every time, so a sequential sampler, a DistributedSampler's share of the indices and a run resumed
+    at index k all work. len = (end - start) // max_length, so one pass reads about as many tokens as the range
+    holds; offsets are drawn with replacement (some windows overlap, some text is missed), and a new seed per epoch
+    draws new ones.
+    """
+
+    def __init__(self, tokens, max_length, start=0, end=None, seed=0):
+        super().__init__(tokens, max_length, start, end)
+        self.n_starts = self.end - self.start - max_length  # a window needs max_length + 1 tokens
+        self.n = (self.end - self.start) // max_length if self.n_starts > 0 else 0
+        self.seed = seed
+        self.key = _mix64(seed)
+
+    def set_epoch(self, epoch):
+        """Draw the offsets of another epoch (the training loop calls this before each one)."""
+        self.key = _mix64(self.seed * 1000 + epoch)
+
+    def __len__(self):
+        return self.n
+
+    def offset(self, i):
+        """Where window i starts."""
+        if not 0 <= i < self.n:
+            raise IndexError(f"window {i} of {self.n}")
+        return self.start + _mix64(self.key + i * 0x9E3779B97F4A7C15) % self.n_starts
+
+    def __getitem__(self, i):
+        return self.window(self.offset(i))
+
+
+def _mix64(x):
+    """splitmix64's finalizer: a cheap 64-bit hash whose outputs look independent for consecutive inputs."""
+    x &= 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return x ^ (x >> 31)
 
 
 # ---------------------------------------------------------------------------------------------------------------

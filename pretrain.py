@@ -18,7 +18,8 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from data import DATA_FILES, create_dataloader_v1, fetch_data, get_tokenizer, load_text, text_to_token_ids, token_ids_to_text
+from data import (DATA_FILES, RandomWindows, TokenWindows, fetch_data, split_point, text_to_token_ids, token_cache,
+                  token_ids_to_text)
 from model import MODEL_CONFIGS, count_parameters, generate
 from settings import (UserError, changed_settings, check_training, dtype_name, entry, get_config,
                       pick_device, pick_dtype, training_settings)
@@ -27,7 +28,10 @@ from trainer import (TRAIN_STATE, RunFolder, build_model, calc_loss_batch, comma
                      train_model, world_size)
 
 DEFAULTS = dict(
-    data="the-verdict.txt",    # text file or folder of .txt files; the-verdict.txt is downloaded on first use
+    data="the-verdict.txt",    # a text file, or a folder of .txt/.md/.jsonl files (searched recursively);
+                               # the-verdict.txt is downloaded on first use
+    cache_dir="",              # where the tokenized corpus is kept; "" = data/token-cache (under $GPT2_DATA_DIR)
+    text_field="text",         # the field of each .jsonl record that holds its text
     out_dir="runs/pretrain",   # where model.pth, model_and_optimizer.pth, log.csv and loss-plot.png go
     init="scratch",            # scratch | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | PATH.pth
     model="gpt2",              # architecture when init=scratch: gpt2 | gpt2-medium | gpt2-large | gpt2-xl
@@ -38,8 +42,10 @@ DEFAULTS = dict(
     drop_rate=0.1,             # dropout probability; 0 = off
     qkv_bias=False,            # bias in the query/key/value projections
     tie_weights=False,         # output layer shares the token embedding (as GPT-2 does)
-    train_ratio=0.9,           # share of the text (by characters) used for training, the rest validates
-    stride=0,                  # tokens between window starts; 0 = context_length (no overlap)
+    train_ratio=0.9,           # share of the tokens that trains (the first ones); the rest validates
+    windows="auto",            # sliding (every --stride tokens, reshuffled each epoch, as the book) | random (at
+                               # random offsets, for corpora too big to shuffle) | auto (random above 10M windows)
+    stride=0,                  # tokens between sliding window starts; 0 = context_length (no overlap)
     sample_prompt="Every effort moves you",  # printed continuation after each epoch; "" = off
     sample_tokens=50,          # length of that continuation
     **training_settings(
@@ -53,10 +59,15 @@ DEFAULTS = dict(
 )
 
 
+MAX_SHUFFLED = 10_000_000  # windows: more, and --windows auto draws random offsets instead of a permutation
+
+
 def check_settings(cfg):
     check_training(cfg)
     if cfg["model"] not in MODEL_CONFIGS:
         raise UserError(f"--model must be one of {', '.join(MODEL_CONFIGS)}, got {cfg['model']!r}")
+    if cfg["windows"] not in ("auto", "sliding", "random"):
+        raise UserError(f"--windows must be auto, sliding or random, got {cfg['windows']!r}")
 
 
 def generate_and_print_sample(model, start_context, device, max_new_tokens=50, write=print):
@@ -67,32 +78,36 @@ def generate_and_print_sample(model, start_context, device, max_new_tokens=50, w
 
 
 
-def resolve_data(path):
-    """--data as given, or the bundled corpus downloaded on first use."""
-    if path in DATA_FILES and not os.path.exists(path):
-        return fetch_data(path)
-    return path
+def load_tokens(cfg):
+    """The corpus as token ids (a uint16 memory map), tokenized on the first run and read from the cache after."""
+    path = cfg["data"]
+    with local_main_first():  # under torchrun one process per machine downloads, the others then find the file
+        if path in DATA_FILES and not os.path.exists(path):
+            path = fetch_data(path)
+        cache = token_cache(path, cfg["cache_dir"] or None, cfg["text_field"], progress=not cfg["quiet"])
+    print(f"data: {path}, {len(cache.tokens):,} tokens in {len(cache.meta['files'])} file(s), cached in {cache.path}")
+    return cache.tokens
 
 
-def make_loaders(text, cfg):
-    """Split text by characters, tokenize, and window it into train and validation loaders."""
-    split = int(cfg["train_ratio"] * len(text))
-    tok = get_tokenizer()
-    train_ids = tok.encode(text[:split], allowed_special={"<|endoftext|>"})
-    val_ids = tok.encode(text[split:], allowed_special={"<|endoftext|>"})
-    n = cfg["context_length"]
+def make_loaders(tokens, cfg):
+    """Split the tokens by position (train_ratio) and window them into train and validation loaders."""
+    split, n = split_point(len(tokens), cfg["train_ratio"]), cfg["context_length"]
     stride = cfg["stride"] or n
-    if len(train_ids) < n + 1:
-        raise UserError(f"training text too short: need at least context_length+1 = {n + 1} tokens, got "
-                        f"{len(train_ids)}; add text or lower --context_length")
-    train_loader = create_dataloader_v1(train_ids, cfg["batch_size"], n, stride, shuffle=True, drop_last=True)
-    val_loader = create_dataloader_v1(val_ids, cfg["batch_size"], n, stride, shuffle=False, drop_last=False)
+    if split < n + 1:
+        raise UserError(f"training text too short: need at least context_length+1 = {n + 1} tokens, got {split}; "
+                        f"add text or lower --context_length")
+    train = TokenWindows(tokens, n, stride, 0, split)
+    if cfg["windows"] == "random" or cfg["windows"] == "auto" and len(train) > MAX_SHUFFLED:
+        train = RandomWindows(tokens, n, 0, split, cfg["seed"])
+    val = TokenWindows(tokens, n, stride, split)
+    train_loader = DataLoader(train, cfg["batch_size"], shuffle=isinstance(train, TokenWindows), drop_last=True)
+    val_loader = DataLoader(val, cfg["batch_size"], shuffle=False, drop_last=False)
     if len(train_loader) == 0:
-        raise UserError(f"training split gives {len(train_loader.dataset)} windows, fewer than --batch_size "
-                        f"{cfg['batch_size']}: lower --batch_size or --context_length")
+        raise UserError(f"training split gives {len(train)} windows, fewer than --batch_size {cfg['batch_size']}: "
+                        f"lower --batch_size or --context_length")
     if len(val_loader) == 0:
-        raise UserError(f"validation split too small for one batch: {len(val_ids)} tokens, need "
-                        f"{n + 1}; lower --train_ratio or --context_length, or add text")
+        raise UserError(f"validation split too small for one batch: {len(tokens) - split} tokens, need {n + 1}; "
+                        f"lower --train_ratio or --context_length, or add text")
     return train_loader, val_loader
 
 
@@ -104,9 +119,7 @@ def main(argv=None):
     trains = not (cfg["dry_run"] or cfg["epochs"] == 0)  # the other two only print
     outputs = [os.path.join(cfg["out_dir"], "model.pth")]
     with RunFolder(cfg, outputs, command_line(__file__, argv)) if trains else contextlib.nullcontext() as run:
-        with local_main_first():  # under torchrun one process per machine downloads, the others then find the file
-            text = load_text(resolve_data(cfg["data"]))
-        train_loader, val_loader = make_loaders(text, cfg)
+        train_loader, val_loader = make_loaders(load_tokens(cfg), cfg)
         if cfg["dry_run"]:
             model_cfg = model_config(cfg) if cfg["init"] == "scratch" else build_model(cfg)[0].cfg
             return print_dry_run(model_cfg, cfg, len(train_loader), dtype, device)

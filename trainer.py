@@ -576,6 +576,8 @@ def loader_batches(loader, epoch, start, seed, rank=0, world=1):
     if not isinstance(loader.sampler, (RandomSampler, SequentialSampler)) or loader.batch_size is None:
         raise UserError("the training loader has its own sampler: give train_model a DataLoader with batch_size and "
                         "shuffle")
+    if hasattr(loader.dataset, "set_epoch"):  # data.RandomWindows: new offsets each epoch
+        loader.dataset.set_epoch(epoch)
     indices = epoch_indices(len(loader.dataset), isinstance(loader.sampler, RandomSampler), seed, epoch, rank, world)
     collate = loader.collate_fn or default_collate
     bs = loader.batch_size
