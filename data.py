@@ -241,10 +241,6 @@ def safe_pieces(blocks, size=None):
         yield text
 
 
-def note(message):
-    print(f"note: {message}", file=sys.stderr)
-
-
 def _open_source(path):
     try:
         return open(path, "rb")

@@ -26,8 +26,9 @@ from tqdm import tqdm
 
 from data import (EOT_ID, ClassificationDataset, balance_classes, class_names_of, fetch_sms_spam, read_labelled_csv,
                   read_sms_spam, read_text_file, save_pth, split_rows, write_json, write_labelled_csv)
-from layers import Int8Linear, add_lora, is_int8_state_dict, merge_lora, quantize_int8
-from model import GPTModel, checkpoint_dict, count_parameters, load_state, read_checkpoint
+from layers import Int8Linear, add_lora, merge_lora
+from load_gpt2 import load_classifier
+from model import checkpoint_dict, count_parameters
 from settings import (UserError, autocast, changed_settings, check_training, dtype_name, entry, get_config, note,
                       pick_device, pick_dtype, training_settings)
 from trainer import (RunFolder, build_model, command_line, describe_distributed, is_main_process, local_main_first,
@@ -281,32 +282,6 @@ def report_truncated(ds, source):
 # Building, saving and loading classifiers
 # ---------------------------------------------------------------------------------------------------------------
 
-def load_classifier(path, device="cpu", quantize="none"):
-    """A classifier .pth (kind 'cls') -> (model in eval mode, checkpoint dict).
-
-    quantize="int8" merges any LoRA adapters and stores every Linear as int8 (model.quantize_int8); a checkpoint
-    written with --save_int8 comes back int8 whatever quantize says.
-    """
-    if not os.path.exists(path):
-        raise UserError(f"no classifier at {path}: train one with `python finetune_cls.py`, or pass --checkpoint")
-    ckpt = read_checkpoint(path)
-    if ckpt.get("kind") != "cls" or not ckpt.get("class_names"):
-        what = f"a {ckpt['kind']!r} checkpoint" if ckpt.get("kind") else "a bare state_dict"
-        raise UserError(f"{path} is {what}, not a classifier: train one with `python finetune_cls.py` and pass its "
-                        f"{CLASSIFIER} as --checkpoint")
-    with torch.device("meta"):  # no memory, no random init: every tensor comes from the file
-        model = replace_head(GPTModel(ckpt["config"]), len(ckpt["class_names"]))
-        if ckpt.get("lora"):
-            add_lora(model.trf_blocks, ckpt["lora"]["rank"], ckpt["lora"]["alpha"])
-        if is_int8_state_dict(ckpt["model"]):
-            quantize_int8(model, quantize=False)  # written by --save_int8: the same int8 layers, to load into
-    model = model.to_empty(device="cpu")
-    load_state(model, ckpt["model"], path)
-    if quantize == "int8":
-        quantize_int8(merge_lora(model))  # only swaps layers that are still float
-    return model.to(device).eval(), ckpt
-
-
 def classify_texts(model, ckpt, texts, device, dtype, batch_size=8):
     """texts -> list of (label, probability of that label, {class: probability})."""
     ds = ClassificationDataset(texts, max_length=ckpt["max_length"], pad_id=ckpt.get("pad_id", EOT_ID))
@@ -364,7 +339,8 @@ def run_predict(cfg, checkpoint, device, dtype):
             raise UserError(f"{path} has no non-empty lines: put one text per line")
         if len(texts) < len(lines):
             note(f"skipped {len(lines) - len(texts)} empty line(s) of {path}")
-    model, ckpt = load_classifier(checkpoint, device, cfg["quantize"])
+    model, ckpt = load_classifier(checkpoint, cfg["quantize"])
+    model.to(device)
     results = classify_texts(model, ckpt, texts, device, dtype, cfg["batch_size"])
     for text, (label, prob, _) in zip(texts, results):
         print(f"{label}\t{prob:.4f}\t{text}")
@@ -376,7 +352,8 @@ def run_evaluate(cfg, checkpoint, device, dtype):
     path = cfg["test_csv"] or cfg["csv"] or os.path.join(cfg["out_dir"], "test.csv")
     if not os.path.exists(path):
         raise UserError(f"no CSV to evaluate at {path}: pass --test_csv (train first to get {path})")
-    model, ckpt = load_classifier(checkpoint, device, cfg["quantize"])
+    model, ckpt = load_classifier(checkpoint, cfg["quantize"])
+    model.to(device)
     rows = read_labelled_csv(path, cfg["text_column"], cfg["label_column"])
     ds = make_dataset(rows, ckpt["class_names"], ckpt["max_length"], path, known_by="the classifier")
     with autocast(device, dtype):

@@ -1,10 +1,13 @@
 """OpenAI's GPT-2 weights (124M to 1558M) from the published safetensors files, read by our own bounds-checked
-reader (nothing downloaded is ever unpickled), and export of our checkpoints back to that layout.
+reader (nothing downloaded is ever unpickled), and export of our checkpoints back to that layout: language, chat and
+classifier models, as a folder transformers loads with its tokenizer.
 
     python load_gpt2.py --model gpt2                  # download, verify, write models/gpt2-124M.pth
     python load_gpt2.py --model gpt2-xl --verify true  # re-hash the downloaded file before converting
-    python load_gpt2.py --export runs/x/model.pth --out hf_model/   # model.safetensors + config.json
+    python load_gpt2.py --export runs/x/model.pth --out hf_model/   # a folder transformers loads, tokenizer included
+    python load_gpt2.py --model hf_cls/ --out runs/cls/from_hf.pth     # a GPT2ForSequenceClassification folder back
 """
+import hashlib
 import json
 import math
 import mmap
@@ -12,12 +15,15 @@ import os
 import shutil
 import struct
 import sys
+import tempfile
 
 import requests
 import torch
+import torch.nn as nn
 
-from data import DownloadError, atomic_write, download, json_depth, parse_json, save_pth, sha256_of, write_json
-from layers import is_int8_state_dict, quantize_int8
+from data import (ALPACA_INTRO, EOT_ID, RESPONSE_HEADER, TEMPLATE_NAME, DownloadError, atomic_write, download,
+                  get_tokenizer, json_depth, parse_json, save_pth, sha256_of, write_json)
+from layers import add_lora, is_int8_state_dict, merge_lora, quantize_int8
 from model import (GPT_CONFIG_124M, HEADS_FOR_WIDTH, CheckpointError, GPTModel, checkpoint_config, checkpoint_dict,
                    count_parameters, empty_model, load_state, read_checkpoint)
 from settings import UserError, entry, few, get_config
@@ -26,7 +32,7 @@ DEFAULTS = dict(
     model="gpt2",          # gpt2 | gpt2-medium | gpt2-large | gpt2-xl, or a local model.safetensors / folder
     models_dir="models",   # where downloads are kept and the converted .pth is written
     out="",                # without --export: the .pth to write ("" = models_dir/gpt2-124M.pth etc.); with it: a folder
-    export="",             # a .pth to write out in the published GPT-2 layout ("" = off: download and convert)
+    export="",             # a .pth to write out in the published GPT-2 layout, tokenizer files included ("" = off)
     force=False,           # export into a folder that already holds files
     n_heads=0,             # heads of a checkpoint that has no config.json (0 = from the standard GPT-2 sizes)
     hub_url="",            # base URL of the hub ("" = $GPT2_HUB_URL, else https://huggingface.co)
@@ -38,6 +44,17 @@ PRETRAINED = {"gpt2": "124M", "gpt2-medium": "355M", "gpt2-large": "774M", "gpt2
 INIT_HELP = "gpt2 | gpt2-medium | gpt2-large | gpt2-xl | scratch | PATH.pth | PATH.safetensors | FOLDER"
 HUB_URL = "https://huggingface.co"
 REPO = "openai-community"
+
+# exported tokenizer file -> (the GPT-2 file tiktoken downloads for it, its sha256); tiktoken's cache names each
+# file by the sha1 of its URL
+_BPE_BASE = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main"
+GPT2_BPE_FILES = {
+    "vocab.json": (f"{_BPE_BASE}/encoder.json", "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"),
+    "merges.txt": (f"{_BPE_BASE}/vocab.bpe", "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"),
+}
+EOT = "<|endoftext|>"  # GPT-2's one special token (EOT_ID): bos, eos, unk and padding in the exported tokenizer
+# generation_config.json: generate.py's sampling defaults, so pipeline() samples as our script does by default
+GENERATION_DEFAULTS = {"do_sample": True, "temperature": 0.8, "top_k": 50, "max_new_tokens": 50}
 
 # ---------------------------------------------------------------------------------------------------------------
 # safetensors: 8-byte little-endian header length N, N bytes of JSON {name: {dtype, shape, data_offsets}}, then data
@@ -337,8 +354,53 @@ def load_hf_checkpoint(path, drop_rate=0.0, n_heads=None):
     config.json, else the config comes from the shapes and n_heads or the standard sizes).
 
     The model is built on the meta device and each tensor copied in from the memory-mapped file, whose pages are
-    released as we go: peak memory is the model plus one tensor.
+    released as we go: peak memory is the model plus one tensor. A classifier folder is refused: see
+    load_hf_classifier.
     """
+    model, _ = _load_published(path, drop_rate, n_heads)
+    return model
+
+
+def load_hf_classifier(path, drop_rate=0.0):
+    """A GPT2ForSequenceClassification folder (export_hf of a classifier, or one trained with transformers) ->
+    (our classifier, {"class_names", "max_length", "pad_id"}), as finetune_cls.load_classifier gives.
+
+    Its score layer has no bias, so out_head's bias is zero here; an exported classifier's bias was folded into ln_f
+    (fold_head_bias), so the logits are those of the classifier that was exported.
+    """
+    model, score = _load_published(path, drop_rate, classifier=True)
+    _, cj_path = _find_files(path)
+    with open(cj_path, encoding="utf-8") as f:
+        hf = json.load(f)
+    C, d = score.shape
+    id2label = hf.get("id2label") or {}
+    if set(id2label) != {str(i) for i in range(C)}:
+        raise CheckpointError(f"{cj_path}: id2label must name classes 0..{C - 1} (score.weight has {C} rows)")
+    model.out_head = nn.Linear(d, C)  # unties it from tok_emb
+    with torch.no_grad():
+        model.out_head.weight.copy_(score)
+        model.out_head.bias.zero_()
+    model.cfg.update(num_classes=C, tie_weights=False)
+    context = model.cfg["context_length"]
+    tok_max = _read_json_or_none(os.path.join(os.path.dirname(cj_path), "tokenizer_config.json"))
+    max_length = (tok_max or {}).get("model_max_length")
+    if not isinstance(max_length, int) or not 0 < max_length <= context:
+        max_length = context
+    pad_id = hf.get("pad_token_id")
+    return model, {"class_names": [str(id2label[str(i)]) for i in range(C)], "max_length": max_length,
+                   "pad_id": pad_id if isinstance(pad_id, int) else EOT_ID}
+
+
+def _read_json_or_none(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+
+
+def _load_published(path, drop_rate=0.0, n_heads=None, classifier=False):
+    """-> (GPTModel, the score head (num_labels, emb_dim) of a classifier file, else None)."""
     st_path, cj_path = _find_files(path)
     f = SafetensorsFile(st_path)
     stored = {}  # published name without "transformer." -> name in the file
@@ -348,6 +410,13 @@ def load_hf_checkpoint(path, drop_rate=0.0, n_heads=None):
             raise CheckpointError(f"{st_path} holds both {stored[canon]} and {name}")
         stored[canon] = name
     entries = {canon: f.entries[name] for canon, name in stored.items()}
+    if "score.weight" in entries and not classifier:
+        raise CheckpointError(f"{path} is a classifier (GPT2ForSequenceClassification): convert it with `python "
+                              f"load_gpt2.py --model {path} --out cls.pth` (load_hf_classifier), or pass a language "
+                              f"model")
+    if classifier and ("score.weight" not in entries or not cj_path):
+        raise CheckpointError(f"{path} is not a GPT2ForSequenceClassification folder (it needs score.weight and "
+                              f"config.json): pass the folder export_hf wrote for a classifier")
 
     if cj_path:
         cfg = config_from_json(cj_path, drop_rate)
@@ -359,9 +428,13 @@ def load_hf_checkpoint(path, drop_rate=0.0, n_heads=None):
         source = "the shapes of wte/wpe"
     if not cj_path and "lm_head.weight" in entries:
         cfg["tie_weights"] = _same_tensor(f, stored["wte.weight"], stored["lm_head.weight"])
+    if classifier:
+        cfg["tie_weights"] = True  # no lm_head: the body is loaded as a tied language model, then the head replaced
 
     tied = cfg["tie_weights"]
     want = published_shapes(cfg, tied)
+    if classifier:
+        want["score.weight"] = (*entries["score.weight"][1][:1], cfg["emb_dim"])  # (num_labels, emb_dim)
     optional = {f"h.{i}.{b}" for i in range(cfg["n_layers"]) for b in MASK_BUFFERS} | {"lm_head.weight"}
     missing = set(want) - set(entries)
     unexpected = set(entries) - set(want) - optional
@@ -396,7 +469,8 @@ def load_hf_checkpoint(path, drop_rate=0.0, n_heads=None):
             del src
             f.release(stored[theirs])
     assert filled | ({"out_head.weight"} if tied else set()) == set(own), set(own) - filled
-    return model
+    score = f.tensor(stored["score.weight"]).float().clone() if classifier else None
+    return model, score
 
 
 def _same_tensor(f, a, b):
@@ -587,25 +661,36 @@ def _check_overrides(cfg, overrides, source):
 # Export to the published layout
 # ---------------------------------------------------------------------------------------------------------------
 
-def published_state_dict(model):
-    """Our model's tensors under the published GPT-2 names and layout (c_attn fused, Conv1D [in, out])."""
-    cfg, sd = model.cfg, model.state_dict()
-    d, V = cfg["emb_dim"], cfg["vocab_size"]
-    for k in [k for k in sd if k + "_scale" in sd]:  # int8 layers (model.quantize_int8): back to float weights
+def _float_state_dict(model):
+    """model.state_dict() with int8 layers (model.quantize_int8) turned back into float weights."""
+    sd = model.state_dict()
+    for k in [k for k in sd if k + "_scale" in sd]:
         sd[k] = sd[k].float() * sd[k + "_scale"][:, None]
-    if tuple(sd["out_head.weight"].shape) != (V, d):
-        raise UserError(f"out_head is {list(sd['out_head.weight'].shape)}, not [{V}, {d}]: only a language model "
-                        f"(not a classifier) fits the GPT-2 layout")
-    tied = torch.equal(sd["out_head.weight"], sd["tok_emb.weight"])
+    return sd
+
+
+def _published_tensors(sd, cfg, pairs):
+    """Our tensors under the published names of `pairs` (c_attn fused, Conv1D [in, out]), as float32."""
     parts = {}
-    for ours, theirs, transpose, part in key_pairs(cfg["n_layers"], tied):
+    for ours, theirs, transpose, part in pairs:
         if ours not in sd and part is not None and ours.endswith(".bias"):
-            sd[ours] = torch.zeros(d)  # a model built with qkv_bias=False: GPT-2's layout has a bias, zero here
+            sd[ours] = torch.zeros(cfg["emb_dim"])  # a model built with qkv_bias=False: GPT-2's layout has one, zero
         if ours not in sd:
             raise UserError(f"the model has no {ours}: merge LoRA adapters (model.merge_lora) before exporting")
         t = sd[ours].t() if transpose else sd[ours]
         parts.setdefault(theirs, []).append(t)
-    return {k: (torch.cat(v, dim=-1) if len(v) > 1 else v[0]).float() for k, v in parts.items()}, tied
+    return {k: (torch.cat(v, dim=-1) if len(v) > 1 else v[0]).float() for k, v in parts.items()}
+
+
+def published_state_dict(model):
+    """Our language model's tensors under the published GPT-2 names and layout -> (tensors, tied)."""
+    cfg, sd = model.cfg, _float_state_dict(model)
+    d, V = cfg["emb_dim"], cfg["vocab_size"]
+    if tuple(sd["out_head.weight"].shape) != (V, d):
+        raise UserError(f"out_head is {list(sd['out_head.weight'].shape)}, not [{V}, {d}]: a classifier exports "
+                        f"with published_classifier_state_dict")
+    tied = torch.equal(sd["out_head.weight"], sd["tok_emb.weight"])
+    return _published_tensors(sd, cfg, key_pairs(cfg["n_layers"], tied)), tied
 
 
 def hf_config(cfg, tied=True):
@@ -614,27 +699,265 @@ def hf_config(cfg, tied=True):
             "n_layer": cfg["n_layers"], "n_head": cfg["n_heads"], "n_inner": None, "activation_function": "gelu_new",
             "layer_norm_epsilon": 1e-5, "resid_pdrop": cfg["drop_rate"], "embd_pdrop": cfg["drop_rate"],
             "attn_pdrop": cfg["drop_rate"], "initializer_range": 0.02, "tie_word_embeddings": tied,
-            "torch_dtype": "float32", **({"bos_token_id": 50256, "eos_token_id": 50256}
-                                         if cfg["vocab_size"] > 50256 else {})}
+            "torch_dtype": "float32", **({"bos_token_id": EOT_ID, "eos_token_id": EOT_ID}
+                                         if cfg["vocab_size"] > EOT_ID else {})}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Classifiers (finetune_cls.py) as GPT2ForSequenceClassification
+# ---------------------------------------------------------------------------------------------------------------
+
+def load_classifier(path, quantize="none"):
+    """A finetune_cls.py classifier .pth -> (model in eval mode, checkpoint dict): GPT-2 with its Linear(emb_dim,
+    num_classes) head and any LoRA adapters as saved. quantize="int8" merges the adapters and stores every Linear
+    as int8 (layers.quantize_int8); a checkpoint written with --save_int8 comes back int8 whatever quantize says."""
+    if not os.path.exists(path):
+        raise UserError(f"no classifier at {path}: train one with `python finetune_cls.py`, or pass --checkpoint")
+    ckpt = read_checkpoint(path, check=lambda raw: refuse_foreign(raw, path))
+    names, sd = ckpt.get("class_names"), ckpt["model"]
+    if ckpt.get("kind") != "cls" or not isinstance(names, (list, tuple)) or not names \
+            or not all(isinstance(n, str) for n in names):
+        what = f"a {ckpt['kind']!r} checkpoint" if ckpt.get("kind") else "a bare state_dict"
+        raise UserError(f"{path} is {what}, not a classifier: train one with `python finetune_cls.py` and pass the "
+                        f".pth it writes as --checkpoint")
+    cfg = checkpoint_config(ckpt, path)
+    with torch.device("meta"):  # no memory, no random init: every tensor comes from the file
+        model = GPTModel(cfg)
+        model.out_head = nn.Linear(cfg["emb_dim"], len(names), bias="out_head.bias" in sd)
+        model.cfg["num_classes"] = len(names)
+        if ckpt.get("lora"):
+            add_lora(model.trf_blocks, ckpt["lora"]["rank"], ckpt["lora"]["alpha"])
+        if is_int8_state_dict(sd):
+            quantize_int8(model, quantize=False)  # written by --save_int8: the same int8 layers, to load into
+    model = model.to_empty(device="cpu")
+    load_state(model, sd, path)
+    if quantize == "int8":
+        quantize_int8(merge_lora(model))  # only swaps layers that are still float
+    return model.eval(), ckpt
+
+
+def fold_head_bias(weight, bias, shift):
+    """ln_f's shift with the head's bias folded in: shift + delta where weight @ delta = bias.
+
+    The final LayerNorm feeds only the head, so weight @ (x + shift + delta) = weight @ (x + shift) + bias for every
+    x: a head without a bias (GPT2ForSequenceClassification's score) then gives the same logits. delta is the
+    least-norm solution; it exists when the head's rows are linearly independent (a trained head with no more
+    classes than emb_dim). None when no delta keeps the logits within 1e-5.
+    """
+    W, b = weight.double(), bias.double()
+    delta = torch.linalg.pinv(W) @ b  # (emb_dim,)
+    folded = (shift.double() + delta).float()
+    # what the solve misses, plus the float32 rounding a large delta adds at every position
+    err = (W @ (folded.double() - shift.double()) - b).abs().max() + (W.abs() @ delta.abs()).max() * 2 ** -23
+    return folded if err <= 1e-5 else None
+
+
+def published_classifier_state_dict(model, source="the classifier"):
+    """Our classifier's tensors under GPT2ForSequenceClassification's names: the body as transformer.*, the head as
+    score.weight (num_classes, emb_dim), which has no bias: out_head's bias is folded into transformer.ln_f.bias."""
+    cfg, sd = model.cfg, _float_state_dict(model)
+    weight = sd["out_head.weight"].float()
+    tensors = _published_tensors(sd, cfg, key_pairs(cfg["n_layers"]))
+    bias = sd.get("out_head.bias")
+    if bias is not None and bias.any():
+        tensors["ln_f.bias"] = fold_head_bias(weight, bias.float(), tensors["ln_f.bias"])
+        if tensors["ln_f.bias"] is None:
+            raise UserError(f"{source}: out_head's bias cannot move into ln_f (its {weight.shape[0]} rows are "
+                            f"linearly dependent, e.g. more classes than emb_dim {cfg['emb_dim']}), and "
+                            f"GPT2ForSequenceClassification has no bias: use the .pth with finetune_cls.py instead")
+    return {**{f"transformer.{k}": v for k, v in tensors.items()}, "score.weight": weight}
+
+
+def hf_classifier_config(cfg, class_names, pad_id=EOT_ID):
+    """config.json of a GPT2ForSequenceClassification: our class names as labels, and the padding id by which it
+    finds each text's last real token: the rightmost token that is not padding. Padding is <|endoftext|>, so a text
+    that ends in that token is read one token earlier (finetune_cls.py reads "<|endoftext|>" in a text as plain
+    text, never as the token)."""
+    return {**hf_config(cfg, tied=True), "architectures": ["GPT2ForSequenceClassification"],
+            "num_labels": len(class_names), "id2label": {str(i): n for i, n in enumerate(class_names)},
+            "label2id": {n: i for i, n in enumerate(class_names)}, "pad_token_id": pad_id,
+            "problem_type": "single_label_classification"}
+
+
+def is_hf_classifier(path):
+    """True for a published-layout checkpoint with a classification head (score.weight)."""
+    st_path, _ = _find_files(path)
+    return "score.weight" in SafetensorsFile(st_path).entries
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tokenizer files, generation defaults and the chat template, for transformers
+# ---------------------------------------------------------------------------------------------------------------
+
+def tiktoken_cache_dir():
+    """The folder tiktoken caches downloads in, found as tiktoken finds it; None when its caching is off ("")."""
+    for var in ("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR"):
+        if var in os.environ:
+            return os.environ[var] or None
+    return os.path.join(tempfile.gettempdir(), "data-gym-cache")
+
+
+def cached_bpe_file(url, sha256):
+    """The bytes tiktoken cached for url, or None when the cache holds no intact copy."""
+    folder = tiktoken_cache_dir()
+    path = os.path.join(folder, hashlib.sha1(url.encode()).hexdigest()) if folder else None
+    if not path or not os.path.isfile(path):
+        return None
+    with open(path, "rb") as f:
+        data = f.read()
+    return data if hashlib.sha256(data).hexdigest() == sha256 else None
+
+
+def gpt2_bpe_files():
+    """{"vocab.json": GPT-2's encoder.json, "merges.txt": its vocab.bpe} as bytes, from tiktoken's cache (checked
+    against their sha256); rebuilt from tiktoken's gpt2 ranks when the cache lacks them."""
+    files = {name: cached_bpe_file(url, sha) for name, (url, sha) in GPT2_BPE_FILES.items()}
+    if all(files.values()):
+        return files
+    vocab, merges = bpe_files_from_encoding(get_tokenizer())  # one clear line when tiktoken cannot load gpt2
+    return {"vocab.json": json.dumps(vocab, ensure_ascii=False).encode("utf-8"),
+            "merges.txt": "".join(line + "\n" for line in ["#version: 0.2", *merges]).encode("utf-8")}
+
+
+def gpt2_byte_chars():
+    """byte -> the character GPT-2's files write it as: itself when printable and not a space, else chr(256 + n)
+    for the n-th byte that is not."""
+    chars, n = {}, 0
+    for b in range(256):
+        if chr(b).isprintable() and chr(b) != " ":
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + n)
+            n += 1
+    return chars
+
+
+def bpe_files_from_encoding(enc):
+    """(vocab {token text: id}, merges ["left right", ...] in rank order) of a tiktoken byte-level BPE (gpt2), in
+    the text form of GPT-2's encoder.json and vocab.bpe.
+
+    tiktoken keeps each token's bytes and rank only; the merge that made a token is what BPE leaves of its bytes
+    when it may use only the merges ranked below it: exactly two parts.
+    """
+    ranks = {t: enc.encode_single_token(t) for t in enc.token_byte_values()}
+    char = gpt2_byte_chars()
+
+    def text(token):
+        return "".join(char[b] for b in token)
+
+    vocab = {text(t): r for t, r in ranks.items()}
+    vocab.update({s: enc.encode_single_token(s) for s in enc.special_tokens_set})
+    merges = [" ".join(map(text, _last_merge(t, r, ranks)))
+              for t, r in sorted(ranks.items(), key=lambda kv: kv[1]) if len(t) > 1]
+    return vocab, merges
+
+
+def _last_merge(token, rank, ranks):
+    """The two parts BPE leaves of token's bytes using only the merges ranked below `rank`."""
+    parts = [bytes([b]) for b in token]
+    while len(parts) > 2:
+        best, i = min((ranks.get(a + b, rank), i) for i, (a, b) in enumerate(zip(parts, parts[1:])))
+        if best >= rank:
+            raise UserError(f"cannot rebuild merges.txt: tiktoken's token {token!r} is not made by lower-ranked "
+                            f"merges; set TIKTOKEN_CACHE_DIR to a folder holding GPT-2's encoder.json and vocab.bpe")
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+    return parts
+
+
+def tokenizer_config(model_max_length, chat_template=None):
+    """tokenizer_config.json: GPT-2's BPE with <|endoftext|> as every special token, no prefix space, no clean-up
+    on decode, right padding: ids and text equal tiktoken's encode(text, allowed_special={EOT}) and decode."""
+    return {"tokenizer_class": "GPT2Tokenizer", "add_prefix_space": False, "add_bos_token": False,
+            "errors": "replace", "bos_token": EOT, "eos_token": EOT, "unk_token": EOT, "pad_token": EOT,
+            "padding_side": "right", "clean_up_tokenization_spaces": False, "model_max_length": model_max_length,
+            **({"chat_template": chat_template} if chat_template else {})}
+
+
+def alpaca_chat_template():
+    """data.conversation_segments as a Jinja chat template: apply_chat_template gives format_conversation's text.
+
+    A first system message becomes the ### Instruction and user turns ### Input, else user turns are ### Instruction.
+    Each user turn ends with the response header, as in training, so add_generation_prompt changes nothing; there is
+    no end-of-text between turns. Roles other than user and assistant (after the first) are refused.
+    """
+    def lit(text):  # a Jinja string literal: Jinja reads JSON's escapes of ASCII text as Python's
+        return json.dumps(text)
+
+    return "".join([
+        "{% if messages and messages[0]['role'] == 'system' %}",
+        "{% set system = messages[0]['content'] %}{% set turns = messages[1:] %}",
+        "{% else %}{% set system = '' %}{% set turns = messages %}{% endif %}",
+        "{{ " + lit(ALPACA_INTRO) + " }}",
+        "{% if system %}{{ " + lit("\n\n### Instruction:\n") + " ~ system }}{% endif %}",
+        "{% set header = " + lit("\n\n### Input:\n") + " if system else " + lit("\n\n### Instruction:\n") + " %}",
+        "{% for m in turns %}",
+        "{% if m['role'] == 'user' %}{{ header ~ m['content'] ~ " + lit(RESPONSE_HEADER) + " }}",
+        "{% elif m['role'] == 'assistant' %}{{ m['content'] }}",
+        "{% else %}{{ raise_exception('after an optional first system message, roles must be user or assistant') }}",
+        "{% endif %}{% endfor %}",
+    ])
+
+
+CHAT_TEMPLATES = {TEMPLATE_NAME: alpaca_chat_template}  # a chat checkpoint's `template` -> its Jinja version
+
+
+def hf_side_files(cfg, ckpt, model_max_length, source):
+    """name -> bytes of what transformers reads beside the weights: for a model with GPT-2's vocabulary, the
+    tokenizer files (with the chat template for a chat model) and, for a language model, generation_config.json."""
+    if cfg["vocab_size"] <= EOT_ID:
+        return {}  # a toy vocabulary: GPT-2's tokenizer would give ids the model does not have
+    template = None
+    if ckpt.get("kind") == "chat":
+        name = ckpt.get("template", TEMPLATE_NAME)
+        if name not in CHAT_TEMPLATES:
+            raise UserError(f"{source} was trained with chat template {name!r}, which has no Jinja version here "
+                            f"(known: {', '.join(CHAT_TEMPLATES)}): add one to load_gpt2.CHAT_TEMPLATES")
+        template = CHAT_TEMPLATES[name]()
+    files = dict(gpt2_bpe_files())
+    files["tokenizer_config.json"] = _json_bytes(tokenizer_config(model_max_length, template))
+    files["special_tokens_map.json"] = _json_bytes({k: EOT for k in ("bos_token", "eos_token", "unk_token",
+                                                                     "pad_token")})
+    if ckpt.get("kind") != "cls":
+        files["generation_config.json"] = _json_bytes({"bos_token_id": EOT_ID, "eos_token_id": EOT_ID,
+                                                       "pad_token_id": EOT_ID, **GENERATION_DEFAULTS})
+    return files
+
+
+def _json_bytes(obj):
+    return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
 
 
 def export_hf(pth_path, out_dir, force=False):
-    """Write out_dir/model.safetensors + config.json in the published GPT-2 layout from one of our .pth files."""
+    """Write out_dir in the layout transformers loads from one of our .pth files: model.safetensors and config.json
+    (GPT2LMHeadModel, or GPT2ForSequenceClassification for a finetune_cls.py classifier), and for GPT-2's vocabulary
+    the tokenizer files (vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json; a chat model's
+    template inside) and, for language models, generation_config.json. Returns out_dir."""
     if not out_dir:
-        raise UserError("--export needs --out FOLDER: where to write model.safetensors and config.json")
+        raise UserError("--export needs --out FOLDER: where to write model.safetensors, config.json and the rest")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UserError(f"--out {out_dir} is a file, not a folder: pick a folder path (it is created if missing)")
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not force:
         raise UserError(f"{out_dir} exists and is not empty: pick a new folder or pass --force")
     if not os.path.isfile(pth_path):
         raise UserError(f"no checkpoint at {pth_path}: pass the .pth written by a training run")
-    model, _ = load_pth(pth_path, int8_ok=True)
-    tensors, tied = published_state_dict(model)
+    if read_checkpoint(pth_path).get("kind") == "cls":  # memory-mapped: only the small entries are read
+        model, ckpt = load_classifier(pth_path)
+        merge_lora(model)
+        tensors = published_classifier_state_dict(model, pth_path)
+        config = hf_classifier_config(model.cfg, list(ckpt["class_names"]), ckpt.get("pad_id", EOT_ID))
+        max_length = ckpt.get("max_length") or model.cfg["context_length"]  # where finetune_cls.py cuts texts
+    else:
+        model, ckpt = load_pth(pth_path, int8_ok=True)
+        tensors, tied = published_state_dict(model)
+        config = hf_config(model.cfg, tied)
+        max_length = model.cfg["context_length"]
+    files = {"config.json": _json_bytes(config), **hf_side_files(model.cfg, ckpt, max_length, pth_path)}
     created = not os.path.isdir(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     try:
         write_safetensors(os.path.join(out_dir, "model.safetensors"), tensors, {"format": "pt"})
-        write_json(os.path.join(out_dir, "config.json"), hf_config(model.cfg, tied))
+        for name, content in files.items():
+            atomic_write(os.path.join(out_dir, name), lambda f, content=content: f.write(content))
     except BaseException:
         if created:
             shutil.rmtree(out_dir, ignore_errors=True)
@@ -648,7 +971,7 @@ def main(argv=None):
     cfg = get_config(DEFAULTS, argv, __doc__)
     if cfg["export"]:
         out = export_hf(cfg["export"], cfg["out"], cfg["force"])
-        print(f"wrote {os.path.join(out, 'model.safetensors')} and {os.path.join(out, 'config.json')}")
+        print(f"wrote {out}: {', '.join(sorted(os.listdir(out)))}")
         return out
     name = cfg["model"]
     if name in PRETRAINED:
@@ -661,9 +984,15 @@ def main(argv=None):
     else:
         raise UserError(f"unknown model {name!r}: choose one of {', '.join(PRETRAINED)}, or pass a local "
                         f"model.safetensors or folder")
-    model = load_hf_checkpoint(folder, n_heads=cfg["n_heads"] or None)
-    print(f"loaded {name}: {count_parameters(model) / 1e6:.1f}M parameters")
-    save_pth(out, checkpoint_dict(model, "pretrained", source=name))
+    if is_hf_classifier(folder):  # GPT2ForSequenceClassification: a classifier .pth for finetune_cls.py
+        model, extras = load_hf_classifier(folder)
+        print(f"loaded classifier {name}: {count_parameters(model) / 1e6:.1f}M parameters, classes "
+              f"{', '.join(extras['class_names'])}")
+        save_pth(out, checkpoint_dict(model, "cls", source=name, **extras))
+    else:
+        model = load_hf_checkpoint(folder, n_heads=cfg["n_heads"] or None)
+        print(f"loaded {name}: {count_parameters(model) / 1e6:.1f}M parameters")
+        save_pth(out, checkpoint_dict(model, "pretrained", source=name))
     print(f"wrote {out}")
     return out
 

@@ -2814,6 +2814,8 @@ def make_bad_inputs(w):
     cls = faults_tiny_model()
     cls.out_head = torch.nn.Linear(32, 2)
     M.save_checkpoint(str(w / "cls.pth"), cls, kind="cls", class_names=["ham", "spam"], max_length=16)
+    cls.out_head = torch.nn.Linear(32, 40)  # more classes than emb_dim: its bias cannot be folded into ln_f
+    M.save_checkpoint(str(w / "cls_40.pth"), cls, kind="cls", class_names=[f"c{i}" for i in range(40)], max_length=16)
     (w / "zero.pth").write_bytes(b"")
     raw = (w / "lm.pth").read_bytes()
     (w / "truncated.pth").write_bytes(raw[: len(raw) // 2])
@@ -2945,7 +2947,7 @@ def bad_input_cases():
         ("load_gpt2.py", L + ["--export", "missing.pth", "--out", "hf"], "no checkpoint"),
         ("load_gpt2.py", L + ["--export", "lm.pth"], "--out"),
         ("load_gpt2.py", L + ["--export", "lm.pth", "--out", "afile"], "not a folder"),
-        ("load_gpt2.py", L + ["--export", "cls.pth", "--out", "hf"], "is a classifier"),
+        ("load_gpt2.py", L + ["--export", "cls_40.pth", "--out", "hf"], "cannot move into ln_f"),
         ("load_gpt2.py", L + ["--export", "zero.pth", "--out", "hf"], "empty"),
         ("load_gpt2.py", L + ["--export", "truncated.pth", "--out", "hf"], "truncated.pth"),
         # bench.py
