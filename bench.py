@@ -24,6 +24,7 @@ import time
 import torch
 from tqdm import tqdm
 
+from data import check_output, write_json
 from layers import optimize_for_decoding, quantize_int8
 from model import GPT_CONFIG_124M, MODEL_CONFIGS, GPTModel, count_parameters, generate
 from settings import (UserError, autocast, changed_settings, entry, get_config, has_native_bf16, keep_freed_memory,
@@ -484,6 +485,7 @@ def main(argv=None):
     device = pick_device(cfg["device"])
     if device.type == "cpu":
         keep_freed_memory()  # as the training scripts do (trainer.train_model); it applies to transformers too
+    check_output(cfg["json"] if cfg["json"] != "-" else "", "--json", can_force=False)  # before the long work
     flags, skipped = plan(cfg, device)
     mcfg = model_config(cfg["size"], cfg["context_length"])
     with torch.device("meta"):
@@ -517,8 +519,7 @@ def main(argv=None):
     if cfg["json"] == "-":
         print(json.dumps(result, indent=1))
     elif cfg["json"]:
-        with open(cfg["json"], "w") as f:
-            json.dump(result, f, indent=1)
+        write_json(cfg["json"], result)
         print(f"wrote {cfg['json']}")
     else:
         print("nothing written (--json PATH saves the numbers)")

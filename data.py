@@ -775,6 +775,13 @@ def _parent_is_file(path):
     return bool(parent) and not os.path.isdir(parent)
 
 
+def check_parent(path, flag):
+    """Refuse a path below a regular file (e.g. afile/x.pth) before any work starts."""
+    if _parent_is_file(path):
+        raise UserError(f"{flag} {path}: a folder on that path is a regular file: choose another path")
+    return path
+
+
 def save_pth(path, obj):
     """torch.save(obj) to path, atomically."""
     return atomic_write(path, lambda f: torch.save(obj, f))
@@ -809,23 +816,31 @@ def _process_alive(pid):
     return True
 
 
-def check_output_path(path, flag, force=False, what="file"):
-    """Refuse, before any work starts, an output path that cannot be written or would replace a file without --force.
-
-    A parent that is a regular file, a file target that is a folder, or an existing file without force each give a
-    UserError naming the flag.
-    """
+def check_output(path, flag, force=False, inputs=(), can_force=True):
+    """Refuse, before any work starts, an output path that cannot be written (below a regular file, or a folder),
+    or that would replace a checkpoint or one of the command's own inputs unless force. Returns path."""
     if not path:
         return path
-    if _parent_is_file(path):
-        raise UserError(f"{flag} {path}: a folder on that path is a regular file: choose another path")
-    if what == "file" and os.path.isdir(path):
+    check_parent(path, flag)
+    if os.path.isdir(path):
         raise UserError(f"{flag} {path} is a folder: pass a file path")
-    if what == "folder" and os.path.exists(path) and not os.path.isdir(path):
-        raise UserError(f"{flag} {path} is a file, not a folder: pick a folder path (it is created if missing)")
-    if what == "file" and os.path.exists(path) and not force:
-        raise UserError(f"{flag} {path} already exists: pass --force to replace it, or choose another path")
+    if os.path.exists(path) and not force:
+        fix = "pass --force to replace it, or choose another path" if can_force else "choose another path"
+        if any(os.path.exists(i) and os.path.samefile(path, i) for i in inputs if i):
+            raise UserError(f"{flag} {path} is this command's own input: {fix}")
+        if is_checkpoint_file(path):
+            raise UserError(f"{flag} {path} already holds a checkpoint: {fix}")
     return path
+
+
+def is_checkpoint_file(path):
+    """Whether path starts like a torch checkpoint (a zip or a pickle) or a safetensors file."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    return head[:2] in (b"PK", b"\x80\x02") or len(head) == 9 and head[8:9] == b"{"
 
 
 # ---------------------------------------------------------------------------------------------------------------

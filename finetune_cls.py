@@ -24,8 +24,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from data import (EOT_ID, ClassificationDataset, balance_classes, class_names_of, fetch_sms_spam, read_labelled_csv,
-                  read_sms_spam, read_text_file, save_pth, split_rows, write_json, write_labelled_csv)
+from data import (EOT_ID, ClassificationDataset, balance_classes, check_output, class_names_of, fetch_sms_spam,
+                  read_labelled_csv, read_sms_spam, read_text_file, save_pth, split_rows, write_json,
+                  write_labelled_csv)
 from layers import Int8Linear, add_lora, merge_lora
 from load_gpt2 import load_classifier
 from model import checkpoint_dict, count_parameters
@@ -62,6 +63,7 @@ DEFAULTS = dict(
     merge_lora=False,          # fold --checkpoint's LoRA adapters into plain weights, written as NAME_merged.pth
     quantize="none",           # none | int8: --predict / --evaluate with per-channel int8 Linear weights
     save_int8="",              # write --checkpoint with int8 weights (LoRA merged) to this .pth and exit; "" = off
+    force=False,               # let --save_int8 / --merge_lora replace an existing checkpoint
     **training_settings(
         batch_size=8,          # texts per micro-batch (per process under torchrun)
         epochs=5,              # passes over the training texts; 0 = only evaluate the untrained classifier
@@ -308,9 +310,9 @@ def main(argv=None):
     if cfg["evaluate"]:
         return run_evaluate(cfg, checkpoint, device, dtype)
     if cfg["merge_lora"]:
-        return run_merge(checkpoint)
+        return run_merge(checkpoint, check_output(merged_path(checkpoint), "--merge_lora", cfg["force"]))
     if cfg["save_int8"]:
-        return run_save_int8(checkpoint, cfg["save_int8"])
+        return run_save_int8(checkpoint, check_output(cfg["save_int8"], "--save_int8", cfg["force"], [checkpoint]))
     return run_training(cfg, checkpoint, device, dtype, command_line(__file__, argv))
 
 
@@ -365,15 +367,18 @@ def run_evaluate(cfg, checkpoint, device, dtype):
     return metrics
 
 
-def run_merge(checkpoint):
+def merged_path(checkpoint):
+    return (checkpoint[:-4] if checkpoint.endswith(".pth") else checkpoint) + "_merged.pth"
+
+
+def run_merge(checkpoint, out):
     model, ckpt = load_classifier(checkpoint)
     if not ckpt.get("lora"):
         raise UserError(f"{checkpoint} has no LoRA adapters (trained with --trainable {ckpt.get('trainable')}): "
                         f"nothing to merge")
     merge_lora(model)
-    stem = checkpoint[:-4] if checkpoint.endswith(".pth") else checkpoint
     keep = {**{k: ckpt[k] for k in CLS_KEYS if k in ckpt}, "lora": None, "merged_from": checkpoint}
-    out = save_pth(stem + "_merged.pth", checkpoint_dict(model, "cls", **keep))
+    save_pth(out, checkpoint_dict(model, "cls", **keep))
     print(f"folded the rank-{ckpt['lora']['rank']} adapters into the weights of {checkpoint}; wrote {out}")
     return out
 

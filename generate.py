@@ -2,19 +2,23 @@
 
     python generate.py --temperature 0.8                          # continue "Every effort moves you"
     python generate.py --prompt "The verdict was" --top_p 0.9 --num_samples 3 --stream
+    echo "Once upon a time" | python generate.py --prompt - --temperature 0   # or --prompt_file story.txt
     python generate.py --init gpt2 --prompt "Hello, I am" --temperature 0   # OpenAI's GPT-2, greedy
     python generate.py --show_probs                                # next-token probabilities at three temperatures
     python generate.py --num_beams 4 --quantize int8               # beam search on int8 weights
     python generate.py --quantize int8 --save_int8 runs/pretrain/model-int8.pth   # write the int8 model, ~43 % size
     python generate.py --chat --checkpoint runs/chat/gpt2-medium355M-sft.pth   # talk to finetune_chat.py's model
 """
+import contextlib
+import io
 import os
+import re
 import sys
 
 import torch
 
-from data import (EOT_ID, NEXT_TURN_MARKERS, TEMPLATE_NAME, conversation_segments, cut_reply, encode_segments,
-                  get_tokenizer, save_pth, text_to_token_ids)
+from data import (EOT_ID, NEXT_TURN_MARKERS, TEMPLATE_NAME, check_output, conversation_segments, cut_reply,
+                  encode_segments, get_tokenizer, read_text_file, save_pth, text_to_token_ids)
 from layers import optimize_for_decoding, quantize_int8
 from load_gpt2 import init_model
 from model import KVCache, checkpoint_dict, count_parameters, generate_stream
@@ -23,7 +27,8 @@ from settings import UserError, autocast, entry, get_config, pick_device, pick_d
 DEFAULTS = dict(
     checkpoint="runs/pretrain/model.pth",  # what to sample from (pretrain.py writes it)
     init="",                   # gpt2 | gpt2-medium | gpt2-large | gpt2-xl | PATH: use this instead of --checkpoint
-    prompt="Every effort moves you",  # text to continue
+    prompt="Every effort moves you",  # text to continue; - = read it from standard input
+    prompt_file="",            # read the text to continue from this file instead; "" = off
     max_new_tokens=50,         # tokens to add
     temperature=0.8,           # 0 = greedy; <1 sharper, >1 more random
     top_k=50,                  # keep the k most likely tokens; 0 = off
@@ -33,6 +38,7 @@ DEFAULTS = dict(
     length_penalty=1.0,        # beam score = log-probability / length ** this; 0 = plain sum, >1 favours longer text
     quantize="none",           # none | int8: per-channel int8 weights for the Linear layers (faster decoding on CPU)
     save_int8="",              # with --quantize int8: write the int8 model to this .pth and exit ("" = off)
+    force=False,               # let --save_int8 / --probs_plot replace an existing checkpoint or this run's input
     num_samples=1,             # continuations to print
     seed=123,                  # sampling seed
     stream=False,              # print tokens as they come
@@ -55,7 +61,7 @@ def check_settings(cfg):
         raise UserError(f"--top_k must be >= 0 (0 = off), got {cfg['top_k']}")
     if cfg["max_new_tokens"] < 0 or cfg["num_samples"] < 1:
         raise UserError("--max_new_tokens must be >= 0 and --num_samples >= 1")
-    if not cfg["prompt"].strip():
+    if not cfg["prompt"].strip() and not cfg["prompt_file"]:
         raise UserError("--prompt is empty: give some text to continue")
     if cfg["repetition_penalty"] <= 0 or cfg["num_beams"] < 1:
         raise UserError("--repetition_penalty must be > 0 (1 = off) and --num_beams >= 1 (1 = off)")
@@ -71,6 +77,57 @@ def check_settings(cfg):
                         "--chat and --repetition_penalty, or use --num_beams 1")
     if cfg.get("chat") and cfg["repetition_penalty"] != 1:
         raise UserError("--repetition_penalty is not available with --chat")
+
+
+def read_prompt(cfg, stdin=None):
+    """The text to continue: --prompt, its `-` read from standard input, or the contents of --prompt_file."""
+    if cfg["prompt_file"]:
+        text, source = read_text_file(cfg["prompt_file"]), cfg["prompt_file"]
+    elif cfg["prompt"] == "-":
+        raw, source = (stdin or sys.stdin.buffer).read(), "standard input"
+        try:
+            text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+        except UnicodeDecodeError as e:
+            raise UserError(f"standard input is not UTF-8 (bad byte at offset {e.start}): send UTF-8 text") from None
+    else:
+        return cfg["prompt"]
+    if not text.strip():
+        raise UserError(f"the prompt from {source} is empty: give some text to continue")
+    return text
+
+
+def beam_memory(model, num_beams, max_new_tokens):
+    """Bytes beam search holds at its peak: a KV cache row per beam over the context, and (num_beams, vocab)
+    float64 scores, twice."""
+    c = model.cfg
+    return 2 * c["n_layers"] * num_beams * c["context_length"] * c["emb_dim"] * 4 + 2 * num_beams * c["vocab_size"] * 8
+
+
+def available_memory(device):
+    """Bytes that can still be allocated on device (None where it cannot be told)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_limits(cfg, model, device):
+    """Refuse requests that the model or the memory cannot serve, before generating anything."""
+    vocab = model.cfg["vocab_size"]
+    if cfg["num_beams"] > vocab:
+        raise UserError(f"--num_beams {cfg['num_beams']} exceeds the vocabulary of {vocab} tokens: use fewer beams")
+    need = beam_memory(model, cfg["num_beams"], cfg["max_new_tokens"]) if cfg["num_beams"] > 1 else 0
+    need += 64 * cfg["max_new_tokens"]  # the growing sequence and its text, per new token
+    free = available_memory(device)
+    if free is not None and need > 0.8 * free:
+        raise UserError(f"--num_beams {cfg['num_beams']} with --max_new_tokens {cfg['max_new_tokens']} needs about "
+                        f"{need / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB free: lower them")
 
 
 def load_for_sampling(cfg, device):
@@ -344,12 +401,21 @@ def read_messages(stdin, interactive):
         yield line.rstrip("\r\n")
 
 
+CHAT_HELP = """commands:
+  /reset   forget the conversation and start a new one
+  /help    show this list
+  /exit    leave (so does Ctrl-D)
+anything else is sent to the model as your message"""
+
+
 def chat(model, ckpt, cfg, device, dtype, stdin=None, out=None):
     """Talk with the model: one user message per line of stdin, each reply streamed to out.
 
     Every prompt holds the earlier turns in the template (--system first, if given); the KV cache keeps the
     unchanged prefix between turns; when the conversation outgrows the context the oldest exchanges are dropped.
-    `/reset` forgets the conversation, `/exit` or the end of input leaves. Returns the turns as dicts of user,
+    `/reset` forgets the conversation, `/help` lists the commands, `/exit` or the end of input leaves; an empty
+    reply shows as (empty reply). In a terminal the standard library's readline gives line editing and history.
+    Returns the turns as dicts of user,
     reply, prompt (the text the model saw) and reused (prompt tokens taken from the cache).
     """
     stdin, out = stdin or sys.stdin, out or sys.stdout
@@ -368,18 +434,24 @@ def chat(model, ckpt, cfg, device, dtype, stdin=None, out=None):
     gen = torch.Generator(device=device).manual_seed(cfg["seed"])
     print(f"device {device}, {count_parameters(model):,} parameters, context {ctx}", file=sys.stderr)
     if interactive:
-        print("chat: type a message; /reset forgets the conversation, /exit (or Ctrl-D) leaves", file=sys.stderr)
+        with contextlib.suppress(ImportError):
+            import readline  # noqa: F401  (line editing and history for input(), where the platform has it)
+        print("chat: type a message; /help lists the commands, /exit (or Ctrl-D) leaves", file=sys.stderr)
     messages, turns, told = [], [], False
     for line in read_messages(stdin, interactive):
         text = line.strip()
         if not text:
             continue
-        if text == "/exit":
-            break
-        if text == "/reset":
-            messages = []
-            if interactive:
+        if re.fullmatch(r"/\w+", text):  # a command: a lone /word (a message may still start with /)
+            if text == "/exit":
+                break
+            if text == "/reset":
+                messages = []
                 print("(conversation cleared)", file=sys.stderr)
+            elif text == "/help":
+                print(CHAT_HELP, file=sys.stderr)
+            else:
+                print(f"unknown command {text}: /help lists the commands", file=sys.stderr)
             continue
         ids, dropped = chat_prompt(messages + [{"role": "user", "content": text}], cfg["system"], ctx,
                                    cfg["max_new_tokens"], tokenizer)
@@ -399,6 +471,8 @@ def chat(model, ckpt, cfg, device, dtype, stdin=None, out=None):
             reply = generate_reply(model, idx, min(cfg["max_new_tokens"], ctx - len(ids)), cfg["temperature"],
                                    cfg["top_k"] or None, cfg["top_p"], kv_cache=cache, generator=gen, out=out,
                                    tokenizer=tokenizer)
+        if not reply:
+            out.write("(empty reply)")
         out.write("\n\n" if interactive else "\n")
         out.flush()
         messages += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
@@ -411,8 +485,13 @@ def main(argv=None):
     torch.manual_seed(cfg["seed"])
     device = pick_device(cfg["device"])
     dtype = pick_dtype(cfg["dtype"], device)
+    source = cfg["init"] or cfg["checkpoint"]
+    check_output(cfg["save_int8"], "--save_int8", cfg["force"], inputs=[source])
+    if cfg["show_probs"]:
+        check_output(cfg["probs_plot"], "--probs_plot", cfg["force"], inputs=[source])
+    prompt = read_prompt(cfg) if not cfg["chat"] else ""
     model, ckpt = load_for_sampling(cfg, device)
-    model.eval()
+    check_limits(cfg, model, device)
     if cfg["quantize"] == "int8":
         quantize_int8(model)  # per-channel int8 weights, computed from the loaded float ones
         if cfg["save_int8"]:
@@ -422,7 +501,7 @@ def main(argv=None):
     if cfg["chat"]:
         return chat(model, ckpt, cfg, device, dtype)
     tokenizer = get_tokenizer()
-    idx = text_to_token_ids(cfg["prompt"], tokenizer).to(device)
+    idx = text_to_token_ids(prompt, tokenizer).to(device)
     ctx = model.cfg["context_length"]
     if idx.shape[1] > ctx:
         raise UserError(f"the prompt is {idx.shape[1]} tokens, longer than the model's context of {ctx}: shorten it")
@@ -435,9 +514,9 @@ def main(argv=None):
     for n in range(cfg["num_samples"]):
         if cfg["num_samples"] > 1:
             print(f"--- sample {n + 1}")
-        streamer = TextStreamer(tokenizer, sys.stdout if cfg["stream"] else open(os.devnull, "w"))
+        streamer = TextStreamer(tokenizer, sys.stdout if cfg["stream"] else io.StringIO())
         if cfg["stream"]:
-            print(cfg["prompt"], end="", flush=True)
+            print(prompt, end="", flush=True)
         with autocast(device, dtype):
             if cfg["num_beams"] > 1:
                 best = generate_beam(model, idx, cfg["max_new_tokens"], cfg["num_beams"], ctx,
@@ -452,7 +531,7 @@ def main(argv=None):
                     if next_id.item() == EOT_ID:
                         break
                     streamer.put(next_id.item())
-        text = cfg["prompt"] + streamer.text()
+        text = prompt + streamer.text()
         print("" if cfg["stream"] else text)
         texts.append(text)
     return texts

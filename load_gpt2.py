@@ -21,8 +21,8 @@ import requests
 import torch
 import torch.nn as nn
 
-from data import (ALPACA_INTRO, EOT_ID, RESPONSE_HEADER, TEMPLATE_NAME, DownloadError, atomic_write, download,
-                  get_tokenizer, json_depth, parse_json, save_pth, sha256_of, write_json)
+from data import (ALPACA_INTRO, EOT_ID, RESPONSE_HEADER, TEMPLATE_NAME, DownloadError, atomic_write, check_output,
+                  check_parent, download, get_tokenizer, json_depth, parse_json, save_pth, sha256_of, write_json)
 from layers import add_lora, is_int8_state_dict, merge_lora, quantize_int8
 from model import (GPT_CONFIG_124M, HEADS_FOR_WIDTH, CheckpointError, GPTModel, checkpoint_config, checkpoint_dict,
                    count_parameters, empty_model, load_state, read_checkpoint)
@@ -33,7 +33,7 @@ DEFAULTS = dict(
     models_dir="models",   # where downloads are kept and the converted .pth is written
     out="",                # without --export: the .pth to write ("" = models_dir/gpt2-124M.pth etc.); with it: a folder
     export="",             # a .pth to write out in the published GPT-2 layout, tokenizer files included ("" = off)
-    force=False,           # export into a folder that already holds files
+    force=False,           # export into a folder that already holds files, or let --out replace a checkpoint
     n_heads=0,             # heads of a checkpoint that has no config.json (0 = from the standard GPT-2 sizes)
     hub_url="",            # base URL of the hub ("" = $GPT2_HUB_URL, else https://huggingface.co)
     verify=False,          # re-hash a downloaded file even when its size and mtime match the recorded check
@@ -308,25 +308,28 @@ def config_from_json(path, drop_rate=0.0):
         raise CheckpointError(f"{path} is not a JSON object")
     if hf.get("model_type", "gpt2") != "gpt2":
         raise CheckpointError(f"{path} describes a {hf['model_type']!r} model, not gpt2")
-    missing = [k for k in ("vocab_size", "n_embd", "n_layer", "n_head") if not isinstance(hf.get(k), int)]
-    ctx = hf.get("n_positions", hf.get("n_ctx"))
-    if not isinstance(ctx, int):
-        missing.append("n_positions")
-    if missing:
-        raise CheckpointError(f"{path} lacks integer {', '.join(missing)}")
+    if "n_positions" not in hf and "n_ctx" in hf:
+        hf["n_positions"] = hf["n_ctx"]
+    sizes = ("vocab_size", "n_embd", "n_layer", "n_head", "n_positions")
+    wrong = [f"{k} {hf.get(k)!r}" for k in sizes if type(hf.get(k)) is not int or hf[k] < 1]
+    if wrong:
+        raise CheckpointError(f"{path}: {', '.join(wrong)}: each of {', '.join(sizes)} must be a whole number >= 1")
+    ctx = hf["n_positions"]
     act = hf.get("activation_function", "gelu_new")
     if act not in ("gelu_new", "gelu_pytorch_tanh"):
         raise CheckpointError(f"{path}: activation_function {act!r} is not GPT-2's tanh GELU (gelu_new), which "
                               f"model.py computes")
     eps = hf.get("layer_norm_epsilon", 1e-5)
-    if not math.isclose(eps, 1e-5, rel_tol=1e-6):
-        raise CheckpointError(f"{path}: layer_norm_epsilon {eps} differs from model.py's 1e-5")
+    if type(eps) not in (int, float) or not math.isclose(eps, 1e-5, rel_tol=1e-6):
+        raise CheckpointError(f"{path}: layer_norm_epsilon {eps!r} differs from model.py's 1e-5")
     if hf.get("n_inner") not in (None, 4 * hf["n_embd"]):
-        raise CheckpointError(f"{path}: n_inner {hf['n_inner']} is not 4 * n_embd, which model.py assumes")
+        raise CheckpointError(f"{path}: n_inner {hf['n_inner']!r} is not 4 * n_embd, which model.py assumes")
     if hf.get("scale_attn_by_inverse_layer_idx") or not hf.get("scale_attn_weights", True):
         raise CheckpointError(f"{path}: attention scaling differs from GPT-2's 1/sqrt(head_dim)")
     if hf["n_embd"] % hf["n_head"]:
         raise CheckpointError(f"{path}: n_embd {hf['n_embd']} is not divisible by n_head {hf['n_head']}")
+    if type(hf.get("tie_word_embeddings", True)) is not bool:
+        raise CheckpointError(f"{path}: tie_word_embeddings must be true or false, got {hf['tie_word_embeddings']!r}")
     return {"vocab_size": hf["vocab_size"], "context_length": ctx, "emb_dim": hf["n_embd"], "n_heads": hf["n_head"],
             "n_layers": hf["n_layer"], "drop_rate": drop_rate, "qkv_bias": True,
             "tie_weights": bool(hf.get("tie_word_embeddings", True))}
@@ -337,8 +340,10 @@ def _config_from_shapes(entries, n_heads, drop_rate, path):
         if k not in entries or len(entries[k][1]) != 2:
             raise CheckpointError(f"{path} has no 2-D {k} (or transformer.{k}): not a GPT-2 checkpoint")
     V, d = entries["wte.weight"][1]
-    layers = 1 + max((int(k.split(".")[1]) for k in entries if k.startswith("h.") and k.split(".")[1].isdigit()),
-                     default=-1)
+    numbers = {int(k.split(".")[1]) for k in entries if k.startswith("h.") and k.split(".")[1].isdigit()}
+    layers = len(numbers)
+    if numbers != set(range(layers)):
+        raise CheckpointError(f"{path}: its layers h.N are not numbered 0 to {layers - 1}: a damaged or foreign file")
     heads = n_heads or HEADS_FOR_WIDTH.get(d)
     if not heads:
         raise CheckpointError(f"{path} has no config.json and width {d} is not a standard GPT-2 size: pass "
@@ -422,6 +427,12 @@ def _load_published(path, drop_rate=0.0, n_heads=None, classifier=False):
         cfg = config_from_json(cj_path, drop_rate)
         if n_heads and n_heads != cfg["n_heads"]:
             raise CheckpointError(f"n_heads {n_heads} contradicts {cj_path} (n_head {cfg['n_heads']})")
+        present = _config_from_shapes(entries, cfg["n_heads"], drop_rate, st_path)  # before anything is sized by cfg
+        clash = [f"{k} {cfg[k]} (the tensors: {present[k]})" for k in ("vocab_size", "context_length", "emb_dim",
+                                                                         "n_layers") if cfg[k] != present[k]]
+        if clash:
+            raise CheckpointError(f"{cj_path} contradicts {st_path}: {', '.join(clash)}: use the config.json that "
+                                  f"came with these weights")
         source = f"{cj_path}"
     else:
         cfg = _config_from_shapes(entries, n_heads, drop_rate, st_path)
@@ -936,6 +947,7 @@ def export_hf(pth_path, out_dir, force=False):
         raise UserError("--export needs --out FOLDER: where to write model.safetensors, config.json and the rest")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UserError(f"--out {out_dir} is a file, not a folder: pick a folder path (it is created if missing)")
+    check_parent(out_dir, "--out")
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not force:
         raise UserError(f"{out_dir} exists and is not empty: pick a new folder or pass --force")
     if not os.path.isfile(pth_path):
@@ -967,6 +979,14 @@ def export_hf(pth_path, out_dir, force=False):
 
 # ---------------------------------------------------------------------------------------------------------------
 
+def _converted_from(path):
+    """The source a converted .pth names, or None (any other file, or one that cannot be read)."""
+    try:
+        return read_checkpoint(path).get("source")
+    except CheckpointError:
+        return None
+
+
 def main(argv=None):
     cfg = get_config(DEFAULTS, argv, __doc__)
     if cfg["export"]:
@@ -975,15 +995,19 @@ def main(argv=None):
         return out
     name = cfg["model"]
     if name in PRETRAINED:
-        folder = ensure_downloaded(name, cfg["models_dir"], cfg["hub_url"] or None, cfg["verify"])
         out = cfg["out"] or os.path.join(cfg["models_dir"], f"gpt2-{PRETRAINED[name]}.pth")
     elif os.path.exists(name):
-        folder = name
         stem = os.path.basename(os.path.abspath(name if os.path.isdir(name) else os.path.dirname(name) or "."))
         out = cfg["out"] or os.path.join(cfg["models_dir"], f"{stem}.pth")
     else:
         raise UserError(f"unknown model {name!r}: choose one of {', '.join(PRETRAINED)}, or pass a local "
                         f"model.safetensors or folder")
+    if not cfg["out"] and not cfg["force"] and os.path.isfile(out) and _converted_from(out) == name:
+        print(f"{out} already holds {name}, converted earlier: nothing to do (--force converts it again)")
+        return out
+    check_output(out, "--out", cfg["force"], inputs=[name])  # before any download
+    folder = ensure_downloaded(name, cfg["models_dir"], cfg["hub_url"] or None, cfg["verify"]) \
+        if name in PRETRAINED else name
     if is_hf_classifier(folder):  # GPT2ForSequenceClassification: a classifier .pth for finetune_cls.py
         model, extras = load_hf_classifier(folder)
         print(f"loaded classifier {name}: {count_parameters(model) / 1e6:.1f}M parameters, classes "

@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import RandomSampler, SequentialSampler, default_collate
 from tqdm import tqdm
 
-from data import atomic_write, remove_stale_tmp, save_pth, write_json
+from data import atomic_write, check_parent, remove_stale_tmp, save_pth, write_json
 from load_gpt2 import init_model
 from model import MODEL_CONFIGS, GPTModel, checkpoint_dict, clean_state_dict, count_parameters, load_state, read_checkpoint
 from settings import UserError, autocast, keep_freed_memory
@@ -163,7 +163,7 @@ class RunFolder:
             if os.path.isdir(path):
                 raise UserError(f"{path} is a folder where the run writes a file: move it away or pass another "
                                 f"--out_dir")
-            check_parent(path)
+            check_parent(path, "output")
         self.logger = open_logger(self.cfg.get("logger", "none"), out_dir, self.cfg)  # a missing package fails now
         self._created = not os.path.exists(out_dir)
         try:
@@ -234,15 +234,6 @@ def _read_json(path):
             return json.load(f)
     except (OSError, ValueError):
         return None
-
-
-def check_parent(path):
-    """Refuse a path below a regular file (e.g. --out afile/x.pth) before any work starts."""
-    parent = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise UserError(f"{path}: {parent} is a file, not a folder: choose another path")
 
 
 def write_log(path, rows):
