@@ -1,15 +1,19 @@
-"""Teach GPT-2 to follow instructions (supervised fine-tuning), then to prefer better answers (DPO), and score it.
+"""Teach GPT-2 to follow instructions (supervised fine-tuning), then to prefer better answers: offline from
+preference pairs (DPO), or with RLHF: a reward model trained on the pairs, then online policy optimization.
 
     python finetune_chat.py                                  # the book's run: gpt2-medium, instruction-data.json
     python finetune_chat.py --init scratch --n_layers 4 --emb_dim 256 --n_heads 4 --context_length 256 \\
         --data my_chats.jsonl --mask_instruction --out_dir runs/chat-small    # own records or conversations
     python finetune_chat.py --method dpo --init runs/chat/gpt2-medium355M-sft.pth   # preference tuning after SFT
+    python finetune_chat.py --method rm                      # reward model: the SFT model with a scalar head
+    python finetune_chat.py --method grpo --reward_model runs/chat-rm/gpt2-medium355M-rm.pth   # RL against it
 
 Then talk to the result: python generate.py --chat --checkpoint runs/chat/gpt2-medium355M-sft.pth
 
 Records are JSON or JSONL: {"instruction", "input", "output"} like the book's, or {"messages": [{"role": "user" |
-"assistant", "content"}, ...]}; DPO records have "chosen" and "rejected" responses. The prompt template is the
-book's Alpaca one (data.format_input), shared with evaluation and generate.py --chat.
+"assistant", "content"}, ...]}; DPO and reward-model records have "chosen" and "rejected" responses; grpo/rloo use
+the prompts alone. The prompt template is the book's Alpaca one (data.format_input), shared with evaluation and
+generate.py --chat.
 """
 import copy
 import math
@@ -31,18 +35,21 @@ from data import (DATA_FILES, EOT_ID, TEMPLATE_NAME, InstructionDataset, Prefere
                   custom_collate_fn, cut_reply, encode_segments, fetch_data, format_prompt, get_tokenizer,
                   load_preference_records, load_records, preference_collate_fn, split_records, write_json)
 from layers import add_lora, merge_lora
+from load_gpt2 import load_classifier
 from model import checkpoint_dict, count_parameters, generate_stream
 from settings import (UserError, autocast, changed_settings, check_training, dtype_name, entry, get_config,
                       pick_device, pick_dtype, training_settings)
 from trainer import (TRAIN_STATE, RunFolder, build_model, calc_loss_batch, command_line, describe_distributed,
-                     evaluate_model, is_main_process, local_main_first, print_dry_run, save_model, setup_distributed,
-                     train_model, world_size)
+                     evaluate_model, is_main_process, last_token_logits, local_main_first, print_dry_run,
+                     process_rank, save_model, setup_distributed, train_model, world_size)
 
 DEFAULTS = dict(
-    method="sft",              # sft (learn the outputs) | dpo (learn to prefer chosen over rejected; from SFT)
+    method="sft",              # sft (learn the outputs) | dpo (prefer chosen over rejected; from SFT) | rm (a reward
+                               # model from the same pairs) | grpo | rloo (online RL against --reward, from SFT)
     data="",                   # JSON or JSONL records; "" = the book's data for --method, downloaded on first use
     out_dir="",                # "" = runs/chat (sft) or runs/chat-dpo (dpo)
-    init="",                   # gpt2 | gpt2-medium | ... | scratch | PATH.pth; "" = gpt2-medium (sft), the SFT's .pth (dpo)
+    init="",                   # gpt2 | gpt2-medium | ... | scratch | PATH.pth; "" = gpt2-medium (sft), else the SFT's
+                               # .pth
     model="gpt2",              # architecture when init=scratch: gpt2 | gpt2-medium | gpt2-large | gpt2-xl
     context_length=1024,       # tokens in a scratch model's position table
     emb_dim=0,                 # scratch model width; 0 = the size of --model
@@ -57,24 +64,43 @@ DEFAULTS = dict(
     split_seed=123,            # shuffles the records before the split; -1 = file order (the book's split)
     allowed_max_length=1024,   # longest training sequence in tokens (and at most the model's context); longer are cut
     mask_instruction=False,    # learn the responses only: prompt tokens get no loss (sft)
-    beta=0.1,                  # DPO: strength of the pull towards the reference model (higher = stays closer)
-    max_new_tokens=256,        # longest answer to a test record (sft, greedy); 0 = skip answering and scoring
+    beta=None,                 # pull towards the reference (SFT) model, higher = stays closer: DPO's beta, or the
+                               # weight of the KL penalty in grpo/rloo; None = 0.1 (dpo), 0.04 (grpo, rloo)
+    max_new_tokens=None,       # longest answer: to a test record (sft, greedy; 0 = skip answering) or per rollout
+                               # (grpo/rloo); None = 256 (sft), 64 (grpo, rloo)
+    reward="model",            # grpo/rloo: model (the --reward_model) | contains:WORD | max_words:N (see REWARDS)
+    reward_model="",           # grpo/rloo: a reward model (--method rm's .pth) that scores the answers
+    group_size=4,              # grpo/rloo: answers sampled per prompt; each is judged against its group
+    prompts_per_step=4,        # grpo/rloo: prompts per batch of rollouts (per process under torchrun)
+    ppo_epochs=2,              # grpo/rloo: passes over each batch of rollouts
+    minibatches=1,             # grpo/rloo: updates per pass over a batch of rollouts
+    clip=0.2,                  # grpo/rloo: PPO's clip range of the probability ratio pi / pi_old
+    temperature=1.0,           # grpo/rloo: sampling temperature of the rollouts
     **training_settings(
         batch_size=8,          # records per micro-batch (per process under torchrun)
-        epochs=None,           # passes over the training records; None = 2 (sft) or 1 (dpo), as the book
-        lr=None,               # peak learning rate; None = 5e-5 (sft) or 5e-6 (dpo), as the book
-        weight_decay=None,     # AdamW weight decay; None = 0.1 (sft) or 0.01 (dpo), as the book
-        eval_iters=5,          # batches of the training split per evaluation (validation is used whole)
+        epochs=None,           # passes over the training records; None = 2 (sft), 1 (the others)
+        lr=None,               # peak learning rate; None = 5e-5 (sft), 5e-6 (dpo), 1e-5 (rm), 1e-6 (grpo, rloo)
+        weight_decay=None,     # AdamW weight decay; None = 0.1 (sft), 0.01 (dpo), 0 (rm, grpo, rloo)
+        eval_freq=None,        # evaluate every this many steps; None = 5, or 1 for grpo/rloo (their step logs)
+        eval_iters=5,          # batches of each split per evaluation
     ),
 )
 
-# the book's settings for each method, used where a setting is left at None / ""
+# each method's settings where one is left at None / "": sft and dpo as the book; rm and rl start from the SFT model
+_SFT = "runs/chat/gpt2-medium355M-sft.pth"
+_PAIRS = "instruction-data-with-preference.json"
+_RL = dict(epochs=1, lr=1e-6, weight_decay=0.0, init=_SFT, data=_PAIRS, beta=0.04, max_new_tokens=64, eval_freq=1)
 METHOD_DEFAULTS = {
     "sft": dict(epochs=2, lr=5e-5, weight_decay=0.1, out_dir="runs/chat", init="gpt2-medium",
-                data="instruction-data.json"),
-    "dpo": dict(epochs=1, lr=5e-6, weight_decay=0.01, out_dir="runs/chat-dpo",
-                init="runs/chat/gpt2-medium355M-sft.pth", data="instruction-data-with-preference.json"),
+                data="instruction-data.json", beta=0.1, max_new_tokens=256, eval_freq=5),
+    "dpo": dict(epochs=1, lr=5e-6, weight_decay=0.01, out_dir="runs/chat-dpo", init=_SFT, data=_PAIRS, beta=0.1,
+                max_new_tokens=256, eval_freq=5),
+    "rm": dict(epochs=1, lr=1e-5, weight_decay=0.0, out_dir="runs/chat-rm", init=_SFT, data=_PAIRS, beta=0.1,
+               max_new_tokens=256, eval_freq=5),
+    "grpo": dict(_RL, out_dir="runs/chat-grpo"),
+    "rloo": dict(_RL, out_dir="runs/chat-rloo"),
 }
+RL_METHODS = ("grpo", "rloo")
 # output names of the book's chapter 7 for OpenAI's sizes
 BOOK_NAMES = {"gpt2": "gpt2-small124M", "gpt2-medium": "gpt2-medium355M", "gpt2-large": "gpt2-large774M",
               "gpt2-xl": "gpt2-xl1558M"}
@@ -83,7 +109,7 @@ BOOK_NAMES = {"gpt2": "gpt2-small124M", "gpt2-medium": "gpt2-medium355M", "gpt2-
 def resolve_settings(cfg):
     """cfg with the method's defaults filled in where a setting was left at None or ""."""
     if cfg["method"] not in METHOD_DEFAULTS:
-        raise UserError(f"--method must be sft or dpo, got {cfg['method']!r}")
+        raise UserError(f"--method must be sft, dpo, rm, grpo or rloo, got {cfg['method']!r}")
     out = dict(cfg)
     for k, v in METHOD_DEFAULTS[cfg["method"]].items():
         if out[k] is None or out[k] == "":
@@ -110,14 +136,40 @@ def check_settings(cfg):
                         f"share for validation: both in [0, 1) with a sum below 1")
     if cfg["allowed_max_length"] < 2:
         raise UserError(f"--allowed_max_length must be at least 2, got {cfg['allowed_max_length']}")
-    if cfg["beta"] <= 0:
+    for k in ("beta", "max_new_tokens", "eval_freq"):
+        if not isinstance(cfg[k], (int, float)):
+            raise UserError(f"--{k} must be a number, got {cfg[k]!r}")
+    if not cfg["beta"] > 0:
         raise UserError(f"--beta must be > 0, got {cfg['beta']}")
     if cfg["max_new_tokens"] < 0:
         raise UserError(f"--max_new_tokens must be >= 0 (0 = skip answering the test split), got "
                         f"{cfg['max_new_tokens']}")
+    if cfg["method"] in RL_METHODS:
+        check_rl_settings(cfg)
     if cfg["fsdp"] and cfg["trainable"] == "lora":
         raise UserError("--fsdp with --trainable lora is not supported (the adapters are merged into sharded "
                         "weights when saved): drop --fsdp to train the adapters with DDP")
+
+
+def check_rl_settings(cfg):
+    for k in ("group_size", "prompts_per_step", "ppo_epochs", "minibatches", "max_new_tokens"):
+        if cfg[k] < 1:
+            raise UserError(f"--{k} must be at least 1 for --method {cfg['method']}, got {cfg[k]}")
+    if cfg["group_size"] < 2:
+        raise UserError("--group_size must be at least 2: each answer is judged against the others to its prompt")
+    if cfg["minibatches"] > cfg["group_size"] * cfg["prompts_per_step"]:
+        raise UserError("--minibatches is larger than the rollouts of a step (--group_size x --prompts_per_step)")
+    if not 0 < cfg["clip"] < 1 or not cfg["temperature"] > 0:
+        raise UserError(f"--clip must be in (0, 1) and --temperature > 0, got {cfg['clip']} and {cfg['temperature']}")
+    name = cfg["reward"].partition(":")[0]
+    if cfg["reward"] != "model" and (name not in REWARDS or not cfg["reward"].partition(":")[2]):
+        raise UserError(f"--reward must be model or NAME:ARGUMENT with NAME one of {', '.join(REWARDS)} (e.g. "
+                        f"contains:blue), got {cfg['reward']!r}")
+    if cfg["reward"].startswith("max_words:") and not cfg["reward"][10:].isdigit():
+        raise UserError(f"--reward max_words:N needs a whole number N, got {cfg['reward']!r}")
+    if cfg["fsdp"]:
+        raise UserError("--fsdp is not available for grpo/rloo (each process samples answers of its own length, "
+                        "which sharded weights cannot follow): drop --fsdp to use DDP")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -209,33 +261,35 @@ def sample_replies(model, prompt_ids, max_new_tokens, num_samples=1, temperature
     """num_samples replies to one prompt (1, T) in the chat template -> list of (reply token ids, reply text).
 
     Each reply ends at end-of-text or where the model starts a next-turn header (data.cut_reply); the ids stop
-    there too, and the text is stripped. Generation stops once every reply has ended.
+    before the header, and end with the end-of-text when the model produced it; the text is stripped. Generation
+    stops once every reply has ended.
     """
     tokenizer = get_tokenizer()
     idx = prompt_ids.expand(num_samples, -1)
-    ids, done = [[] for _ in range(num_samples)], [False] * num_samples
+    ids, done, eot = [[] for _ in range(num_samples)], [False] * num_samples, [False] * num_samples
     for next_ids in generate_stream(model, idx, max_new_tokens, model.cfg["context_length"], temperature, top_k,
                                     top_p, eos_id=EOT_ID, generator=generator):
         for row, token in enumerate(next_ids[:, 0].tolist()):
             if done[row]:
                 continue
             if token == EOT_ID:
-                done[row] = True
+                done[row] = eot[row] = True
                 continue
             ids[row].append(token)
             done[row] = cut_reply(tokenizer.decode(ids[row]))[1]
         if all(done):
             break
-    return [_cut_ids(row_ids, tokenizer) for row_ids in ids]
+    return [_cut_ids(row_ids, tokenizer, ended) for row_ids, ended in zip(ids, eot)]
 
 
-def _cut_ids(ids, tokenizer):
-    """(ids, text) of a reply cut before any next-turn header (the ids up to the last token wholly before it)."""
+def _cut_ids(ids, tokenizer, eot=False):
+    """(ids, text) of a reply cut before any next-turn header (the ids up to the last token wholly before it),
+    the end-of-text appended to the ids when the model produced it."""
     text, ended = cut_reply(tokenizer.decode(ids).lstrip())
     if ended:
         while ids and cut_reply(tokenizer.decode(ids).lstrip())[1]:
             ids = ids[:-1]
-    return ids, text.rstrip()
+    return ids + [EOT_ID] * eot, text.rstrip()
 
 
 def answer_records(model, records, device, dtype, max_new_tokens):
@@ -310,6 +364,288 @@ def evaluate_dpo(policy, reference, loader, beta, device, num_batches=None, dtyp
     return {"loss": sum(losses) / len(chosen), "reward_margin": (chosen - rejected).mean().item(),
             "reward_acc": (chosen > rejected).float().mean().item(), "chosen_reward": chosen.mean().item(),
             "rejected_reward": rejected.mean().item()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# RLHF: a reward model trained on preference pairs (--method rm), then online policy optimization against it with
+# a KL leash to the SFT model (--method grpo or rloo)
+# ---------------------------------------------------------------------------------------------------------------
+
+def add_reward_head(model):
+    """Swap the vocabulary head for Linear(emb_dim, 1): the model then reads one score off a text's last token."""
+    w = model.out_head.weight
+    model.out_head = torch.nn.Linear(model.cfg["emb_dim"], 1, device=w.device, dtype=w.dtype)
+    model.cfg["num_classes"] = 1
+    return model
+
+
+def last_real_positions(mask):
+    """(B, T) masks that are True up to each row's last real token -> (B,) lengths (index of that token + 1)."""
+    return mask.shape[1] - mask.flip(1).float().argmax(1)
+
+
+def bradley_terry_loss(chosen, rejected):
+    """-log sigmoid(r_chosen - r_rejected), averaged: the reward model learns to score the chosen answer higher;
+    ln 2 when both score the same."""
+    return -F.logsigmoid(chosen - rejected).mean()
+
+
+def reward_pair_scores(reward_model, batch, device):
+    """(chosen scores, rejected scores), each (B,), of a preference batch: the head at each text's last token."""
+    ids = torch.cat([batch["chosen"], batch["rejected"]]).to(device)
+    lengths = last_real_positions(torch.cat([batch["chosen_mask"], batch["rejected_mask"]])).to(device)
+    scores = last_token_logits(reward_model, ids, lengths)[:, 0].float()
+    n = batch["chosen"].shape[0]
+    return scores[:n], scores[n:]
+
+
+@torch.no_grad()
+def evaluate_reward_model(reward_model, loader, device, num_batches=None, dtype=torch.float32):
+    """Bradley-Terry loss, pairwise accuracy (share of pairs where the chosen answer scores higher) and mean
+    margin (chosen minus rejected score) over the first num_batches batches (all when None)."""
+    was_training = reward_model.training
+    reward_model.eval()
+    chosen, rejected = [], []
+    for i, batch in enumerate(loader):
+        if num_batches is not None and i >= num_batches:
+            break
+        with autocast(device, dtype):
+            c, r = reward_pair_scores(reward_model, batch, device)
+        chosen.append(c)
+        rejected.append(r)
+    reward_model.train(was_training)
+    chosen, rejected = torch.cat(chosen), torch.cat(rejected)
+    return {"loss": bradley_terry_loss(chosen, rejected).item(), "accuracy": (chosen > rejected).float().mean().item(),
+            "margin": (chosen - rejected).mean().item()}
+
+
+def load_reward_model(path, device):
+    """A --method rm checkpoint (kind "reward") as a frozen scorer in eval mode."""
+    model, ckpt = load_classifier(path, kind="reward")
+    return model.to(device).requires_grad_(False), ckpt
+
+
+# Rewards for policy optimization: reward(samples) -> (N,) float tensor. A sample is a dict with the prompt and
+# reply as text and as token ids. Add your own here and name it with --reward.
+def word_reward(word):
+    """1 for a reply that contains `word` (as a whole word, any case), else 0."""
+    return lambda samples: torch.tensor([float(word.lower() in re.findall(r"\w+", s["reply"].lower()))
+                                         for s in samples])
+
+
+def short_reply_reward(n_words):
+    """1 for a reply of at most n_words words, else 0."""
+    return lambda samples: torch.tensor([float(len(s["reply"].split()) <= n_words) for s in samples])
+
+
+REWARDS = {"contains": word_reward, "max_words": lambda n: short_reply_reward(int(n))}
+
+
+def model_reward(reward_model, device, dtype, batch_size=8):
+    """The reward model's score of each prompt + reply (the text it learned to score), in batches."""
+    def reward(samples):
+        scores = []
+        for i in range(0, len(samples), batch_size):
+            part = samples[i:i + batch_size]
+            seqs = [s["prompt_ids"] + s["reply_ids"] for s in part]
+            ids = torch.full((len(seqs), max(map(len, seqs))), EOT_ID, dtype=torch.long)
+            for j, seq in enumerate(seqs):
+                ids[j, :len(seq)] = torch.tensor(seq)
+            with torch.no_grad(), autocast(device, dtype):
+                lengths = torch.tensor([len(seq) for seq in seqs], device=device)
+                scores.append(last_token_logits(reward_model, ids.to(device), lengths)[:, 0].float().cpu())
+        return torch.cat(scores)
+    return reward
+
+
+def reward_function(cfg, device, dtype):
+    """--reward: `model` (the --reward_model checkpoint), or one of REWARDS as NAME:ARGUMENT."""
+    if cfg["reward"] == "model":
+        if not cfg["reward_model"]:
+            raise UserError("--method grpo/rloo needs a reward: --reward_model PATH (from --method rm), or --reward "
+                            "contains:WORD / max_words:N")
+        return model_reward(load_reward_model(cfg["reward_model"], device)[0], device, dtype)
+    name, _, arg = cfg["reward"].partition(":")
+    return REWARDS[name](arg)
+
+
+def group_advantages(rewards, group_size, method="grpo"):
+    """Advantages of group_size consecutive answers to each prompt, against their own group as the baseline.
+    grpo: (r - mean) / std of the group (std with Bessel's correction, 0 when all are equal); rloo: r minus the
+    mean of the group's other answers."""
+    r = rewards.view(-1, group_size).double()
+    if group_size == 1:
+        return torch.zeros_like(rewards, dtype=torch.float)
+    if method == "rloo":
+        return (r - (r.sum(1, keepdim=True) - r) / (group_size - 1)).flatten().float()
+    centred = r - r.mean(1, keepdim=True)
+    return (centred / (r.std(1, keepdim=True) + 1e-6)).flatten().float()
+
+
+def token_logprobs(model, ids):
+    """(B, T) ids -> ((B, T - 1) log-probabilities of ids[:, 1:], (B, T - 1) logits' entropy)."""
+    logp_all = torch.log_softmax(model(ids)[:, :-1].float(), dim=-1)
+    logp = logp_all.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    with torch.no_grad():
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy
+
+
+def policy_loss(logp, old_logp, ref_logp, advantages, mask, clip=0.2, beta=0.04):
+    """The PPO-clip objective with a KL penalty, per response token, averaged over all of them -> (loss, stats).
+
+    ratio = pi / pi_old of each sampled token; the policy term is -min(ratio A, clip(ratio, 1 +- clip) A), so one
+    batch of rollouts can be used for several updates without moving far from the policy that sampled it. The KL
+    to the frozen reference uses the estimator exp(q) - q - 1 with q = log ref - log pi: never negative, zero where
+    both agree.
+    """
+    ratio = torch.exp(logp - old_logp)
+    adv = advantages[:, None]
+    surrogate = -torch.minimum(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv)
+    q = ref_logp - logp
+    kl = torch.exp(q) - q - 1
+    mask = mask.float()
+    n = mask.sum().clamp(min=1)
+    loss = ((surrogate + beta * kl) * mask).sum() / n
+    stats = {"kl": ((kl * mask).sum() / n).item(),
+             "clip_frac": ((((ratio - 1).abs() > clip).float() * mask).sum() / n).item()}
+    return loss, stats
+
+
+def pad_rows(rows, pad=EOT_ID):
+    """Lists of ids -> (N, T) right-padded LongTensor."""
+    out = torch.full((len(rows), max(map(len, rows))), pad, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+    return out
+
+
+@torch.no_grad()
+def rollout(policy, reference, prompts, reward_fn, cfg, generator, device, dtype):
+    """Sample group_size answers to each prompt (ids lists) with the KV cache and score them -> a dict of CPU
+    tensors the update needs: ids (N, T) prompt + reply, mask (N, T - 1) on the reply's targets, rewards (N,),
+    advantages (N,), and the log-probabilities of the sampled tokens under the sampling policy and the reference."""
+    tokenizer = get_tokenizer()
+    samples = []
+    policy.eval()
+    for prompt in prompts:
+        with autocast(device, dtype):
+            replies = sample_replies(policy, torch.tensor([prompt], device=device), cfg["max_new_tokens"],
+                                     cfg["group_size"], cfg["temperature"], generator=generator)
+        samples += [{"prompt_ids": prompt, "reply_ids": ids, "prompt": tokenizer.decode(prompt), "reply": text}
+                    for ids, text in replies]
+    rewards = reward_fn(samples).float()
+    ids = pad_rows([s["prompt_ids"] + s["reply_ids"] for s in samples])
+    mask = torch.zeros(ids.shape[0], ids.shape[1] - 1, dtype=torch.bool)
+    for i, s in enumerate(samples):  # target j is token j + 1: the reply's tokens are the targets from len(prompt)-1
+        mask[i, len(s["prompt_ids"]) - 1:len(s["prompt_ids"]) + len(s["reply_ids"]) - 1] = True
+    with autocast(device, dtype):
+        old_logp = token_logprobs(policy, ids.to(device))[0].float().cpu()
+        ref_logp = token_logprobs(reference, ids.to(device))[0].float().cpu()
+    policy.train()
+    return {"ids": ids, "mask": mask, "rewards": rewards, "old_logp": old_logp, "ref_logp": ref_logp,
+            "advantages": group_advantages(rewards, cfg["group_size"], cfg["method"]),
+            "reply_tokens": mask.sum(1).float()}
+
+
+class PromptUnits(torch.utils.data.Dataset):
+    """The training loop's items for policy optimization: item k is one update, on minibatch m of pass e over the
+    rollouts of batch r of prompts. Each process (rank p of `world`) gets items k*world + p from the loop and
+    samples from prompts of its own; a new shuffle of the prompts each epoch, from the seed."""
+
+    def __init__(self, prompts, cfg, world=1):
+        self.prompts, self.cfg, self.world = prompts, cfg, world
+        self.per_rollout = cfg["ppo_epochs"] * cfg["minibatches"]
+        self.rollouts = len(prompts) // (cfg["prompts_per_step"] * world)
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+        self.order = torch.randperm(len(self.prompts), generator=torch.Generator().manual_seed(
+            self.cfg["seed"] * 1000 + epoch)).tolist()
+
+    def __len__(self):
+        return self.rollouts * self.per_rollout * self.world
+
+    def __getitem__(self, i):
+        unit, rank = divmod(i, self.world)
+        r, k = divmod(unit, self.per_rollout)
+        n = self.cfg["prompts_per_step"]
+        first = (r * self.world + rank) * n
+        prompts = [self.prompts[j] for j in self.order[first:first + n]]
+        return {"prompts": prompts, "epoch": self.epoch, "rollout": r, "minibatch": k % self.cfg["minibatches"]}
+
+
+class PolicyOptimization:
+    """The training loop's loss for GRPO / RLOO (trainer.train_model calls it once per optimizer step).
+
+    At the first update of each batch of prompts it samples and scores a fresh set of rollouts with the current
+    policy (which, then, is the policy that samples); every update computes the PPO-clip loss with the KL penalty
+    on one minibatch of them. The rollouts and the step's statistics are its state, saved with the checkpoint, so
+    a resumed run continues with the very rollouts it was using. Sampling draws from a generator seeded by (seed,
+    epoch, rollout, rank), never from the global random stream.
+    """
+
+    def __init__(self, reference, reward_fn, cfg, device, dtype, rank=0):
+        self.reference, self.reward_fn, self.cfg = reference, reward_fn, cfg
+        self.device, self.dtype, self.rank = device, dtype, rank
+        self.key, self.rollouts, self.stats = None, None, {}
+
+    def __call__(self, model, unit):
+        policy = unwrap(model)
+        key = [unit["epoch"], unit["rollout"]]
+        if key != self.key or self.rollouts is None:
+            seed = ((self.cfg["seed"] * 1000 + unit["epoch"]) * 100_003 + unit["rollout"]) * 1009 + self.rank
+            gen = torch.Generator(device=self.device).manual_seed(seed)
+            self.rollouts = rollout(policy, self.reference, unit["prompts"], self.reward_fn, self.cfg, gen,
+                                    self.device, self.dtype)
+            self.key = key
+        part = self.minibatch(unit["minibatch"])
+        logp, entropy = token_logprobs(model, part["ids"].to(self.device))
+        mask = part["mask"].to(self.device)
+        loss, stats = policy_loss(logp, part["old_logp"].to(self.device), part["ref_logp"].to(self.device),
+                                  part["advantages"].to(self.device), mask, self.cfg["clip"], self.cfg["beta"])
+        r = self.rollouts
+        self.stats = {"reward": r["rewards"].mean().item(), **stats,
+                      "reply_len": r["reply_tokens"].mean().item(),
+                      "entropy": ((entropy * mask).sum() / mask.sum().clamp(min=1)).item(), "rl_loss": loss.item()}
+        unit["n_tokens"] = int(part["ids"].numel())  # what the training loop counts as this step's tokens
+        return loss
+
+    def minibatch(self, m):
+        n = self.rollouts["ids"].shape[0]
+        rows = slice(m * n // self.cfg["minibatches"], (m + 1) * n // self.cfg["minibatches"])
+        return {k: v[rows] for k, v in self.rollouts.items()}
+
+    def state_dict(self):
+        return {"key": self.key, "rollouts": self.rollouts, "stats": self.stats}
+
+    def load_state_dict(self, state):
+        self.key, self.rollouts, self.stats = state["key"], state["rollouts"], state["stats"]
+
+
+def unwrap(model):
+    """The GPTModel inside DDP / torch.compile wrappers, to generate with (generation needs no gradient sync)."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
+@torch.no_grad()
+def evaluate_policy(policy, reference, prompts, reward_fn, cfg, device, dtype):
+    """On held-out prompts, one sampled answer each from the policy and from the reference (the SFT model), with
+    the same seed: mean reward of each, the policy's win rate (reward higher; ties count half), its KL to the
+    reference (per answer: the summed log-ratio of its tokens) and answer length."""
+    results = {}
+    for name, model in (("policy", policy), ("reference", reference)):
+        one = {**cfg, "group_size": 1}
+        gen = torch.Generator(device=device).manual_seed(cfg["seed"])
+        results[name] = rollout(model, reference, prompts, reward_fn, one, gen, device, dtype)
+    p, r = results["policy"], results["reference"]
+    kl = ((p["old_logp"] - p["ref_logp"]) * p["mask"]).sum(1)
+    wins = (p["rewards"] > r["rewards"]).float() + 0.5 * (p["rewards"] == r["rewards"]).float()
+    return {"reward": p["rewards"].mean().item(), "reference_reward": r["rewards"].mean().item(),
+            "win_rate": wins.mean().item(), "kl": kl.mean().item(), "reply_len": p["reply_tokens"].mean().item()}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -531,6 +867,123 @@ def run_dpo(cfg, device, dtype, run):
     return {"rows": rows, "metrics": metrics, "checkpoint": ckpt_path, "model": policy}
 
 
+def run_rm(cfg, device, dtype, run):
+    """A reward model: the SFT model with a scalar head, trained with the Bradley-Terry loss on preference pairs."""
+    path = resolve_data(cfg)
+    train, test, val = split_data(load_preference_records(path), cfg)
+    model = add_reward_head(build_policy(cfg, device))
+    max_len = min(cfg["allowed_max_length"], model.cfg["context_length"])
+    collate = partial(preference_collate_fn, allowed_max_length=max_len)
+    loaders = {}
+    for split, records in (("train", train), ("val", val), ("test", test)):
+        dataset = PreferenceDataset(records, max_length=max_len)
+        report_cut(f"{split} split", dataset, max_len)
+        if len(dataset) == 0 and split != "test":
+            raise UserError(f"the {split} split has no usable record: raise --allowed_max_length or add records")
+        if len(dataset):
+            loaders[split] = DataLoader(dataset, cfg["batch_size"], shuffle=False, collate_fn=collate)
+    train_loader = DataLoader(loaders["train"].dataset, cfg["batch_size"], shuffle=True, drop_last=True,
+                              collate_fn=collate)
+    if cfg["trainable"] == "lora":
+        add_adapters(model, cfg)
+        model.out_head.requires_grad_(True)  # the new head always trains
+    if cfg["dry_run"]:
+        return print_dry_run(model.cfg, cfg, len(train_loader), dtype, device, total_params=count_parameters(model),
+                             trainable_params=count_parameters(model, True), context_length=max_len, out_dim=1)
+    startup_line(cfg, device, dtype, model, f"{len(train)} train / {len(test)} test / {len(val)} val preference "
+                                            f"pairs from {path}")
+
+    def evaluate(m, splits, num_batches=None):
+        return {split: evaluate_reward_model(m, loaders[split], device, num_batches, dtype)
+                for split in splits if split in loaders}
+
+    def eval_fn(m):
+        scores = evaluate(m, ("train", "val"), cfg["eval_iters"])
+        return {f"{split}_{k}": scores[split][k] for split in ("train", "val") for k in ("loss", "accuracy", "margin")}
+
+    before = evaluate(model, ("val",))
+    start = time.time()
+    extra = {"template": TEMPLATE_NAME, "method": "rm", "class_names": ["reward"], "max_length": max_len,
+             "pad_id": EOT_ID}
+    rows = train_model(model, train_loader, cfg, device=device, dtype=dtype, kind="reward", run=run, extra=extra,
+                       loss_fn=lambda m, b: bradley_terry_loss(*reward_pair_scores(m, b, device)), eval_fn=eval_fn,
+                       plots=(("loss-plot.png", ("train_loss", "val_loss"), "Bradley-Terry loss"),
+                              ("accuracy-plot.png", ("train_accuracy", "val_accuracy"), "pairwise accuracy")))
+    if run.finished:
+        return {"rows": rows}
+    train_time = time.time() - start
+    after = evaluate(model, ("val", "test"))
+    model = finished_model(model, cfg)
+    ckpt_path = save_model(output_path(cfg), model, kind="reward", **extra, step=rows[-1]["step"],
+                           accuracy={split: v["accuracy"] for split, v in after.items()})
+    metrics = {"before": before, "after": after, "train_seconds": round(train_time, 1)}
+    if is_main_process():
+        write_json(run.path("metrics.json"), metrics)
+    for split, v in after.items():
+        print(f"{split}: pairwise accuracy {v['accuracy']:.3f} (chance 0.5), margin {v['margin']:.3f}, loss "
+              f"{v['loss']:.3f}")
+    print(f"done in {train_time:.0f} s of training; wrote {ckpt_path}, {run.path(TRAIN_STATE)}, "
+          f"{run.path('log.csv')}, {run.path('metrics.json')}")
+    return {"rows": rows, "metrics": metrics, "checkpoint": ckpt_path, "model": model}
+
+
+def prompt_ids_of(records, max_len):
+    """Each record's prompt in the template, as token ids; prompts that leave no room for an answer are dropped."""
+    prompts = [encode_segments(prompt_and_reference(r)[0])[0] for r in records]
+    return [p for p in prompts if len(p) < max_len]
+
+
+def run_rl(cfg, device, dtype, run):
+    """Online policy optimization (GRPO or RLOO) of the SFT model against a reward, with a KL penalty to it."""
+    path = resolve_data(cfg)
+    records = load_records(path, required=("instruction",), optional=("input", "output", "chosen", "rejected"))
+    train, test, val = split_data(records, cfg)
+    policy = build_policy(cfg, device)
+    max_len = policy.cfg["context_length"] - cfg["max_new_tokens"]
+    prompts = {"train": prompt_ids_of(train, max_len), "val": prompt_ids_of(val, max_len)}
+    units = PromptUnits(prompts["train"], cfg, world_size())
+    if len(units) == 0:
+        raise UserError(f"{len(prompts['train'])} training prompts fit the context with --max_new_tokens "
+                        f"{cfg['max_new_tokens']}, fewer than --prompts_per_step {cfg['prompts_per_step']} per process: "
+                        f"add records or lower --prompts_per_step / --max_new_tokens")
+    train_loader = DataLoader(units, batch_size=1, shuffle=False, collate_fn=lambda items: items[0])
+    if cfg["dry_run"]:
+        return print_dry_run(policy.cfg, cfg, len(train_loader), dtype, device, context_length=max_len,
+                             total_params=2 * count_parameters(policy), trainable_params=count_parameters(policy))
+    reference = copy.deepcopy(policy).to(device).eval().requires_grad_(False)  # the frozen SFT model
+    reward_fn = reward_function(cfg, device, dtype)
+    if cfg["trainable"] == "lora":
+        add_adapters(policy, cfg)
+    startup_line(cfg, device, dtype, policy, f"{len(prompts['train'])} train / {len(prompts['val'])} held-out prompts "
+                                             f"from {path}, {cfg['group_size']} answers each, reward {cfg['reward']}")
+    held_out = prompts["val"][:cfg["eval_iters"] * cfg["prompts_per_step"]]
+    before = evaluate_policy(policy, reference, held_out, reward_fn, cfg, device, dtype)
+    print("before: " + ", ".join(f"{k} {v:.3f}" for k, v in before.items()))
+    loss = PolicyOptimization(reference, reward_fn, cfg, device, dtype, process_rank())
+    start = time.time()
+    rows = train_model(policy, train_loader, cfg, device=device, dtype=dtype, kind="chat", run=run,
+                       extra={"template": TEMPLATE_NAME, "method": cfg["method"], "beta": cfg["beta"]},
+                       loss_fn=loss, eval_fn=lambda m: dict(loss.stats), best_checkpoint=best_checkpoint_of(cfg),
+                       plots=(("reward-plot.png", ("reward",), "mean reward of the rollouts"),
+                              ("kl-plot.png", ("kl",), "KL to the SFT model, per token")))
+    if run.finished:
+        return {"rows": rows}
+    train_time = time.time() - start
+    after = evaluate_policy(policy, reference, held_out, reward_fn, cfg, device, dtype)
+    policy = finished_model(policy, cfg)
+    ckpt_path = save_model(output_path(cfg), policy, kind="chat", template=TEMPLATE_NAME, method=cfg["method"],
+                           beta=cfg["beta"], step=rows[-1]["step"], reward=after["reward"])
+    metrics = {"before": before, "after": after, "train_seconds": round(train_time, 1), "reward": cfg["reward"]}
+    if is_main_process():
+        write_json(run.path("metrics.json"), metrics)
+    print(f"held-out prompts ({len(held_out)}): reward {before['reward']:.3f} -> {after['reward']:.3f} (the SFT model "
+          f"{after['reference_reward']:.3f}), win rate against the SFT model {after['win_rate']:.3f}, KL "
+          f"{after['kl']:.3f}, answer length {before['reply_len']:.1f} -> {after['reply_len']:.1f} tokens")
+    print(f"done in {train_time:.0f} s of training; wrote {ckpt_path}, {run.path(TRAIN_STATE)}, "
+          f"{run.path('log.csv')}, {run.path('metrics.json')}")
+    return {"rows": rows, "metrics": metrics, "checkpoint": ckpt_path, "model": policy}
+
+
 def main(argv=None):
     given = get_config(DEFAULTS, argv, __doc__, check=check_settings)
     cfg = {**resolve_settings(given), "changed": changed_settings(given, DEFAULTS)}
@@ -538,8 +991,9 @@ def main(argv=None):
     device = setup_distributed(pick_device(cfg["device"]))  # under torchrun: join the group, take this GPU
     dtype = pick_dtype(cfg["dtype"], device)
     outputs = [output_path(cfg)] + [os.path.join(cfg["out_dir"], name) for name in
-                                     ("metrics.json", "instruction-data-with-response.json")]
-    run_method = run_dpo if cfg["method"] == "dpo" else run_sft
+                                     ("metrics.json", "instruction-data-with-response.json", "accuracy-plot.png",
+                                      "reward-plot.png", "kl-plot.png")]
+    run_method = {"sft": run_sft, "dpo": run_dpo, "rm": run_rm, "grpo": run_rl, "rloo": run_rl}[cfg["method"]]
     with RunFolder(cfg, outputs, command_line(__file__, argv)) if not cfg["dry_run"] else nullcontext() as run:
         return run_method(cfg, device, dtype, run)
 

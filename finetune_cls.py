@@ -32,8 +32,8 @@ from load_gpt2 import load_classifier
 from model import checkpoint_dict, count_parameters
 from settings import (UserError, autocast, changed_settings, check_training, dtype_name, entry, get_config, note,
                       pick_device, pick_dtype, training_settings)
-from trainer import (RunFolder, build_model, command_line, describe_distributed, is_main_process, local_main_first,
-                     print_dry_run, save_model, setup_distributed, train_model, world_size)
+from trainer import (RunFolder, build_model, command_line, describe_distributed, is_main_process, last_token_logits,
+                     local_main_first, print_dry_run, save_model, setup_distributed, train_model, world_size)
 
 DEFAULTS = dict(
     csv="",                    # one labelled CSV, balanced and split 70/10/20 here; "" = the SMS Spam Collection
@@ -150,17 +150,6 @@ def set_trainable(model, spec, lora_rank=16, lora_alpha=16.0):
         model.final_norm.requires_grad_(True)
     model.out_head.requires_grad_(True)
     return model
-
-
-def last_token_logits(model, input_ids, lengths):
-    """(B, T) right-padded ids and (B,) real lengths -> (B, num_classes): each row's logits at its last real token.
-
-    Attention is causal, so the padding after a text never changes the outputs before it; the batch is cut to its
-    longest text first, which gives the same numbers with less work.
-    """
-    input_ids = input_ids[:, :int(lengths.max())]
-    logits = model(input_ids)                                        # (B, T, num_classes)
-    return logits[torch.arange(len(lengths), device=logits.device), lengths - 1]
 
 
 def calc_loss_batch(batch, model, device):

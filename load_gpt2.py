@@ -624,6 +624,9 @@ def load_pth(path, cfg_overrides=None, int8_ok=False, allow_classifier=False):
     against the tensors, and a classifier (unless allow_classifier) or an int8 model (unless int8_ok) is refused.
     """
     ckpt = read_checkpoint(path, check=lambda raw: refuse_foreign(raw, path))
+    if ckpt.get("kind") == "reward":
+        raise UserError(f"{path} is a reward model (finetune_chat.py --method rm), which scores answers rather than "
+                        f"writing them: use a language model's .pth, or pass it as --reward_model")
     heads = (cfg_overrides or {}).get("n_heads")
     if heads and isinstance(ckpt["config"], dict) and ckpt["config"].get("n_heads") != heads:
         raise UserError(f"{path} has its own config with n_heads {ckpt['config'].get('n_heads')}: drop --n_heads "
@@ -718,19 +721,21 @@ def hf_config(cfg, tied=True):
 # Classifiers (finetune_cls.py) as GPT2ForSequenceClassification
 # ---------------------------------------------------------------------------------------------------------------
 
-def load_classifier(path, quantize="none"):
+def load_classifier(path, quantize="none", kind="cls"):
     """A finetune_cls.py classifier .pth -> (model in eval mode, checkpoint dict): GPT-2 with its Linear(emb_dim,
     num_classes) head and any LoRA adapters as saved. quantize="int8" merges the adapters and stores every Linear
-    as int8 (layers.quantize_int8); a checkpoint written with --save_int8 comes back int8 whatever quantize says."""
+    as int8 (layers.quantize_int8); a checkpoint written with --save_int8 comes back int8 whatever quantize says.
+    kind="reward" loads finetune_chat.py's reward model (--method rm), a head with one output, the same way."""
     if not os.path.exists(path):
         raise UserError(f"no classifier at {path}: train one with `python finetune_cls.py`, or pass --checkpoint")
     ckpt = read_checkpoint(path, check=lambda raw: refuse_foreign(raw, path))
     names, sd = ckpt.get("class_names"), ckpt["model"]
-    if ckpt.get("kind") != "cls" or not isinstance(names, (list, tuple)) or not names \
+    if ckpt.get("kind") != kind or not isinstance(names, (list, tuple)) or not names \
             or not all(isinstance(n, str) for n in names):
         what = f"a {ckpt['kind']!r} checkpoint" if ckpt.get("kind") else "a bare state_dict"
-        raise UserError(f"{path} is {what}, not a classifier: train one with `python finetune_cls.py` and pass the "
-                        f".pth it writes as --checkpoint")
+        made_by = ("`python finetune_chat.py --method rm`" if kind == "reward" else "`python finetune_cls.py`")
+        raise UserError(f"{path} is {what}, not a {'reward model' if kind == 'reward' else 'classifier'}: train one "
+                        f"with {made_by} and pass the .pth it writes")
     cfg = checkpoint_config(ckpt, path)
     with torch.device("meta"):  # no memory, no random init: every tensor comes from the file
         model = GPTModel(cfg)

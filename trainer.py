@@ -52,6 +52,17 @@ def calc_loss_batch(input_batch, target_batch, model, device):
     return F.cross_entropy(logits.flatten(0, 1).float(), target_batch.flatten())
 
 
+def last_token_logits(model, input_ids, lengths):
+    """(B, T) right-padded ids and (B,) real lengths -> (B, num_outputs): each row's logits at its last real token.
+
+    Attention is causal, so the padding after a text never changes the outputs before it; the batch is cut to its
+    longest text first, which gives the same numbers with less work.
+    """
+    input_ids = input_ids[:, :int(lengths.max())]
+    logits = model(input_ids)                                        # (B, T, num_outputs)
+    return logits[torch.arange(len(lengths), device=logits.device), lengths - 1]
+
+
 @torch.no_grad()
 def calc_loss_loader(data_loader, model, device, num_batches=None, dtype=torch.float32, progress=False):
     """Average batch loss over the first num_batches batches (all when None); nan for an empty loader.
@@ -537,11 +548,11 @@ def _processes(n, fsdp):
     return f"{n} process{'es' if n > 1 else ''}" + (" with --fsdp" if fsdp else "")
 
 
-def _rng_states_of_all(device):
-    """Every process's RNG state, gathered on rank 0 (None elsewhere)."""
-    states = [None] * world_size() if is_main_process() else None
-    dist.gather_object(rng_state(device), states, dst=0)
-    return states
+def _gathered(obj):
+    """Every process's obj, gathered on rank 0 (None elsewhere)."""
+    objs = [None] * world_size() if is_main_process() else None
+    dist.gather_object(obj, objs, dst=0)
+    return objs
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -597,7 +608,8 @@ def train_model(model, train_loader, cfg, *, loss_fn, eval_fn, device, dtype=tor
     lr, weight_decay, grad_accum_steps, seed and epochs, and may set the other training settings (settings.TRAINING).
     `run` is the script's RunFolder (one is opened for the call when None). Writes the resumable
     model_and_optimizer.pth at --save_every steps, on Ctrl-C/SIGTERM and at the end; `extra` goes into every
-    checkpoint. With --save_best, best.pth holds best_checkpoint(model) (default: the model's checkpoint dict) at
+    checkpoint; a loss_fn with state_dict() / load_state_dict() (state it carries between steps) is saved and
+    resumed with it. With --save_best, best.pth holds best_checkpoint(model) (default: the model's checkpoint dict) at
     the lowest val_loss. A loss, gradient norm or weight that is not finite stops the run with one line before
     anything is saved. With --resume on a finished run nothing happens: run.finished is set.
 
@@ -660,6 +672,8 @@ def _train(model, train_loader, cfg, loss_fn, eval_fn, device, dtype, kind, extr
             load_state(model, ckpt["model"], state_path)
             optimizer.load_state_dict(ckpt["optimizer"])
         set_rng_state(ckpt["rng_per_process"][rank] if world > 1 else ckpt["rng"], device)
+        if hasattr(loss_fn, "load_state_dict"):  # a loss that carries state between steps (online RL's rollouts)
+            loss_fn.load_state_dict(ckpt["loss_state"][rank] if world > 1 else ckpt["loss_state"])
         saved_step = step
         write(f"resumed from {state_path} at step {step} (epoch {epoch + 1}, batch {batch_pos})")
     elif world > 1:
@@ -691,8 +705,10 @@ def _train(model, train_loader, cfg, loss_fn, eval_fn, device, dtype, kind, extr
             model_state, optimizer_state = _fsdp_train_state(model, optimizer)
         else:
             model_state, optimizer_state = model.state_dict(), optimizer.state_dict()
-        per_process = {"world_size": world, "fsdp": fsdp, "rng_per_process": _rng_states_of_all(device)} \
+        per_process = {"world_size": world, "fsdp": fsdp, "rng_per_process": _gathered(rng_state(device))} \
             if world > 1 else {}
+        if hasattr(loss_fn, "state_dict"):
+            per_process["loss_state"] = _gathered(loss_fn.state_dict()) if world > 1 else loss_fn.state_dict()
         if is_main_process():
             save_pth(state_path, {
                 "model": model_state, "config": dict(model.cfg), "kind": kind, "optimizer": optimizer_state,
@@ -825,9 +841,12 @@ def _local(p):
 
 
 def batch_tokens(batch):
-    """Tokens in a batch: the first tensor's element count."""
+    """Tokens in a batch: its n_tokens entry where the loss filled one in (online RL), else the first tensor's
+    element count."""
+    if isinstance(batch, dict) and "n_tokens" in batch:
+        return batch["n_tokens"]
     first = batch[0] if isinstance(batch, (list, tuple)) else next(iter(batch.values()))
-    return first.numel()
+    return first.numel() if torch.is_tensor(first) else 0
 
 
 # ---------------------------------------------------------------------------------------------------------------
