@@ -37,7 +37,7 @@ from data import (DATA_FILES, EOT_ID, TEMPLATE_NAME, InstructionDataset, Prefere
 from layers import add_lora, merge_lora
 from load_gpt2 import load_classifier
 from model import checkpoint_dict, count_parameters, generate_stream
-from settings import (UserError, autocast, changed_settings, check_training, dtype_name, entry, get_config,
+from settings import (UserError, autocast, changed_settings, check_training, describe_device, entry, get_config,
                       pick_device, pick_dtype, training_settings)
 from trainer import (TRAIN_STATE, RunFolder, build_model, calc_loss_batch, command_line, describe_distributed,
                      evaluate_model, is_main_process, last_token_logits, local_main_first, print_dry_run,
@@ -709,8 +709,7 @@ def report_cut(name, dataset, max_length):
 
 def startup_line(cfg, device, dtype, model, counts):
     trainable = count_parameters(model, trainable_only=True)
-    print(f"device {device}, dtype {dtype_name(dtype)}, {count_parameters(model):,} parameters "
-          f"({trainable:,} trainable), {counts}{describe_distributed(cfg)}; settings: {cfg['changed']}")
+    print(f"{count_parameters(model):,} parameters ({trainable:,} trainable), {counts}; settings: {cfg['changed']}")
 
 
 def best_checkpoint_of(cfg, **extra):
@@ -990,6 +989,7 @@ def main(argv=None):
     torch.manual_seed(cfg["seed"])
     device = setup_distributed(pick_device(cfg["device"]))  # under torchrun: join the group, take this GPU
     dtype = pick_dtype(cfg["dtype"], device)
+    print(describe_device(device, dtype, cfg["dtype"]) + describe_distributed(cfg))
     outputs = [output_path(cfg)] + [os.path.join(cfg["out_dir"], name) for name in
                                      ("metrics.json", "instruction-data-with-response.json", "accuracy-plot.png",
                                       "reward-plot.png", "kl-plot.png")]

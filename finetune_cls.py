@@ -15,6 +15,7 @@ The classifier reads its answer off the last real token of each text (padding, i
 import contextlib
 import os
 import re
+import sys
 import time
 from collections import Counter
 
@@ -30,7 +31,7 @@ from data import (EOT_ID, ClassificationDataset, balance_classes, check_output, 
 from layers import Int8Linear, add_lora, merge_lora
 from load_gpt2 import load_classifier
 from model import checkpoint_dict, count_parameters
-from settings import (UserError, autocast, changed_settings, check_training, dtype_name, entry, get_config, note,
+from settings import (UserError, autocast, changed_settings, check_training, describe_device, entry, get_config, note,
                       pick_device, pick_dtype, training_settings)
 from trainer import (RunFolder, build_model, command_line, describe_distributed, is_main_process, last_token_logits,
                      local_main_first, print_dry_run, save_model, setup_distributed, train_model, world_size)
@@ -293,8 +294,11 @@ def main(argv=None):
     torch.manual_seed(cfg["seed"])
     device = setup_distributed(pick_device(cfg["device"]))  # under torchrun: join the group, take this GPU
     dtype = pick_dtype(cfg["dtype"], device)
+    predicts = bool(cfg["predict"] or cfg["predict_file"])
+    if not predicts:  # --predict's output is one line per text; it names the device on stderr once it runs
+        print(describe_device(device, dtype, cfg["dtype"]) + describe_distributed(cfg))
     checkpoint = cfg["checkpoint"] or default_checkpoint(cfg)
-    if cfg["predict"] or cfg["predict_file"]:
+    if predicts:
         return run_predict(cfg, checkpoint, device, dtype)
     if cfg["evaluate"]:
         return run_evaluate(cfg, checkpoint, device, dtype)
@@ -332,6 +336,7 @@ def run_predict(cfg, checkpoint, device, dtype):
             note(f"skipped {len(lines) - len(texts)} empty line(s) of {path}")
     model, ckpt = load_classifier(checkpoint, cfg["quantize"])
     model.to(device)
+    print(describe_device(device, dtype, cfg["dtype"]), file=sys.stderr)
     results = classify_texts(model, ckpt, texts, device, dtype, cfg["batch_size"])
     for text, (label, prob, _) in zip(texts, results):
         print(f"{label}\t{prob:.4f}\t{text}")
@@ -427,10 +432,9 @@ def train_classifier(cfg, checkpoint, device, dtype, run):
                              trainable_layers=blocks, out_dim=len(class_names))
     # with --fsdp the whole model stays in CPU memory; train_model moves only this process's shard to the GPU
     model.to(torch.device("cpu") if cfg["fsdp"] and world_size() > 1 else device)
-    print(f"device {device}, dtype {dtype_name(dtype)}, {count_parameters(model):,} parameters, "
-          f"{count_parameters(model, trainable_only=True):,} trainable (--trainable {cfg['trainable']}); "
-          f"{len(class_names)} classes ({', '.join(class_names)}), max_length {max_length}; "
-          f"{len(train_ds)} train / {len(val_ds)} val / {len(test_ds)} test texts{describe_distributed(cfg)}; "
+    print(f"{count_parameters(model):,} parameters, {count_parameters(model, trainable_only=True):,} trainable "
+          f"(--trainable {cfg['trainable']}); {len(class_names)} classes ({', '.join(class_names)}), max_length "
+          f"{max_length}; {len(train_ds)} train / {len(val_ds)} val / {len(test_ds)} test texts; "
           f"settings: {changed_settings(cfg, DEFAULTS)}")
 
     def eval_fn(m):

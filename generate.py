@@ -22,7 +22,7 @@ from data import (EOT_ID, NEXT_TURN_MARKERS, TEMPLATE_NAME, check_output, conver
 from layers import optimize_for_decoding, quantize_int8
 from load_gpt2 import init_model
 from model import KVCache, checkpoint_dict, count_parameters, generate_stream
-from settings import UserError, autocast, entry, get_config, pick_device, pick_dtype
+from settings import UserError, autocast, describe_device, entry, get_config, pick_device, pick_dtype
 
 DEFAULTS = dict(
     checkpoint="runs/pretrain/model.pth",  # what to sample from (pretrain.py writes it)
@@ -432,7 +432,8 @@ def chat(model, ckpt, cfg, device, dtype, stdin=None, out=None):
     ctx = model.cfg["context_length"]
     cache = KVCache(model, 1, ctx)
     gen = torch.Generator(device=device).manual_seed(cfg["seed"])
-    print(f"device {device}, {count_parameters(model):,} parameters, context {ctx}", file=sys.stderr)
+    print(f"{describe_device(device, dtype, cfg['dtype'])}, {count_parameters(model):,} parameters, context {ctx}",
+          file=sys.stderr)
     if interactive:
         with contextlib.suppress(ImportError):
             import readline  # noqa: F401  (line editing and history for input(), where the platform has it)
@@ -505,7 +506,8 @@ def main(argv=None):
     ctx = model.cfg["context_length"]
     if idx.shape[1] > ctx:
         raise UserError(f"the prompt is {idx.shape[1]} tokens, longer than the model's context of {ctx}: shorten it")
-    print(f"device {device}, {count_parameters(model):,} parameters, context {ctx}", file=sys.stderr)
+    print(f"{describe_device(device, dtype, cfg['dtype'])}, {count_parameters(model):,} parameters, context {ctx}",
+          file=sys.stderr)
     if cfg["show_probs"]:
         show_next_token_probs(model, idx, tokenizer, cfg["probs_plot"])
         return None

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from data import (DATA_FILES, RandomWindows, TokenWindows, fetch_data, split_point, text_to_token_ids, token_cache,
                   token_ids_to_text)
 from model import MODEL_CONFIGS, count_parameters, generate
-from settings import (UserError, changed_settings, check_training, dtype_name, entry, get_config,
+from settings import (UserError, changed_settings, check_training, describe_device, entry, get_config,
                       pick_device, pick_dtype, training_settings)
 from trainer import (TRAIN_STATE, RunFolder, build_model, calc_loss_batch, command_line, describe_distributed,
                      evaluate_model, local_main_first, model_config, print_dry_run, save_model, setup_distributed,
@@ -116,6 +116,7 @@ def main(argv=None):
     torch.manual_seed(cfg["seed"])
     device = setup_distributed(pick_device(cfg["device"]))  # under torchrun: join the group, take this GPU
     dtype = pick_dtype(cfg["dtype"], device)
+    print(describe_device(device, dtype, cfg["dtype"]) + describe_distributed(cfg))
     trains = not (cfg["dry_run"] or cfg["epochs"] == 0)  # the other two only print
     outputs = [os.path.join(cfg["out_dir"], "model.pth")]
     with RunFolder(cfg, outputs, command_line(__file__, argv)) if trains else contextlib.nullcontext() as run:
@@ -128,8 +129,7 @@ def main(argv=None):
         if cfg["context_length"] > model.cfg["context_length"]:
             raise UserError(f"--context_length {cfg['context_length']} exceeds the model's "
                             f"{model.cfg['context_length']}: lower it")
-        print(f"device {device}, dtype {dtype_name(dtype)}, {count_parameters(model):,} parameters, "
-              f"{len(train_loader)} train / {len(val_loader)} val batches{describe_distributed(cfg)}; "
+        print(f"{count_parameters(model):,} parameters, {len(train_loader)} train / {len(val_loader)} val batches; "
               f"settings: {changed_settings(cfg, DEFAULTS)}")
         if not trains:
             train_loss, val_loss = evaluate_model(model, train_loader, val_loader, device, None, progress=True)

@@ -260,20 +260,26 @@ def has_native_bf16(device):
 
 
 def pick_dtype(name, device):
-    """The autocast dtype: 'auto' -> bf16 on GPUs that support it, else float32.
-
-    On CPU, auto stays float32: bf16 matmuls are fast only with AVX512-BF16/AMX and very slow without; pass
-    --dtype bfloat16 on a CPU that has them.
-    """
+    """The autocast dtype. 'auto' is bf16 where the hardware multiplies bf16 natively (a CUDA GPU that supports
+    it, a CPU with AVX512-BF16 or AMX) and float32 elsewhere (bf16 without that support is slower than fp32).
+    The weights, and so the checkpoints, stay float32 either way."""
     if name == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
+        return torch.bfloat16 if has_native_bf16(device) else torch.float32
     if name not in DTYPES:
         raise UserError(f"unknown dtype {name!r}: use auto, float32, bfloat16 or float16")
     if DTYPES[name] is torch.float16 and device.type != "cuda":
         raise UserError("float16 needs a CUDA GPU (it trains with a gradient scaler there): use bfloat16 or float32")
     return DTYPES[name]
+
+
+def describe_device(device, dtype, asked="auto"):
+    """The start-up line's first words: the device and the dtype, with why 'auto' chose that dtype."""
+    why = ""
+    if asked == "auto":
+        where = "GPU" if device.type == "cuda" else "CPU" if device.type == "cpu" else device.type
+        why = (f" (auto: this {where} multiplies bf16 natively; --dtype float32 to keep fp32)" if dtype is torch.bfloat16
+               else f" (auto: this {where} has no native bf16 matmuls)")
+    return f"device {device}, dtype {dtype_name(dtype)}{why}"
 
 
 def dtype_name(dtype):
