@@ -1,51 +1,167 @@
-"""Tests for the whole pipeline: `python -m pytest -q test_all.py` (tiny configs, no network, a few minutes on 2 cores).
+"""Tests for the whole pipeline: `python -m pytest -q test_all.py` (tiny models, no network, a few minutes on 2 cores).
 
-Sections: the core (model.py, data.py, pretrain.py, generate.py), then OpenAI weights (load_gpt2.py), classification,
-instructions and chat, speed (int8, beam search, bench.py), several processes (DDP, FSDP, --dry_run), and faults
-(kills, bad input, hostile files, disk full; GPT2_LONG_TESTS=1 runs the long kill variant).
+Contents, in pipeline order; each section opens with a banner comment:
+   1. model           model.py: configs, layers, attention, causality, tied weights, .pth checkpoints
+   2. data            data.py: tokenizer, text files, verified downloads, the token cache, training windows
+   3. training        settings.py, trainer.py, pretrain.py: flags, learning-rate schedule, end to end, resume,
+                      divergence, bf16, tied weights, gradient accumulation, --dry_run and the memory estimate
+   4. weights         load_gpt2.py: published-layout files against a reference forward pass, the safetensors
+                      reader, the command line and --init, downloads from a hub, export to Hugging Face and back
+   5. classification  finetune_cls.py: labelled CSVs, freezing and LoRA, train, predict, evaluate, resume, --dry_run
+   6. chat            finetune_chat.py and generate.py --chat: template, collate, scores, SFT, chat, DPO, bad input
+   7. generation      the KV cache, sampling, generate.py, beam search, repetition penalty
+   8. speed           int8 weights, the decoding layout, bench.py
+   9. distributed     DDP and FSDP over 2 gloo processes, started the way torchrun starts them
+  10. faults          kills and resume, disk full, bad input to every script, hostile files, stalled downloads
 
-The tokenizer files and the corpora come from ../shared (TIKTOKEN_CACHE_DIR and a local HTTP server on 127.0.0.1);
-tests that need them are skipped when that folder is absent.
+Helpers shared by several sections come first: one tiny config (tiny_cfg, tiny_model, tiny_classifier), the flags of
+each entry script built from it (tiny_flags, pretrain_flags, cls_flags, chat_flags), and a local file server.
+
+Markers: `slow` (over ~5 s each on 2 cores; the default run includes them, `-m "not slow"` leaves them out) and `long`
+(the GPT2_LONG_TESTS=1 variants, skipped otherwise). The tokenizer files and the corpora come from ../shared
+(TIKTOKEN_CACHE_DIR, and a local HTTP server on 127.0.0.1 for downloads): tests that need them are skipped when that
+folder is absent, and the Hugging Face round trips when transformers is not installed.
 """
+import contextlib
+import csv
+import ctypes
+import fcntl
 import hashlib
 import http.server
+import io
+import itertools
+import json
+import math
 import os
+import pickle
+import random
+import resource
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
+import zipfile
 
+import numpy as np
 import pytest
+import tiktoken
 import torch
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+
+import bench
+import data
+import finetune_chat
+import finetune_cls
+import generate as generate_script
+import layers
+import load_gpt2
+import model as M
+import pretrain
+import settings
+import trainer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SHARED = os.environ.get("GPT2_SHARED_DIR", os.path.join(HERE, "..", "shared"))
-SHARED_DATA = os.path.join(SHARED, "data")
-if os.path.isdir(os.path.join(SHARED, "tiktoken-cache")):
-    os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(SHARED, "tiktoken-cache"))
-sys.path.insert(0, HERE)
+SHARED_DATA = os.path.join(os.environ.get("GPT2_SHARED_DIR", os.path.join(HERE, "..", "shared")), "data")
+TIKTOKEN_CACHE = os.path.join(SHARED_DATA, "..", "tiktoken-cache")  # tiktoken's GPT-2 files, for working offline
+if os.path.isdir(TIKTOKEN_CACHE):
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", TIKTOKEN_CACHE)
+LONG = os.environ.get("GPT2_LONG_TESTS") == "1"
 
-import data  # noqa: E402
-import generate as generate_script  # noqa: E402
-import model as M  # noqa: E402
-import pretrain  # noqa: E402
-import load_gpt2  # noqa: E402
-import settings  # noqa: E402
-import trainer  # noqa: E402
-import layers  # noqa: E402
+# Tiny models on a busy 2-core machine: one thread spares every small matmul a wait for the other core
+torch.set_num_threads(1)
+
+
+def pytest_configure(config):
+    """Register this file's markers."""
+    config.addinivalue_line("markers", "slow: takes over ~5 s on 2 cores; the default run includes it")
+    config.addinivalue_line("markers", "long: a GPT2_LONG_TESTS=1 variant, skipped otherwise")
+
+
+# pytest calls pytest_configure for conftest files and plugins only, and the whole suite is this file: so the hook runs
+# here, at import, on the running configuration (the one pytest.mark checks marker names against), before the
+# markers are used below
+if getattr(pytest.mark, "_config", None) is not None:
+    pytest_configure(pytest.mark._config)
+
+slow = pytest.mark.slow
+
+
+def ci_and_long(what):
+    """Parametrize `long`: False for the variant CI runs, True for the long one (marked long, skipped unless
+    GPT2_LONG_TESTS=1)."""
+    skip_unless_asked = pytest.mark.skipif(not LONG, reason=f"set GPT2_LONG_TESTS=1 for {what}")
+    return pytest.mark.parametrize("long", [pytest.param(False, id="ci"),
+                                            pytest.param(True, id="long", marks=[pytest.mark.long, skip_unless_asked])])
+
 
 needs_shared = pytest.mark.skipif(not os.path.isdir(SHARED_DATA), reason="../shared/data not present")
+SMS_FILE = os.path.join(SHARED_DATA, "SMSSpamCollection")
+needs_sms = pytest.mark.skipif(not os.path.isfile(SMS_FILE), reason="../shared/data/SMSSpamCollection not present")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shared helpers: the tiny config, flags, fixtures, subprocesses, a local file server
+# ---------------------------------------------------------------------------------------------------------------
+
 TINY = dict(M.GPT_CONFIG_124M, vocab_size=50257, context_length=32, emb_dim=32, n_heads=2, n_layers=2,
             drop_rate=0.0, qkv_bias=False)
-TINY_FLAGS = ["--context_length", "32", "--emb_dim", "32", "--n_heads", "2", "--n_layers", "2",
-              "--drop_rate", "0", "--batch_size", "2", "--sample_tokens", "5", "--device", "cpu"]
+
+
+def tiny_cfg(**overrides):
+    """The tiny config with overrides: tiny_cfg(context_length=128)."""
+    return {**TINY, **overrides}
 
 
 def tiny_model(seed=0, **overrides):
+    """A GPTModel of tiny_cfg(**overrides) in eval mode, its weights drawn after torch.manual_seed(seed)."""
     torch.manual_seed(seed)
-    return M.GPTModel({**TINY, **overrides}).eval()
+    return M.GPTModel(tiny_cfg(**overrides)).eval()
+
+
+def tiny_classifier(num_classes=2, seed=0, **overrides):
+    """tiny_model with the classification head finetune_cls.py puts on it."""
+    return finetune_cls.replace_head(tiny_model(seed, **overrides), num_classes).eval()
+
+
+def as_flags(**values):
+    """Command-line flags in the order given: as_flags(n_layers=2, device="cpu") == ["--n_layers", "2", "--device",
+    "cpu"]; None leaves a flag out."""
+    return [item for name, value in values.items() if value is not None for item in (f"--{name}", str(value))]
+
+
+def tiny_flags(**overrides):
+    """The tiny config's size on the CPU in float32 (the numbers then do not depend on whether this CPU has native
+    bf16), as flags every training script takes, then the overrides (in their order)."""
+    return as_flags(**{"n_layers": TINY["n_layers"], "n_heads": TINY["n_heads"], "emb_dim": TINY["emb_dim"],
+                       "device": "cpu", "dtype": "float32", **overrides})
+
+
+def pretrain_flags(**overrides):
+    """pretrain.py on the tiny config: batches of 2, no dropout, a 5-token sample after each epoch."""
+    return tiny_flags(**{"context_length": TINY["context_length"], "drop_rate": 0, "batch_size": 2,
+                         "sample_tokens": 5, **overrides})
+
+
+def short_pretrain_flags(data_path=None, **overrides):
+    """pretrain.py for runs of a few steps: one epoch in float32, no sample, evaluations of a single batch."""
+    return pretrain_flags(**{"data": data_path, "sample_tokens": 0, "eval_freq": 100, "eval_iters": 1, "epochs": 1,
+                             "dtype": "float32", **overrides})
+
+
+def cls_flags(**overrides):
+    """finetune_cls.py from a tiny scratch model, every weight trainable, texts cut at 32 tokens, no evaluation
+    during training and one batch for the final one."""
+    return tiny_flags(**{"init": "scratch", "trainable": "all", "max_length": TINY["context_length"],
+                         "eval_freq": 1000, "eval_iters": 1, **overrides})
+
+
+def chat_flags(**overrides):
+    """finetune_chat.py from a tiny scratch model with a context of 128 tokens (room for a templated record)."""
+    return tiny_flags(**{"init": "scratch", "context_length": 128, "dtype": "float32", **overrides})
 
 
 @pytest.fixture(autouse=True)
@@ -54,8 +170,18 @@ def data_dir_in_tmp(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "DATA_DIR", str(tmp_path / "data"))
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One thread for every test, also after a test that changed it (see torch.set_num_threads above)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def verdict(tmp_path):
+    """A copy of the-verdict.txt, the book's short story, in the test's folder."""
     if not os.path.isdir(SHARED_DATA):
         pytest.skip("../shared/data not present")
     path = tmp_path / "the-verdict.txt"
@@ -63,10 +189,68 @@ def verdict(tmp_path):
     return str(path)
 
 
-def run_script(*args, cwd=HERE, timeout=300):
-    """Run an entry script as a user would; returns CompletedProcess with text output."""
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "PYTHONPATH": HERE})
+@pytest.fixture(scope="session")
+def transformers():
+    """The transformers package; tests that take it are skipped where it is not installed (CI installs it)."""
+    return pytest.importorskip("transformers")
+
+
+def read_json(path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def write_json(path, obj):
+    path.write_text(json.dumps(obj), encoding="utf-8")
+    return str(path)
+
+
+def write_csv(path, rows, header=("Label", "Text")):
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    return str(path)
+
+
+def write_spam_ham_csv(path, n=24):
+    """n texts of each of two classes, of a few different lengths."""
+    rows = []
+    for i in range(n):
+        rows.append(["spam", f"WIN a free prize number {i} now!" + " Call 0800 today." * (i % 3)])
+        rows.append(["ham", f"See you at {i} for lunch" + ", ok?" * (i % 4)])
+    return write_csv(path, rows)
+
+
+def weights(path):
+    return M.read_checkpoint(str(path))["model"]
+
+
+def max_diff(a, b):
+    """The largest difference between two state_dicts with the same keys."""
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+class Payload:
+    """Runs `touch marker` when unpickled: a hostile checkpoint's content, which no loader may run."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+# Subprocesses: one thread each (the machine has 2 cores), plots without a display, output unbuffered
+ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", MPLBACKEND="Agg", PYTHONUNBUFFERED="1",
+           TIKTOKEN_CACHE_DIR=os.path.abspath(os.environ.get("TIKTOKEN_CACHE_DIR", TIKTOKEN_CACHE)))
+
+
+def run_script(script, *args, cwd=HERE, env=None, timeout=300):
+    """Run an entry script as a user would, with ENV and `env` on top; returns CompletedProcess with text output."""
+    return subprocess.run([sys.executable, os.path.join(HERE, script), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env={**ENV, "PYTHONPATH": HERE, **(env or {})})
 
 
 def assert_one_line_error(proc, *words):
@@ -78,46 +262,109 @@ def assert_one_line_error(proc, *words):
         assert w.lower() in last.lower(), last
 
 
+def run_main(main, args):
+    """main(args) as the command line runs it (through settings.entry), in this process -> (exit code, stdout,
+    stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            settings.entry(lambda: main(args))
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+    return code, out.getvalue(), err.getvalue()
+
+
+def assert_one_error_line(code, err, *words, after_progress=False):
+    """A non-zero exit and one error line that names the problem (argparse's usage line aside; with
+    after_progress, after the progress lines of a run that had started), no traceback. Returns the line."""
+    lines = [ln for ln in err.replace("\r", "\n").splitlines() if ln.strip()]
+    if after_progress:
+        lines = [ln for ln in lines if not ln.startswith("step ")]
+    assert code not in (0, None), err
+    if code == 2:
+        lines = [ln for ln in lines if not ln.startswith(("usage:", " "))]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for w in words:
+        assert w.lower() in lines[0].lower(), (w, lines[0])
+    return lines[0]
+
+
+def free_port():
+    """A port on 127.0.0.1 that nothing listens on."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def dead_url():
+    return f"http://127.0.0.1:{free_port()}"
+
+
 class FileHandler(http.server.BaseHTTPRequestHandler):
-    """A quiet test file server. GET /NAME or /MODE/NAME answers with `body` when it is set, else with the file NAME
-    from `folder`. MODE (default ok): ok - a Range request gets 206 and the rest, and is recorded in `ranges`;
-    bad - the bytes reversed; short - half the bytes, then the connection closes; stall - half the bytes, then 3 s
-    of silence; loop - a 302 redirect to the same path. Use serve_files() for a class of its own."""
-    folder, body, ranges = SHARED_DATA, None, []
+    """A quiet test file server; serve() gives each server a subclass of its own. A path in `files` ({URL path:
+    bytes}) gets those bytes and its ETag from `etags`, if any; with `files` set, other paths get 404. Otherwise GET
+    /NAME or /MODE/NAME answers with `body` when it is set, else with the file NAME from `folder`. MODE (default
+    ok): ok - a Range request gets 206 and the rest (416 past the end), and is recorded in `ranges`; bad - the bytes
+    reversed; short - half the bytes, then the connection closes; stall - half the bytes, then 3 s of silence;
+    loop - a 302 redirect to the same path. Every request is recorded in `log` as (method, path, Range header)."""
+    folder, body, files, etags, ranges, log = SHARED_DATA, None, {}, {}, [], []
 
     def log_message(self, *args):
         pass
 
+    def do_HEAD(self):
+        self.answer(send_body=False)
+
     def do_GET(self):
-        parts = self.path.strip("/").split("/")
-        mode, name = (parts[0], parts[-1]) if len(parts) > 1 else ("ok", parts[0])
-        if mode == "loop":
-            self.send_response(302)
-            self.send_header("Location", self.path)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-            return
-        body = self.body
-        if body is None:
-            path = os.path.join(self.folder, name)
-            if not os.path.isfile(path):
+        self.answer(send_body=True)
+
+    def answer(self, send_body):
+        rng = self.headers.get("Range")
+        self.log.append((self.command, self.path, rng))
+        if self.files:
+            mode, body = "ok", self.files.get(self.path)
+            if body is None:
                 self.send_error(404)
                 return
-            with open(path, "rb") as f:
-                body = f.read()
-        if mode == "bad":
-            body = body[::-1]
+        else:
+            parts = self.path.strip("/").split("/")
+            mode, name = (parts[0], parts[-1]) if len(parts) > 1 else ("ok", parts[0])
+            if mode == "loop":
+                self.send_response(302)
+                self.send_header("Location", self.path)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            body = self.body
+            if body is None:
+                path = os.path.join(self.folder, name)
+                if not os.path.isfile(path):
+                    self.send_error(404)
+                    return
+                with open(path, "rb") as f:
+                    body = f.read()
+            if mode == "bad":
+                body = body[::-1]
         start = 0
-        rng = self.headers.get("Range")
         if rng and mode == "ok":
             self.ranges.append(rng)
             start = int(rng.split("=")[1].split("-")[0])
+            if start >= len(body):
+                self.send_response(416)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             self.send_response(206)
             self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
         else:
             self.send_response(200)
         self.send_header("Content-Length", str(len(body) - start))  # short and stall promise more than they send
+        if self.path in self.etags:
+            self.send_header("ETag", f'"{self.etags[self.path]}"')
         self.end_headers()
+        if not send_body:
+            return
         if mode in ("short", "stall"):
             self.wfile.write(body[: len(body) // 2])
             self.wfile.flush()
@@ -128,22 +375,30 @@ class FileHandler(http.server.BaseHTTPRequestHandler):
         self.wfile.write(body[start:])
 
 
-def start_server(handler):
-    """Serve with `handler` on 127.0.0.1 (a free port) from a daemon thread; returns (server, base URL)."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server, f"http://127.0.0.1:{server.server_address[1]}"
+@pytest.fixture
+def serve():
+    """serve(folder=..., body=..., files=..., etags=...) starts a FileHandler server with those attributes on
+    127.0.0.1 (a free port), from a daemon thread; returns (base URL, its handler class, whose `ranges` and `log`
+    fill as requests come). The servers stop when the test ends."""
+    servers = []
+
+    def start(**attrs):
+        attrs = {k: str(v) if k == "folder" else v for k, v in attrs.items()}
+        handler = type("Files", (FileHandler,), {"files": {}, "etags": {}, "ranges": [], "log": [], **attrs})
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}", handler
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
 
 
-def serve_files(folder=SHARED_DATA, body=None):
-    """start_server with a FileHandler class of its own; returns (server, base URL, handler class with `ranges`)."""
-    handler = type("Files", (FileHandler,), dict(folder=str(folder), body=body, ranges=[]))
-    return (*start_server(handler), handler)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# model.py
-# ---------------------------------------------------------------------------------------------------------------
+# ===============================================================================================================
+# 1. Model: model.py
+# ===============================================================================================================
 
 def test_configs_and_parameter_counts():
     assert M.GPT_CONFIG_124M == {"vocab_size": 50257, "context_length": 1024, "emb_dim": 768, "n_heads": 12,
@@ -223,48 +478,34 @@ def test_fused_and_manual_attention_agree():
         torch.testing.assert_close(part, fused[:, 10:], atol=1e-5, rtol=1e-5)
 
 
-def test_cached_greedy_generation_equals_recomputation_even_past_the_context():
-    m = tiny_model()
-    x = torch.randint(0, 50257, (2, 7))
-    # 40 new tokens with a 32-token context: the window slides for the last 15 steps
-    cached = M.generate(m, x, 40, context_size=32)
-    plain = M.generate(m, x, 40, context_size=32, use_cache=False)
-    assert cached.shape == (2, 47)
-    assert torch.equal(cached, plain)
-    # the reference: the book's loop, cropping to the context and recomputing each step
-    idx = x
-    for _ in range(40):
-        with torch.no_grad():
-            logits = m(idx[:, -32:])[:, -1]
-        idx = torch.cat([idx, logits.argmax(-1, keepdim=True)], dim=1)
-    assert torch.equal(cached, idx)
+def test_last_only_logits_are_the_last_row():
+    model = tiny_model()
+    idx = torch.randint(0, TINY["vocab_size"], (2, 10))
+    with torch.no_grad():
+        full = model(idx)
+        last = model(idx, last_only=True)
+        assert last.shape == (2, 1, TINY["vocab_size"])
+        assert torch.allclose(last, full[:, -1:], atol=1e-5)
+        cache = M.KVCache(model, 2)
+        model(idx[:, :6], kv_cache=cache, last_only=True)  # the cache still gets every position's keys and values
+        assert cache.pos == 6
+        assert torch.allclose(model(idx[:, 6:], kv_cache=cache, last_only=True), full[:, -1:], atol=1e-5)
 
 
-def test_long_prompt_is_left_cropped():
-    m = tiny_model()
-    long = torch.randint(0, 50257, (1, 50))
-    out = M.generate(m, long, 3, context_size=32)
-    assert out.shape == (1, 53) and torch.equal(out[:, :50], long)
-    assert torch.equal(M.generate(m, long[:, -32:], 3, context_size=32)[:, -3:], out[:, -3:])
+def test_tied_model_from_scratch_starts_near_uniform_loss():
+    torch.manual_seed(0)
+    idx = torch.randint(0, M.GPT_CONFIG_124M["vocab_size"], (2, 16))
+    uniform = math.log(M.GPT_CONFIG_124M["vocab_size"])  # 10.82: every token equally likely
+    with torch.no_grad():
+        for width in (32, 128):
+            model = M.GPTModel(tiny_cfg(emb_dim=width, tie_weights=True)).eval()
+            loss = torch.nn.functional.cross_entropy(model(idx).flatten(0, 1), idx.flatten())
+            assert abs(loss.item() - uniform) < 0.5, (width, loss.item())  # N(0, 1) embeddings: 7 above at width 32
 
 
-def test_generate_stops_at_eos_and_sampling_filters():
-    m = tiny_model()
-    x = torch.randint(0, 50257, (1, 5))
-    first = M.generate(m, x, 1)[0, -1].item()
-    assert M.generate(m, x, 10, eos_id=first).shape[1] == 6  # stops right after emitting eos
-    logits = torch.tensor([[1.0, 3.0, 2.0, 0.5]])
-    g = torch.Generator().manual_seed(0)
-    assert {M.sample_next_token(logits, 1.0, top_k=1, generator=g).item() for _ in range(20)} == {1}
-    # probabilities ~ [.09, .64, .24, .05]: top_p 0.7 keeps tokens 1 and 2 only
-    seen = {M.sample_next_token(logits, 1.0, top_p=0.7, generator=g).item() for _ in range(300)}
-    assert seen == {1, 2}
-    assert {M.sample_next_token(logits, 1.0, top_p=0.5, generator=g).item() for _ in range(50)} == {1}
-    with pytest.raises(ValueError):
-        M.sample_next_token(logits, -1.0)
-    with pytest.raises(ValueError):
-        M.sample_next_token(logits, 1.0, top_p=0.0)
-
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints: .pth save and load
+# ---------------------------------------------------------------------------------------------------------------
 
 def test_book_state_dict_with_mask_buffers_loads(tmp_path):
     m = tiny_model(qkv_bias=False)
@@ -317,20 +558,26 @@ def test_load_errors_name_the_problem(tmp_path):
 
 def test_pickle_payload_is_never_run(tmp_path):
     marker = tmp_path / "pwned"
-
-    class Payload:
-        def __reduce__(self):
-            return (os.system, (f"touch {marker}",))
-
-    torch.save({"model": Payload()}, tmp_path / "evil.pth")
+    torch.save({"model": Payload(marker)}, tmp_path / "evil.pth")
     with pytest.raises(M.CheckpointError):
         M.load_model(str(tmp_path / "evil.pth"))
     assert not marker.exists()
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# data.py
+# Loading returns a model ready to use
 # ---------------------------------------------------------------------------------------------------------------
+
+def test_load_model_returns_eval_mode(tmp_path):
+    path = M.save_checkpoint(str(tmp_path / "m.pth"), tiny_model(drop_rate=0.5))
+    model, _ = M.load_model(path)
+    idx = torch.randint(0, 50257, (1, 8))
+    assert not model.training and torch.equal(model(idx), model(idx))
+
+
+# ===============================================================================================================
+# 2. Data: data.py
+# ===============================================================================================================
 
 def test_tokenizer_round_trip():
     ids = data.text_to_token_ids("Hello, world. <|endoftext|> Is this-- a test?")
@@ -338,42 +585,25 @@ def test_tokenizer_round_trip():
     assert data.token_ids_to_text(ids) == "Hello, world. <|endoftext|> Is this-- a test?"
 
 
-def test_sliding_windows_match_the_book():
-    ids = list(range(100))
-    ds = data.GPTDatasetV1(ids, None, max_length=8, stride=5)
-    assert len(ds) == len(range(0, 100 - 8, 5))
-    x, y = ds[3]
-    assert x.tolist() == list(range(15, 23)) and y.tolist() == list(range(16, 24))
-    loader = data.create_dataloader_v1(ids, batch_size=4, max_length=8, stride=8, shuffle=False)
-    xb, yb = next(iter(loader))
-    assert xb.shape == (4, 8) and torch.equal(xb[:, 1:], yb[:, :-1])
-    assert len(loader) == len(range(0, 92, 8)) // 4  # drop_last
+def test_load_text_folder_and_bad_files(tmp_path):
+    (tmp_path / "a.txt").write_text("alpha")
+    (tmp_path / "b.txt").write_text("beta")
+    assert data.load_text(str(tmp_path)) == "alpha<|endoftext|>beta"
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(settings.UserError, match="not UTF-8"):
+        data.load_text(str(tmp_path / "latin1.txt"))
+    (tmp_path / "bin.txt").write_bytes(b"\x00\x01\x02")
+    with pytest.raises(settings.UserError, match="binary"):
+        data.load_text(str(tmp_path / "bin.txt"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(settings.UserError, match="no .txt files"):
+        data.load_text(str(empty))
 
 
-def test_settings_helper_types_help_and_errors(capsys):
-    defaults = dict(top_k=50, lr=4e-4, name="x", resume=False, limit=None)
-    cfg = settings.get_config(defaults, ["--top_k", "40", "--lr=1e-3", "--resume", "--limit", "off"])
-    assert cfg == dict(top_k=40, lr=1e-3, name="x", resume=True, limit=None)
-    assert settings.get_config(defaults, ["--resume", "false"])["resume"] is False
-    for bad in (["--top_kk", "3"], ["--top_k", "many"], ["--resume", "maybe"]):
-        with pytest.raises(SystemExit) as e:
-            settings.get_config(defaults, bad)
-        assert e.value.code == 2
-    with pytest.raises(SystemExit):
-        generate_script.main(["--help"])
-    assert "0 = greedy" in capsys.readouterr().out  # the comment beside the setting
-
-
-@pytest.fixture
-def server():
-    if not os.path.isdir(SHARED_DATA):
-        pytest.skip("../shared/data not present")
-    httpd, url, _ = serve_files()
-    yield url
-    httpd.shutdown()
-
-
-def test_download_verifies_resumes_and_explains(server, tmp_path):
+@needs_shared
+def test_download_verifies_resumes_and_explains(serve, tmp_path):
+    server, _ = serve()  # the files of ../shared/data
     name = "the-verdict.txt"
     url, digest = data.DATA_FILES[name]
     dest = str(tmp_path / name)
@@ -399,25 +629,516 @@ def test_download_verifies_resumes_and_explains(server, tmp_path):
     assert data.fetch_data(name, data_dir=str(tmp_path / "d"), base_url="http://127.0.0.1:9") == path
 
 
-def test_load_text_folder_and_bad_files(tmp_path):
-    (tmp_path / "a.txt").write_text("alpha")
-    (tmp_path / "b.txt").write_text("beta")
-    assert data.load_text(str(tmp_path)) == "alpha<|endoftext|>beta"
-    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
-    with pytest.raises(settings.UserError, match="not UTF-8"):
-        data.load_text(str(tmp_path / "latin1.txt"))
-    (tmp_path / "bin.txt").write_bytes(b"\x00\x01\x02")
-    with pytest.raises(settings.UserError, match="binary"):
-        data.load_text(str(tmp_path / "bin.txt"))
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    with pytest.raises(settings.UserError, match="no .txt files"):
-        data.load_text(str(empty))
+# ---------------------------------------------------------------------------------------------------------------
+# Token cache: the tokens (a file equals tiktoken's encode, a folder equals load_text's joining, pieces equal the
+# whole text)
+# ---------------------------------------------------------------------------------------------------------------
+
+def encode(text):
+    """The reference: tiktoken's ids for the whole text (not through data, whose tokenizer tests replace)."""
+    return tiktoken.get_encoding("gpt2").encode(text, allowed_special={"<|endoftext|>"})
+
+
+def make_corpus(folder, files):
+    """Write {relative path: str or bytes} under folder; returns its path as a string."""
+    for rel, content in files.items():
+        path = folder / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_text(content, encoding="utf-8")
+    return str(folder)
+
+
+def cached(path, tmp_path, **kw):
+    return data.token_cache(str(path), cache_dir=str(tmp_path / "cache"), progress=False, **kw)
+
+
+class Spy:
+    """Stands in for data's tokenizer and records every text it was given; raises KeyboardInterrupt (what Ctrl-C
+    raises) on the call after fail_after."""
+
+    def __init__(self, monkeypatch, fail_after=None):
+        self.texts, self.fail_after = [], fail_after
+        self.tok = data.get_tokenizer()
+        self.name, self.n_vocab = self.tok.name, self.tok.n_vocab
+        monkeypatch.setattr(data, "get_tokenizer", lambda: self)
+
+    def encode_to_numpy(self, text, **kw):
+        if self.fail_after is not None and len(self.texts) >= self.fail_after:
+            raise KeyboardInterrupt
+        self.texts.append(text)
+        return self.tok.encode_to_numpy(text, **kw)
+
+    def encode(self, text, **kw):
+        return self.tok.encode(text, **kw)
+
+    @property
+    def text(self):
+        return "".join(self.texts)
+
+
+def varied_text(rng, n):
+    frags = ["the", " cat", "'s", "'ll", "'VE", "don't", "  ", "   ", "\n", "\n\n", "\r\n", "\t", " \n ", "\u00a0",
+             "\u3000", "\u2028", "\x1c", "\x85", "\u200b", "123", " 4567", "3.14", "!!", "...", " (", ")", "-", "é",
+             "e\u0301", "中文", "。", "，", "한국어", "русский", "😀", "<|endoftext|>", "<|endof", "text|>", "|", "'",
+             " '", "\ufeff", "²", "Ⅻ", "_", "a1b2"]
+    return "".join(rng.choice(frags) for _ in range(n))
+
+
+def test_single_file_gives_tiktokens_ids(tmp_path, verdict):
+    text = data.read_text_file(verdict)
+    c = cached(verdict, tmp_path)
+    assert isinstance(c.tokens, np.memmap) and c.tokens.dtype == np.uint16 and not c.tokens.flags.writeable
+    assert c.tokens.tolist() == encode(text)
+    assert os.path.basename(c.path).startswith("the-verdict.txt-") and c.path.endswith(".bin")
+    meta = read_json(c.path[:-4] + ".json")
+    assert meta == c.meta
+    assert (meta["format"], meta["tokenizer"], meta["n_vocab"], meta["separator_id"], meta["dtype"]) == (
+        data.CACHE_FORMAT, "gpt2", 50257, 50256, "uint16")
+    assert meta["source"] == os.path.abspath(verdict) and meta["n_tokens"] == len(c.tokens)
+    st = os.stat(verdict)
+    assert meta["files"] == [{"path": "the-verdict.txt", "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                              "offset": 0, "n_tokens": len(c.tokens)}]
+
+
+def test_folder_joins_documents_like_load_text(tmp_path):
+    files = {"b.txt": "beta  text\n", "a.md": "# alpha\n\nsee <|endoftext|> here", "sub/c.txt": "",
+             "sub/d.jsonl": '{"text": "one", "id": 1}\n\n{"text": "two<|endoftext|>three"}\n',
+             "e.jsonl": '\ufeff{"text": "bom first"}\n', "Z.TXT": "zed", "f.json": "{}", "notes.csv": "x",
+             ".hidden.txt": "no", ".git/config.txt": "no"}
+    c = cached(make_corpus(tmp_path / "corpus", files), tmp_path)
+    documents = ["zed", files["a.md"], files["b.txt"], "bom first", "", "one", "two<|endoftext|>three"]
+    assert c.tokens.tolist() == encode("<|endoftext|>".join(documents))
+    assert [f["path"] for f in c.meta["files"]] == ["Z.TXT", "a.md", "b.txt", "e.jsonl", "sub/c.txt", "sub/d.jsonl"]
+    for f, text in zip(c.meta["files"], ["zed", files["a.md"], files["b.txt"], "bom first", "",
+                                         "one<|endoftext|>two<|endoftext|>three"]):
+        assert c.tokens[f["offset"]:f["offset"] + f["n_tokens"]].tolist() == encode(text)
+    # a folder of .txt files only: exactly today's load_text, tokenized
+    folder = make_corpus(tmp_path / "txt", {"x.txt": "x  \n", "y.txt": "  y"})
+    assert cached(folder, tmp_path).tokens.tolist() == encode(data.load_text(folder))
+
+
+def test_pieces_tokenize_like_the_whole_text(tmp_path, monkeypatch):
+    rng = random.Random(1)
+    tok = tiktoken.get_encoding("gpt2")
+    for trial in range(400):
+        text = varied_text(rng, rng.randint(1, 60))
+        if trial % 4 == 0:  # no whitespace at all: the fallback cuts
+            text = "".join(ch for ch in text if not ch.isspace())
+        size, block = rng.randint(1, 10), rng.randint(1, 7)
+        pieces = list(data.safe_pieces([text[i:i + block] for i in range(0, len(text), block)], size))
+        assert "".join(pieces) == text
+        assert [t for p in pieces for t in tok.encode(p, allowed_special={"<|endoftext|>"})] == encode(text), text
+    assert data.safe_cut("a  ") == 1 and data.safe_cut("a\n\n") == 1  # never at the end of a whitespace run
+    assert data.safe_cut("it's") == 0 and data.safe_cut("<|endoftext|>") == 13
+    assert data.safe_cut("one two three", 4, 9) == 7 and data.safe_cut("one two", 3) == 0
+    # through the cache, a file read a few bytes at a time and tokenized a few characters at a time
+    monkeypatch.setattr(data, "READ_BYTES", 5)
+    monkeypatch.setattr(data, "PIECE_CHARS", 8)
+    text = varied_text(rng, 3000)
+    path = tmp_path / "varied.txt"
+    path.write_text(text, encoding="utf-8", newline="")
+    spy = Spy(monkeypatch)
+    assert cached(path, tmp_path).tokens.tolist() == encode(text)
+    assert len(spy.texts) > 10 and max(map(len, spy.texts)) < 200
+
+
+def test_lone_surrogates_and_older_tiktoken(tmp_path):
+    path = tmp_path / "r.jsonl"
+    path.write_text('{"text": "bad \\ud800 half"}\n{"text": "fine"}\n')
+    assert cached(path, tmp_path).tokens.tolist() == encode("bad \ud800 half<|endoftext|>fine")
+
+    class Old:  # tiktoken before encode_to_numpy
+        encode = data.get_tokenizer().encode
+
+    ids = data.piece_ids(Old(), "a <|endoftext|> b")
+    assert ids.dtype == np.uint16 and ids.tolist() == encode("a <|endoftext|> b")
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# pretrain.py
+# Token cache: reuse and invalidation (unchanged, changed, removed and added files), where it lives, waiting
 # ---------------------------------------------------------------------------------------------------------------
+
+def test_unchanged_sources_are_not_read_again(tmp_path, monkeypatch):
+    folder = make_corpus(tmp_path / "corpus", {"a.txt": "alpha", "b.jsonl": '{"text": "beta"}\n'})
+    first = cached(folder, tmp_path)
+
+    def refuse(*args, **kw):
+        raise AssertionError("read or tokenized a source again")
+
+    for name in ("get_tokenizer", "text_file_blocks", "jsonl_blocks"):
+        monkeypatch.setattr(data, name, refuse)
+    again = cached(folder, tmp_path)
+    assert again.tokens.tolist() == first.tokens.tolist() == encode("alpha<|endoftext|>beta")
+    assert again.meta == first.meta and again.path == first.path
+
+
+def test_changed_or_removed_source_rebuilds(tmp_path, monkeypatch, capsys):
+    folder = make_corpus(tmp_path / "corpus", {"a.txt": "alpha", "b.txt": "beta"})
+    cached(folder, tmp_path)
+    a = tmp_path / "corpus" / "a.txt"
+    st = os.stat(a)
+    os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))  # same size and bytes, new time: rebuilt
+    spy = Spy(monkeypatch)
+    assert cached(folder, tmp_path).tokens.tolist() == encode("alpha<|endoftext|>beta")
+    assert "alpha" in spy.text and "a.txt" in capsys.readouterr().err
+    a.write_text("ALPHA")  # same size, other bytes (and a new time)
+    os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns + 2 * 10 ** 9))
+    assert cached(folder, tmp_path).tokens.tolist() == encode("ALPHA<|endoftext|>beta")
+    a.write_text("alpha, longer")
+    assert cached(folder, tmp_path).tokens.tolist() == encode("alpha, longer<|endoftext|>beta")
+    os.remove(tmp_path / "corpus" / "b.txt")
+    c = cached(folder, tmp_path)
+    assert c.tokens.tolist() == encode("alpha, longer") and [f["path"] for f in c.meta["files"]] == ["a.txt"]
+    # another text field is another corpus
+    make_corpus(tmp_path / "corpus", {"r.jsonl": '{"text": "t", "body": "b"}\n'})
+    assert cached(folder, tmp_path, text_field="body").tokens.tolist() == encode("alpha, longer<|endoftext|>b")
+
+
+def test_added_files_are_appended(tmp_path, monkeypatch):
+    folder = make_corpus(tmp_path / "corpus", {"a.txt": "alpha", "c.txt": "gamma"})
+    old = cached(folder, tmp_path).tokens.tolist()
+    make_corpus(tmp_path / "corpus", {"b.txt": "beta", "d/e.jsonl": '{"text": "epsilon"}\n{"text": "zeta"}\n'})
+    spy = Spy(monkeypatch)
+    c = cached(folder, tmp_path)
+    assert spy.text == "betaepsilon<|endoftext|>zeta"  # only the new files were read
+    assert c.tokens.tolist() == old + [data.EOT_ID] + encode("beta<|endoftext|>epsilon<|endoftext|>zeta")
+    assert [f["path"] for f in c.meta["files"]] == ["a.txt", "c.txt", "b.txt", "d/e.jsonl"]
+    assert c.meta == read_json(c.path[:-4] + ".json") and os.path.getsize(c.path) == 2 * len(c.tokens)
+    for f in c.meta["files"]:
+        assert c.tokens[f["offset"]:f["offset"] + f["n_tokens"]].tolist() == encode(
+            {"a.txt": "alpha", "c.txt": "gamma", "b.txt": "beta", "d/e.jsonl": "epsilon<|endoftext|>zeta"}[f["path"]])
+    # a cached empty file is still a document: the next file comes after a separator
+    empty = make_corpus(tmp_path / "empty", {"a.txt": ""})
+    with pytest.raises(data.UserError, match="holds no text"):
+        cached(empty, tmp_path)
+    make_corpus(tmp_path / "empty", {"b.txt": "beta"})
+    assert cached(empty, tmp_path).tokens.tolist() == [data.EOT_ID] + encode("beta")
+
+
+def test_cache_location(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "DATA_DIR", str(tmp_path / "d"))
+    folder = make_corpus(tmp_path / "my_texts", {"a.txt": "alpha"})
+    bin_path, meta_path = data.cache_paths(folder + os.sep)
+    assert os.path.dirname(bin_path) == str(tmp_path / "d" / "token-cache")
+    assert os.path.basename(bin_path).startswith("my_texts-") and len(os.path.basename(bin_path)) == len(
+        "my_texts-12345678.bin") and meta_path == bin_path[:-4] + ".json"
+    other = make_corpus(tmp_path / "x" / "my_texts", {"a.txt": "alpha"})
+    assert data.cache_paths(other)[0] != bin_path
+    c = data.token_cache(folder, progress=False)
+    assert c.path == bin_path and os.path.exists(meta_path)
+
+
+def test_second_process_waits_for_the_build(tmp_path, capsys):
+    folder = make_corpus(tmp_path / "corpus", {"a.txt": "alpha"})
+    bin_path, _ = data.cache_paths(folder, str(tmp_path / "cache"))
+    os.makedirs(tmp_path / "cache")
+    result = []
+    with open(os.path.join(os.path.dirname(bin_path), ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another builder holds the lock
+        t = threading.Thread(target=lambda: result.append(cached(folder, tmp_path)))
+        t.start()
+        time.sleep(2.5)  # a wait of over 2 s is announced
+        assert not result and t.is_alive()
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    t.join(30)
+    assert result[0].tokens.tolist() == encode("alpha") and "waiting for another process" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Token cache: faults (killed builds and extensions, leftovers, full or read-only disk, unreadable entries, bad
+# encodings and records)
+# ---------------------------------------------------------------------------------------------------------------
+
+def cache_folder_files(tmp_path):
+    return sorted(os.listdir(tmp_path / "cache")) if (tmp_path / "cache").exists() else []
+
+
+def test_interrupted_build_leaves_no_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "PIECE_CHARS", 16)
+    text = "some words here\n" * 200
+    folder = make_corpus(tmp_path / "corpus", {"a.txt": text, "b.txt": "beta"})
+    Spy(monkeypatch, fail_after=2)
+    with pytest.raises(KeyboardInterrupt):
+        cached(folder, tmp_path)
+    assert [n for n in cache_folder_files(tmp_path) if not n.endswith(".lock")] == []
+    monkeypatch.undo()
+    c = cached(folder, tmp_path)
+    assert c.tokens.tolist() == encode(text + "<|endoftext|>beta")
+    # a rebuild that is interrupted must not leave the old metadata vouching for anything
+    (tmp_path / "corpus" / "b.txt").write_text("beta, changed")
+    monkeypatch.setattr(data, "PIECE_CHARS", 16)
+    Spy(monkeypatch, fail_after=2)
+    with pytest.raises(KeyboardInterrupt):
+        cached(folder, tmp_path)
+    assert [n for n in cache_folder_files(tmp_path) if not n.endswith(".lock")] == []
+
+
+def test_leftovers_of_a_killed_build_are_not_accepted(tmp_path):
+    folder = make_corpus(tmp_path / "corpus", {"a.txt": "alpha"})
+    bin_path, meta_path = data.cache_paths(folder, str(tmp_path / "cache"))
+    os.makedirs(tmp_path / "cache")
+    # a killed build: a full-size token file renamed into place, no metadata yet; and a temporary file
+    np.array(encode("stale"), dtype=np.uint16).tofile(bin_path)
+    with open(bin_path + ".999.tmp", "wb") as f:
+        f.write(b"\x01\x02")
+    with open(meta_path + ".999.tmp", "w") as f:
+        f.write("{")
+    c = cached(folder, tmp_path)
+    assert c.tokens.tolist() == encode("alpha")
+    assert sorted(os.listdir(tmp_path / "cache")) == sorted([".lock", *map(os.path.basename, (bin_path, meta_path))])
+    # metadata whose token file is shorter than it says, or that is not JSON: built again
+    os.truncate(bin_path, 2)
+    assert cached(folder, tmp_path).tokens.tolist() == encode("alpha")
+    with open(meta_path, "w") as f:
+        f.write("{not json")
+    assert cached(folder, tmp_path).tokens.tolist() == encode("alpha")
+
+
+def test_interrupted_extension_is_cut_off(tmp_path, monkeypatch):
+    folder = make_corpus(tmp_path / "corpus", {"a.txt": "alpha"})
+    c = cached(folder, tmp_path)
+    monkeypatch.setattr(data, "PIECE_CHARS", 16)
+    make_corpus(tmp_path / "corpus", {"b.txt": "beta words\n" * 100})
+    Spy(monkeypatch, fail_after=2)
+    with pytest.raises(KeyboardInterrupt):
+        cached(folder, tmp_path)
+    assert os.path.getsize(c.path) > 2 * c.meta["n_tokens"]  # partial tokens, the old metadata
+    assert read_json(c.path[:-4] + ".json") == c.meta
+    monkeypatch.undo()
+    os.remove(tmp_path / "corpus" / "b.txt")
+    again = cached(folder, tmp_path)  # the committed prefix is served, the partial tokens cut off
+    assert again.tokens.tolist() == encode("alpha") and os.path.getsize(c.path) == 2 * len(again.tokens)
+
+
+def test_killed_process_leaves_no_accepted_cache(tmp_path):
+    folder = make_corpus(tmp_path / "corpus", {"a.txt": "a few words\n" * 20000})
+    cache_dir = str(tmp_path / "cache")
+    script = (f"import sys, time; sys.path.insert(0, {HERE!r}); import data\n"
+              f"data.PIECE_CHARS = 1000\n"
+              f"tok = data.get_tokenizer(); real = tok.encode_to_numpy\n"
+              f"def slow(*a, **k):\n    time.sleep(0.02)\n    return real(*a, **k)\n"
+              f"tok.encode_to_numpy = slow\n"
+              f"data.token_cache({folder!r}, cache_dir={cache_dir!r}, progress=False)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], env=dict(os.environ))
+    bin_path, meta_path = data.cache_paths(folder, cache_dir)
+    deadline = time.time() + 60
+    while not any(n.endswith(".tmp") and os.path.getsize(os.path.join(cache_dir, n)) > 0
+                  for n in (os.listdir(cache_dir) if os.path.isdir(cache_dir) else [])):
+        assert proc.poll() is None and time.time() < deadline, "the build ended before it could be killed"
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait()
+    assert not os.path.exists(meta_path)
+    assert data.committed_meta(bin_path, meta_path, folder, "text") is None
+    assert cached(folder, tmp_path).tokens.tolist() == encode("a few words\n" * 20000)
+    assert not [n for n in os.listdir(cache_dir) if n.endswith(".tmp")]
+
+
+def test_full_disk_is_one_clear_error(tmp_path, monkeypatch):
+    folder = make_corpus(tmp_path / "corpus", {"a.txt": "alpha " * 5000})
+    real_open = open
+    monkeypatch.setattr(data, "open", lambda path, mode="r", **kw: real_open(
+        "/dev/full" if str(path).endswith(".tmp") and "w" in mode else path, mode, **kw), raising=False)
+    with pytest.raises(data.UserError, match=r"cannot write the token cache .*No space left on device.*GPT2_DATA_DIR"):
+        cached(folder, tmp_path)
+    assert [n for n in cache_folder_files(tmp_path) if not n.endswith(".lock")] == []
+
+
+def test_read_only_cache_folder(tmp_path, monkeypatch):
+    folder = make_corpus(tmp_path / "corpus", {"a.txt": "alpha"})
+    cached(folder, tmp_path)
+    real_open = open
+
+    def read_only(path, mode="r", **kw):
+        if any(m in mode for m in "wa+"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, mode, **kw)
+
+    monkeypatch.setattr(data, "open", read_only, raising=False)
+    assert cached(folder, tmp_path).tokens.tolist() == encode("alpha")  # a complete cache is read without a lock
+    make_corpus(tmp_path / "corpus", {"b.txt": "beta"})
+    with pytest.raises(data.UserError, match="cannot write the token cache .*Permission denied"):
+        cached(folder, tmp_path)
+
+
+def test_unreadable_entries_are_skipped_without_blocking(tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "corpus"
+    make_corpus(folder, {"a.txt": "alpha", "secret.txt": "hidden", "sub/b.md": "beta"})
+    os.mkfifo(folder / "pipe.txt")  # opening it for reading would block until a writer comes
+    os.symlink(folder / "gone.txt", folder / "broken.txt")
+    os.symlink(folder / "sub", folder / "link-to-sub")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(folder / "sock.txt"))
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: not str(p).endswith("secret.txt")
+                        and real_access(p, mode, **kw))  # root may read anything: pretend
+
+    def hung(*args):
+        raise TimeoutError("token_cache blocked")
+
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(30)
+    try:
+        c = cached(folder, tmp_path)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+        sock.close()
+    assert c.tokens.tolist() == encode("alpha<|endoftext|>beta")
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note: skipped")]
+    assert len(notes) == 5
+    for name, why in [("pipe.txt", "FIFO"), ("broken.txt", "broken link"), ("sock.txt", "socket"),
+                      ("secret.txt", "permission denied"), ("link-to-sub", "not followed")]:
+        assert any(name in n and why in n for n in notes), (name, notes)
+    with pytest.raises(data.UserError, match="FIFO"):
+        cached(folder / "pipe.txt", tmp_path)
+    with pytest.raises(data.UserError, match="no file at"):
+        cached(folder / "nothing.txt", tmp_path)
+    (tmp_path / "none").mkdir()
+    with pytest.raises(data.UserError, match="holds no readable .txt, .md or .jsonl"):
+        cached(tmp_path / "none", tmp_path)
+
+
+def test_encoding_problems_are_named(tmp_path, monkeypatch):
+    utf16 = tmp_path / "utf16.txt"
+    utf16.write_bytes("hello world".encode("utf-16"))
+    for read in (data.read_text_file, lambda p: cached(p, tmp_path)):
+        with pytest.raises(data.UserError, match=r"is UTF-16 .*iconv -f utf-16 -t utf-8"):
+            read(str(utf16))
+    (tmp_path / "le.txt").write_bytes("hello world".encode("utf-16-le"))
+    with pytest.raises(data.UserError, match="UTF-16LE without a byte-order mark.*iconv -f utf-16le"):
+        cached(tmp_path / "le.txt", tmp_path)
+    (tmp_path / "bin.txt").write_bytes(b"\x00\x01\x02\x03\xff")
+    with pytest.raises(data.UserError, match="looks binary"):
+        cached(tmp_path / "bin.txt", tmp_path)
+    monkeypatch.setattr(data, "READ_BYTES", 4)  # the bad byte lies blocks after the start
+    (tmp_path / "latin1.txt").write_bytes("café au lait, crème brûlée".encode("latin-1"))
+    with pytest.raises(data.UserError, match=r"not UTF-8 \(bad byte at offset 3\)"):
+        cached(tmp_path / "latin1.txt", tmp_path)
+    (tmp_path / "split.txt").write_bytes("aéb".encode() + "ü".encode()[:1])  # a character cut off at the end
+    with pytest.raises(data.UserError, match=r"offset 4\)"):
+        cached(tmp_path / "split.txt", tmp_path)
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(data.UserError, match=r"latin1.jsonl is not UTF-8 \(bad byte at offset 28\)"):
+        cached(tmp_path / "latin1.jsonl", tmp_path)
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"text": "ok"', "line 2 is not valid JSON"),
+    ('["text"]', "line 2 is a JSON list, expected an object with a 'text' field"),
+    ('{"content": "x", "url": "u"}', "line 2 has no 'text' field \\(it has 'content', 'url'\\): pass --text_field"),
+    ('{"text": null}', "line 2: field 'text' is a JSON NoneType, expected text"),
+])
+def test_bad_jsonl_lines_are_named(tmp_path, line, message):
+    path = tmp_path / "records.jsonl"
+    path.write_text('{"text": "fine"}\n' + line + "\n")
+    with pytest.raises(data.UserError, match=message):
+        cached(path, tmp_path)
+    assert not os.path.exists(data.cache_paths(str(path), str(tmp_path / "cache"))[1])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Windows: the book's sliding windows, over the cache, random ones, dealt out to processes
+# ---------------------------------------------------------------------------------------------------------------
+
+def corpus_tokens(tmp_path, n_words=600):
+    rng = random.Random(0)
+    text = " ".join(rng.choice(["alpha", "beta", "gamma", "delta", "7", ",", "\n"]) for _ in range(n_words))
+    return text, cached(make_corpus(tmp_path / "corpus", {"a.txt": text}), tmp_path).tokens
+
+
+def test_sliding_windows_match_the_book():
+    ids = list(range(100))
+    ds = data.GPTDatasetV1(ids, None, max_length=8, stride=5)
+    assert len(ds) == len(range(0, 100 - 8, 5))
+    x, y = ds[3]
+    assert x.tolist() == list(range(15, 23)) and y.tolist() == list(range(16, 24))
+    loader = data.create_dataloader_v1(ids, batch_size=4, max_length=8, stride=8, shuffle=False)
+    xb, yb = next(iter(loader))
+    assert xb.shape == (4, 8) and torch.equal(xb[:, 1:], yb[:, :-1])
+    assert len(loader) == len(range(0, 92, 8)) // 4  # drop_last
+
+
+def test_token_windows_equal_gpt_dataset(tmp_path):
+    text, tokens = corpus_tokens(tmp_path)
+    for max_length, stride in [(4, 1), (8, 5), (32, 32), (100, 7), (len(tokens) - 1, 1), (len(tokens), 1)]:
+        ref = data.GPTDatasetV1(text, data.get_tokenizer(), max_length, stride)
+        ours = data.TokenWindows(tokens, max_length, stride)
+        assert len(ours) == len(ref)
+        for i in range(len(ref)):
+            x, y = ours[i]
+            rx, ry = ref[i]
+            assert x.dtype == torch.long and torch.equal(x, rx) and torch.equal(y, ry)
+    ids = encode(text)
+    part = data.TokenWindows(tokens, 8, 3, start=100, end=300)
+    ref = data.GPTDatasetV1(ids[100:300], None, 8, 3)
+    assert len(part) == len(ref) and all(torch.equal(part[i][0], ref[i][0]) for i in range(len(ref)))
+    assert part.start + (len(part) - 1) * part.stride + 8 + 1 <= 300  # the last window ends within [start, end)
+    with pytest.raises(IndexError):
+        part[len(part)]
+
+
+def test_random_windows(tmp_path):
+    _, tokens = corpus_tokens(tmp_path)
+    start, end, n = 50, 600, 16
+    ds = data.RandomWindows(tokens, n, start, end, seed=3)
+    assert len(ds) == (end - start) // n
+    offsets = [ds.offset(i) for i in range(len(ds))]
+    assert all(start <= o <= end - n - 1 for o in offsets) and len(set(offsets)) > len(ds) // 2
+    assert offsets == [data.RandomWindows(tokens, n, start, end, seed=3).offset(i) for i in range(len(ds))]
+    assert offsets != [data.RandomWindows(tokens, n, start, end, seed=4).offset(i) for i in range(len(ds))]
+    ids = torch.tensor(tokens.astype(np.int64))
+    for i in (0, 5, len(ds) - 1):
+        x, y = ds[i]
+        assert torch.equal(x, ids[offsets[i]:offsets[i] + n]) and torch.equal(y, ids[offsets[i] + 1:offsets[i] + n + 1])
+    # offsets reach the whole range: the last possible start and the first
+    wide = data.RandomWindows(tokens, 1, start, start + 3, seed=0)
+    assert {data.RandomWindows(tokens, 1, start, start + 3, seed=s).offset(0) for s in range(50)} == {start, start + 1}
+    assert len(wide) == 3 and len(data.RandomWindows(tokens, n, 0, n)) == 0
+    # pickled (DataLoader workers under spawn): the file name travels, not the tokens
+    blob = pickle.dumps(ds)
+    assert len(blob) < 2000
+    back = pickle.loads(blob)
+    assert [back.offset(i) for i in range(len(ds))] == offsets and torch.equal(back[3][0], ds[3][0])
+    tw = pickle.loads(pickle.dumps(data.TokenWindows(tokens, 8, 8)))
+    assert torch.equal(tw[2][0], data.TokenWindows(tokens, 8, 8)[2][0])
+
+
+def test_distributed_samplers_give_disjoint_windows(tmp_path):
+    _, tokens = corpus_tokens(tmp_path)
+    split = data.split_point(len(tokens), 0.9)
+    assert split == int(len(tokens) * 0.9)
+    for ds in (data.RandomWindows(tokens, 8, 0, split, seed=1), data.TokenWindows(tokens, 8, 8, 0, split)):
+        shares = [list(DistributedSampler(ds, num_replicas=2, rank=r, shuffle=True, seed=5, drop_last=True))
+                  for r in range(2)]
+        assert not set(shares[0]) & set(shares[1]) and len(shares[0]) == len(shares[1]) == len(ds) // 2
+        # resuming at index k of a rank's share reads the same windows as the uninterrupted pass
+        loader = DataLoader(ds, batch_size=4, sampler=shares[0])
+        full = torch.cat([x for x, _ in loader])
+        resumed = torch.cat([x for x, _ in DataLoader(ds, batch_size=4, sampler=shares[0][8:])])
+        assert torch.equal(full[8:], resumed)
+
+
+# ===============================================================================================================
+# 3. Training: settings.py, trainer.py, pretrain.py
+# ===============================================================================================================
+
+def test_settings_helper_types_help_and_errors(capsys):
+    defaults = dict(top_k=50, lr=4e-4, name="x", resume=False, limit=None)
+    cfg = settings.get_config(defaults, ["--top_k", "40", "--lr=1e-3", "--resume", "--limit", "off"])
+    assert cfg == dict(top_k=40, lr=1e-3, name="x", resume=True, limit=None)
+    assert settings.get_config(defaults, ["--resume", "false"])["resume"] is False
+    for bad in (["--top_kk", "3"], ["--top_k", "many"], ["--resume", "maybe"]):
+        with pytest.raises(SystemExit) as e:
+            settings.get_config(defaults, bad)
+        assert e.value.code == 2
+    with pytest.raises(SystemExit):
+        generate_script.main(["--help"])
+    assert "0 = greedy" in capsys.readouterr().out  # the comment beside the setting
+
 
 def test_lr_schedule():
     assert trainer.lr_at_step(0, 100, 1e-3, "constant") == 1e-3
@@ -428,10 +1149,11 @@ def test_lr_schedule():
     assert trainer.lr_at_step(100, 100, 1e-3, "cosine", 10, 1e-5) == pytest.approx(1e-5)
 
 
+@slow
 def test_pretrain_end_to_end_writes_what_it_promises(verdict, tmp_path):
     out = tmp_path / "run"
     last = pretrain.main(["--data", verdict, "--out_dir", str(out), "--epochs", "2", "--lr", "1e-3",
-                          "--eval_freq", "20", *TINY_FLAGS])
+                          "--eval_freq", "20", *pretrain_flags()])
     for f in ["model.pth", "model_and_optimizer.pth", "log.csv", "loss-plot.png"]:
         assert (out / f).exists(), f
     rows = (out / "log.csv").read_text().splitlines()
@@ -446,11 +1168,12 @@ def test_pretrain_end_to_end_writes_what_it_promises(verdict, tmp_path):
     assert len(texts) == 2 and all(t.startswith("Every effort moves you") for t in texts)
 
 
+@slow
 def test_resume_equals_uninterrupted_run(verdict, tmp_path, monkeypatch):
     text = tmp_path / "short.txt"  # ~10 steps an epoch, so the run crosses an epoch boundary
     text.write_text(open(verdict).read()[:3300])
     common = ["--data", str(text), "--epochs", "2", "--eval_freq", "4", "--lr_schedule", "cosine",
-              "--warmup_steps", "2", "--grad_clip", "1.0", *TINY_FLAGS, "--drop_rate", "0.1"]
+              "--warmup_steps", "2", "--grad_clip", "1.0", *pretrain_flags(drop_rate=0.1)]
     pretrain.main([*common, "--out_dir", str(tmp_path / "a")])
     # the same run, stopped by SIGTERM in the second epoch, then resumed
     calls = {"n": 0}
@@ -493,17 +1216,19 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(verdict, tmp_path, monkeyp
 
     monkeypatch.setattr(pretrain, "calc_loss_batch", flaky)
     with pytest.raises(settings.UserError, match="diverged at step 4: the loss is nan.*last good checkpoint"):
-        pretrain.main(["--data", verdict, "--out_dir", str(out), "--save_every", "2", "--epochs", "1", *TINY_FLAGS])
+        pretrain.main(["--data", verdict, "--out_dir", str(out), "--save_every", "2", "--epochs", "1",
+                       *pretrain_flags()])
     state = M.read_checkpoint(str(out / "model_and_optimizer.pth"))
     assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["model"].values())
 
 
 def test_pretrain_epochs_zero_only_evaluates(verdict, tmp_path):
-    res = pretrain.main(["--data", verdict, "--epochs", "0", "--out_dir", str(tmp_path / "x"), *TINY_FLAGS])
+    res = pretrain.main(["--data", verdict, "--epochs", "0", "--out_dir", str(tmp_path / "x"), *pretrain_flags()])
     assert 10.0 < res["train_loss"] < 11.5 and 10.0 < res["val_loss"] < 11.5  # ~ln(50257) = 10.8 untrained
     assert not (tmp_path / "x").exists()
 
 
+@slow
 @needs_shared
 def test_pretrain_bad_input_is_one_clear_line(tmp_path, verdict):
     short = tmp_path / "short.txt"
@@ -515,7 +1240,7 @@ def test_pretrain_bad_input_is_one_clear_line(tmp_path, verdict):
         (["--data", verdict, "--out_dir", verdict], ["is a file"]),
     ]
     for args, words in cases:
-        proc = run_script("pretrain.py", *args, *TINY_FLAGS)
+        proc = run_script("pretrain.py", *args, *pretrain_flags())
         assert_one_line_error(proc, *words)
     proc = run_script("pretrain.py", "--epoch", "3")
     assert proc.returncode == 2 and "unrecognized arguments: --epoch" in proc.stderr
@@ -523,93 +1248,202 @@ def test_pretrain_bad_input_is_one_clear_line(tmp_path, verdict):
     assert proc.returncode == 2 and "--lr" in proc.stderr
 
 
-def test_generate_cli_errors_and_probs(tmp_path):
-    m = tiny_model()
-    ckpt = M.save_checkpoint(str(tmp_path / "m.pth"), m)
-    proc = run_script("generate.py", "--checkpoint", str(tmp_path / "none.pth"))
-    assert_one_line_error(proc, "no checkpoint at", "python pretrain.py")
-    for flags, word in [(["--temperature", "-1"], "--temperature"), (["--top_p", "1.5"], "--top_p"),
-                        (["--top_k", "-2"], "--top_k"), (["--prompt", " "], "--prompt")]:
-        proc = run_script("generate.py", "--checkpoint", ckpt, *flags)
-        assert proc.returncode == 2 and word in proc.stderr.splitlines()[-1]
-    proc = run_script("generate.py", "--checkpoint", ckpt, "--prompt", "word " * 40)
-    assert_one_line_error(proc, "longer than the model's context of 32")
-    (tmp_path / "junk.pth").write_bytes(b"junk")
-    assert_one_line_error(run_script("generate.py", "--checkpoint", str(tmp_path / "junk.pth")), "cannot read")
-    proc = run_script("generate.py", "--checkpoint", ckpt, "--show_probs", "--probs_plot", str(tmp_path / "t.png"))
-    assert proc.returncode == 0 and "T=0.1" in proc.stdout
-    probs = [[float(v) for v in line.split()[-3:]] for line in proc.stdout.splitlines()[1:11]]
-    assert probs[0][1] > probs[0][0] > probs[0][2]  # low temperature sharpens, high flattens
+# ---------------------------------------------------------------------------------------------------------------
+# Short runs: bf16 autocast, tied weights, gradient accumulation
+# ---------------------------------------------------------------------------------------------------------------
+
+def run_pretrain(data_path, out_dir, *extra):
+    """pretrain.main for a few steps (short_pretrain_flags) into out_dir; returns its summary."""
+    return pretrain.main(short_pretrain_flags(data_path) + ["--out_dir", str(out_dir), *extra])
 
 
-def test_stream_prints_the_same_text(tmp_path, capsys):
-    m = tiny_model()
-    ckpt = M.save_checkpoint(str(tmp_path / "m.pth"), m)
-    args = ["--checkpoint", ckpt, "--max_new_tokens", "12", "--device", "cpu"]
-    plain = generate_script.main(args)
-    streamed = generate_script.main(args + ["--stream"])
-    assert plain == streamed
-    assert capsys.readouterr().out.count(plain[0]) == 2
-
-# =====================================================================================================
-# The other stages' tests
-# =====================================================================================================
-import concurrent.futures
-import csv
-import finetune_chat
-import finetune_cls
-import generate as chat_generate
-import io
-import itertools
-import json
-import math
-import random
-import resource
-import socket
-import struct
-import zipfile
-from data import DownloadError
-from settings import UserError
-from load_gpt2 import SafetensorsFile
-from load_gpt2 import export_hf
-from load_gpt2 import init_model
-from load_gpt2 import load_gpt2 as load_gpt2_fn
-from load_gpt2 import load_hf_checkpoint
-from load_gpt2 import main
-from load_gpt2 import read_safetensors
-from load_gpt2 import write_safetensors
-from model import CheckpointError
-from layers import DecodingLinear
-from model import GPTModel
-from model import GPT_CONFIG_124M
-from layers import Int8Linear
-from model import KVCache
-from model import apply_repetition_penalty
-from model import count_parameters
-from model import generate
-from generate import generate_beam
-from model import load_model
-from layers import optimize_for_decoding
-from layers import quantize_int8
-from model import read_checkpoint
-from model import sample_next_token
-from model import save_checkpoint
-from trainer import make_optimizer
+def test_bfloat16_trains_close_to_float32(tmp_path, verdict):
+    fp32 = run_pretrain(verdict, tmp_path / "fp32", "--max_steps", "4", "--lr", "2e-3")
+    bf16 = run_pretrain(verdict, tmp_path / "bf16", "--max_steps", "4", "--lr", "2e-3", "--dtype", "bfloat16")
+    w32, w16 = weights(tmp_path / "fp32" / "model.pth"), weights(tmp_path / "bf16" / "model.pth")
+    assert all(v.dtype == torch.float32 for v in w16.values())  # autocast keeps fp32 master weights
+    assert max_diff(w32, w16) > 0  # the bf16 path really ran
+    for k in ("train_loss", "val_loss"):
+        assert abs(fp32[k] - bf16[k]) < 0.01, (k, fp32[k], bf16[k])
+    first = M.read_checkpoint(str(tmp_path / "bf16" / trainer.TRAIN_STATE))["log"][0]
+    assert first["step"] == 1 and bf16["train_loss"] < first["train_loss"]  # it learned something
 
 
-# -----------------------------------------------------------------------------------------------------
-# load_gpt2.py: OpenAI's weights, safetensors, export
-# -----------------------------------------------------------------------------------------------------
-LOAD_TINY = dict(vocab_size=101, n_positions=32, n_embd=32, n_layer=2, n_head=4)
+def test_tie_weights_shares_the_embedding_through_training_and_checkpoints(tmp_path, verdict):
+    run_pretrain(verdict, tmp_path, "--tie_weights", "--max_steps", "2")
+    run_pretrain(verdict, tmp_path, "--tie_weights", "--max_steps", "3", "--resume")
+    model, ckpt = M.load_model(str(tmp_path / "model.pth"))
+    assert ckpt["config"]["tie_weights"] is True
+    assert model.out_head.weight is model.tok_emb.weight
+    assert torch.equal(ckpt["model"]["out_head.weight"], ckpt["model"]["tok_emb.weight"])
+    untied = M.GPTModel({**model.cfg, "tie_weights": False})
+    assert M.count_parameters(untied) - M.count_parameters(model) == model.cfg["vocab_size"] * model.cfg["emb_dim"]
+    with torch.no_grad():  # one tensor: a change to the embedding is a change to the output layer
+        model.tok_emb.weight[0, 0] += 1.0
+    assert model.out_head.weight[0, 0] == model.tok_emb.weight[0, 0]
+
+
+def test_grad_accum_equals_one_big_batch(tmp_path, verdict):
+    big = run_pretrain(verdict, tmp_path / "big", "--batch_size", "4", "--max_steps", "3", "--lr", "1e-3")
+    acc = run_pretrain(verdict, tmp_path / "acc", "--batch_size", "2", "--grad_accum_steps", "2", "--max_steps", "3",
+                       "--lr", "1e-3")
+    assert max_diff(weights(tmp_path / "big" / "model.pth"), weights(tmp_path / "acc" / "model.pth")) < 1e-5
+    assert big["tokens_seen"] == acc["tokens_seen"] == 3 * 4 * 32
+    run_pretrain(verdict, tmp_path / "small", "--batch_size", "2", "--max_steps", "3", "--lr", "1e-3")
+    assert max_diff(weights(tmp_path / "big" / "model.pth"), weights(tmp_path / "small" / "model.pth")) > 1e-4
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Published-layout checkpoints and a reference forward pass over them
+# --dry_run and the memory estimate
 # ---------------------------------------------------------------------------------------------------------------
+
+PLAN_WORDS = ("parameters", "trainable", "weights", "gradients", "AdamW state", "activations", "tokens per step",
+              "steps per epoch", "--dry_run")
+
+
+def test_pretrain_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys, verdict):
+    out = tmp_path / "run"
+    got = run_pretrain(verdict, out, "--dry_run", "--batch_size", "2", "--grad_accum_steps", "3")
+    text = capsys.readouterr().out
+    assert not out.exists()
+    for word in ("parameters", "trainable", "weights", "gradients", "AdamW state", "activations",
+                 "tokens per step", "steps per epoch"):
+        assert word in text
+    cfg = settings.get_config(pretrain.DEFAULTS, short_pretrain_flags(verdict) + ["--batch_size", "2"])
+    model = M.GPTModel(trainer.model_config(cfg))
+    train_loader, _ = pretrain.make_loaders(data.token_cache(verdict).tokens, cfg)
+    assert got["total_params"] == got["trainable_params"] == M.count_parameters(model)
+    assert got["tokens_per_step"] == 2 * 32 * 3
+    assert got["steps_per_epoch"] == len(train_loader) // 3
+    assert got["weights"] == 4 * M.count_parameters(model) and got["optimizer"] == 2 * got["gradients"]
+
+
+def test_memory_estimate_scales_as_it_should():
+    cfg = trainer.model_config(settings.get_config(pretrain.DEFAULTS, short_pretrain_flags()))
+    est = lambda **kw: trainer.estimate_memory(cfg, **{"batch_size": 2, "context_length": 32, **kw})  # noqa: E731
+    base = est()
+    assert est(batch_size=4)["activations"] == 2 * base["activations"]
+    assert est(batch_size=4)["weights"] == base["weights"]
+    assert est(dtype=torch.bfloat16)["activations"] < base["activations"]
+    frozen = est(trainable_params=1000, trainable_layers=1)
+    assert frozen["optimizer"] == 8000 and frozen["activations"] < base["activations"]
+    sharded = est(world_size=4, fsdp=True)
+    assert sharded["optimizer"] == base["optimizer"] // 4 and sharded["total"] < base["total"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Run folders: one run at a time, --resume / --overwrite, settings.json, --save_best, logs
+# ---------------------------------------------------------------------------------------------------------------
+
+def pre(verdict):
+    """pretrain.py for a few steps on the-verdict without a sample after each epoch."""
+    return short_pretrain_flags(verdict, sample_prompt="")
+
+
+def test_a_fresh_run_refuses_a_folder_with_a_run_and_overwrite_starts_over(verdict, tmp_path):
+    out = str(tmp_path / "run")
+    pretrain.main(pre(verdict) + ["--out_dir", out, "--max_steps", "2", "--eval_freq", "100"])
+    before = tree_hashes(out)
+    code, _, err = run_main(pretrain.main, pre(verdict) + ["--out_dir", out, "--max_steps", "2"])
+    assert_one_error_line(code, err, "already holds a run", "--resume", "--overwrite")
+    assert tree_hashes(out) == before
+    settings_json = json.load(open(os.path.join(out, "settings.json")))
+    assert settings_json["settings"]["max_steps"] == 2 and settings_json["torch"] == torch.__version__
+    assert "pretrain.py" in settings_json["command"] and "tiktoken" in settings_json
+    # --overwrite with a bad start (no such init) changes nothing; a good one replaces the run
+    code, _, err = run_main(pretrain.main, pre(verdict) + ["--out_dir", out, "--overwrite", "--init", "missing.pth"])
+    assert_one_error_line(code, err, "missing.pth")
+    assert tree_hashes(out) == before
+    pretrain.main(pre(verdict) + ["--out_dir", out, "--overwrite", "--max_steps", "3", "--eval_freq", "100"])
+    assert M.read_checkpoint(os.path.join(out, trainer.TRAIN_STATE))["step"] == 3
+
+
+def test_resume_of_a_finished_run_changes_nothing(verdict, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    pretrain.main(pre(verdict) + ["--out_dir", out, "--max_steps", "2", "--eval_freq", "100"])
+    before = tree_hashes(out)
+    pretrain.main(pre(verdict) + ["--out_dir", out, "--max_steps", "2", "--resume"])
+    assert "already finished at step 2" in capsys.readouterr().out
+    assert tree_hashes(out) == before
+
+
+def test_a_run_that_fails_before_its_first_step_leaves_no_folder(verdict, tmp_path):
+    out = tmp_path / "new"
+    code, _, err = run_main(pretrain.main, pre(verdict) + ["--out_dir", str(out), "--init", "nothing.pth"])
+    assert_one_error_line(code, err, "nothing.pth")
+    assert not out.exists()
+
+
+def test_two_runs_cannot_share_a_folder(verdict, tmp_path):
+    out = str(tmp_path / "run")
+    cfg = {"out_dir": out, "logger": "none"}
+    with trainer.RunFolder(cfg):
+        code, _, err = run_main(pretrain.main, pre(verdict) + ["--out_dir", out, "--max_steps", "1"])
+        assert_one_error_line(code, err, "in use by another run", f"PID {os.getpid()}")
+    assert not os.path.exists(out)  # the holder made the folder and never started: it leaves nothing
+
+
+def test_stale_temporary_files_are_removed_and_files_follow_the_umask(verdict, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    dead = out / "model.pth.999999999.tmp"  # a killed write: no process has that PID
+    dead.write_bytes(b"half")
+    old = os.umask(0o022)
+    try:
+        pretrain.main(pre(verdict) + ["--out_dir", str(out), "--max_steps", "1", "--eval_freq", "100"])
+    finally:
+        os.umask(old)
+    assert not dead.exists()
+    assert os.stat(out / "model.pth").st_mode & 0o777 == 0o644
+
+
+def test_save_best_keeps_the_lowest_validation_loss_and_logs_follow_each_evaluation(verdict, tmp_path):
+    out = tmp_path / "run"
+    pretrain.main(pre(verdict) + ["--out_dir", str(out), "--max_steps", "6", "--eval_freq", "1", "--save_best",
+                         "--lr", "3e-3"])
+    rows = list(csv_rows(out / "log.csv"))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    best = M.read_checkpoint(str(out / "best.pth"))
+    assert best["val_loss"] == pytest.approx(min(float(r["val_loss"]) for r in rows), abs=1e-4)
+    assert best["kind"] == "pretrain" and (out / "loss-plot.png").exists()
+
+
+def test_piped_progress_is_plain_lines_and_quiet_prints_evaluations_only(verdict, tmp_path):
+    env = {"GPT2_DATA_DIR": str(tmp_path / "data")}
+    args = [*pre(verdict), "--max_steps", "4", "--eval_freq", "2"]
+    loud = run_script("pretrain.py", *args, "--out_dir", str(tmp_path / "a"), env=env)
+    assert loud.returncode == 0, loud.stderr
+    assert "\r" not in loud.stderr and "step 4/4: loss" in loud.stderr
+    quiet = run_script("pretrain.py", *args, "--out_dir", str(tmp_path / "b"), "--quiet", env=env)
+    assert quiet.returncode == 0 and "step 4/4" not in quiet.stderr
+    assert "(step 000004)" in quiet.stdout and "done in" in quiet.stdout
+
+
+def test_a_logger_whose_package_is_missing_is_one_line(verdict, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
+    code, _, err = run_main(pretrain.main, pre(verdict) + ["--out_dir", str(tmp_path / "r"), "--logger", "wandb"])
+    assert_one_error_line(code, err, "pip install wandb")
+    assert not (tmp_path / "r").exists()
+
+
+# ===============================================================================================================
+# 4. Weights: load_gpt2.py (OpenAI's published weights, safetensors, downloads, export to Hugging Face)
+# ===============================================================================================================
+
+def published_sizes(cfg):
+    """A config's sizes under the names of config.json."""
+    return dict(vocab_size=cfg["vocab_size"], n_positions=cfg["context_length"], n_embd=cfg["emb_dim"],
+                n_layer=cfg["n_layers"], n_head=cfg["n_heads"])
+
+
+# The published-layout checkpoints of these tests: the tiny config with 4 heads and a 101-token vocabulary (small
+# files; IDX and the reference stay within it)
+PUBLISHED = published_sizes(tiny_cfg(vocab_size=101, n_heads=4))
+
 
 def published_tensors(prefix=False, masks=False, lm_head=False, seed=0, dtype=torch.float32, **size):
     """Random tensors under exactly the names and shapes of openai-community/gpt2's model.safetensors."""
-    c = {**LOAD_TINY, **size}
+    c = {**PUBLISHED, **size}
     V, C, d, L = c["vocab_size"], c["n_positions"], c["n_embd"], c["n_layer"]
     g = torch.Generator().manual_seed(seed)
 
@@ -636,16 +1470,16 @@ def published_tensors(prefix=False, masks=False, lm_head=False, seed=0, dtype=to
 
 
 def hf_config_json(**over):
-    c = {**LOAD_TINY, **over}
+    c = {**PUBLISHED, **over}
     return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": c["vocab_size"],
             "n_positions": c["n_positions"], "n_ctx": c["n_positions"], "n_embd": c["n_embd"],
             "n_layer": c["n_layer"], "n_head": c["n_head"], "activation_function": "gelu_new",
-            "layer_norm_epsilon": 1e-5, **{k: v for k, v in over.items() if k not in LOAD_TINY}}
+            "layer_norm_epsilon": 1e-5, **{k: v for k, v in over.items() if k not in PUBLISHED}}
 
 
 def write_published(folder, tensors, config=True, **config_over):
     os.makedirs(folder, exist_ok=True)
-    write_safetensors(os.path.join(folder, "model.safetensors"), tensors, {"format": "pt"})
+    load_gpt2.write_safetensors(os.path.join(folder, "model.safetensors"), tensors, {"format": "pt"})
     if config:
         with open(os.path.join(folder, "config.json"), "w") as f:
             json.dump(hf_config_json(**config_over), f)
@@ -703,122 +1537,66 @@ IDX = torch.tensor([[5, 17, 3, 99, 42, 0, 7, 64], [1, 2, 3, 4, 5, 6, 7, 8]])
                                                   (False, True, True)])
 def test_logits_and_greedy_text_match_reference(tmp_path, prefix, masks, lm_head):
     sd = published_tensors(prefix=prefix, masks=masks, lm_head=lm_head)
-    model = load_hf_checkpoint(write_published(tmp_path / "m", sd)).eval()
+    model = load_gpt2.load_hf_checkpoint(write_published(tmp_path / "m", sd)).eval()
     assert model.out_head.weight is model.tok_emb.weight  # tied, as GPT-2 is
     with torch.no_grad():
         ours = model(IDX)
-    ref = reference_logits(sd, LOAD_TINY["n_head"], IDX)
+    ref = reference_logits(sd, PUBLISHED["n_head"], IDX)
     assert ref.abs().max() > 1  # logits of a useful size, so 1e-4 means something
     assert (ours.double() - ref).abs().max() < 1e-4
     prompt = IDX[:1, :4]
-    assert torch.equal(generate(model, prompt, 12, temperature=0.0), reference_greedy(sd, LOAD_TINY["n_head"], prompt, 12))
+    assert torch.equal(M.generate(model, prompt, 12, temperature=0.0),
+                       reference_greedy(sd, PUBLISHED["n_head"], prompt, 12))
 
 
 def test_half_precision_files_load_as_float32(tmp_path):
     for dtype in (torch.bfloat16, torch.float16):
         sd = published_tensors(dtype=dtype)
-        model = load_hf_checkpoint(write_published(tmp_path / str(dtype), sd) / "model.safetensors")
+        model = load_gpt2.load_hf_checkpoint(write_published(tmp_path / str(dtype), sd) / "model.safetensors")
         assert model.tok_emb.weight.dtype == torch.float32
         with torch.no_grad():
-            assert (model(IDX).double() - reference_logits(sd, LOAD_TINY["n_head"], IDX)).abs().max() < 1e-4
+            assert (model(IDX).double() - reference_logits(sd, PUBLISHED["n_head"], IDX)).abs().max() < 1e-4
 
 
 def test_untied_lm_head_is_used(tmp_path):
     sd = published_tensors(lm_head=True)
     sd["lm_head.weight"] = torch.randn_like(sd["lm_head.weight"])
-    model = load_hf_checkpoint(write_published(tmp_path / "m", sd, tie_word_embeddings=False))
+    model = load_gpt2.load_hf_checkpoint(write_published(tmp_path / "m", sd, tie_word_embeddings=False))
     assert model.out_head.weight is not model.tok_emb.weight
     with torch.no_grad():
-        ref = reference_logits(sd, LOAD_TINY["n_head"], IDX, head=sd["lm_head.weight"])
+        ref = reference_logits(sd, PUBLISHED["n_head"], IDX, head=sd["lm_head.weight"])
         assert (model(IDX).double() - ref).abs().max() < 1e-4
     os.remove(tmp_path / "m" / "config.json")  # without config.json, a head that differs from wte is kept too
-    model = load_hf_checkpoint(tmp_path / "m", n_heads=LOAD_TINY["n_head"])
+    model = load_gpt2.load_hf_checkpoint(tmp_path / "m", n_heads=PUBLISHED["n_head"])
     assert torch.equal(model.out_head.weight, sd["lm_head.weight"])
 
 
 def test_config_from_shapes_needs_n_heads_for_odd_widths(tmp_path):
     sd = published_tensors(prefix=True)
     folder = write_published(tmp_path / "m", sd, config=False)
-    with pytest.raises(CheckpointError, match="n_heads"):
-        load_hf_checkpoint(folder)
-    model = load_hf_checkpoint(folder, drop_rate=0.1, n_heads=LOAD_TINY["n_head"])
+    with pytest.raises(M.CheckpointError, match="n_heads"):
+        load_gpt2.load_hf_checkpoint(folder)
+    model = load_gpt2.load_hf_checkpoint(folder, drop_rate=0.1, n_heads=PUBLISHED["n_head"])
     assert model.cfg["n_layers"] == 2 and model.cfg["context_length"] == 32 and model.cfg["drop_rate"] == 0.1
     with torch.no_grad():
-        assert (model.eval()(IDX).double() - reference_logits(sd, LOAD_TINY["n_head"], IDX)).abs().max() < 1e-4
+        assert (model.eval()(IDX).double() - reference_logits(sd, PUBLISHED["n_head"], IDX)).abs().max() < 1e-4
 
 
-def test_matches_transformers_if_installed(tmp_path):
-    transformers = pytest.importorskip("transformers")
+def test_matches_transformers_if_installed(tmp_path, transformers):
     sd = published_tensors()
     folder = write_published(tmp_path / "m", sd)
     hf = transformers.GPT2LMHeadModel.from_pretrained(str(folder)).eval()
-    model = load_hf_checkpoint(folder).eval()
+    model = load_gpt2.load_hf_checkpoint(folder).eval()
     with torch.no_grad():
         assert (model(IDX) - hf(IDX).logits).abs().max() < 1e-4
-    pth = save_checkpoint(str(tmp_path / "model.pth"), model)
-    hf = transformers.GPT2LMHeadModel.from_pretrained(export_hf(pth, str(tmp_path / "exported"))).eval()
+    pth = M.save_checkpoint(str(tmp_path / "model.pth"), model)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(load_gpt2.export_hf(pth, str(tmp_path / "exported"))).eval()
     with torch.no_grad():
         assert (model(IDX) - hf(IDX).logits).abs().max() < 1e-4
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Export
-# ---------------------------------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("qkv_bias,tie", [(True, True), (False, False)])
-def test_export_round_trip(tmp_path, qkv_bias, tie):
-    torch.manual_seed(0)
-    cfg = {"vocab_size": 101, "context_length": 32, "emb_dim": 32, "n_heads": 4, "n_layers": 2, "drop_rate": 0.0,
-           "qkv_bias": qkv_bias, "tie_weights": tie}
-    model = GPTModel(cfg).eval()
-    pth = save_checkpoint(str(tmp_path / "model.pth"), model, kind="pretrain")
-    out = tmp_path / "hf"
-    assert main(["--export", pth, "--out", str(out)]) == str(out)
-    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
-    back = load_hf_checkpoint(out).eval()
-    with torch.no_grad():
-        assert torch.equal(back(IDX), model(IDX))
-        published = read_safetensors(str(out / "model.safetensors"))
-        assert ("lm_head.weight" in published) == (not tie)
-        head = published.get("lm_head.weight")
-        ref = reference_logits(published, 4, IDX, head)  # the exported file, read the way GPT-2 reads it
-        assert (model(IDX).double() - ref).abs().max() < 1e-4
-    assert SafetensorsFile(str(out / "model.safetensors")).metadata == {"format": "pt"}
-
-
-def test_export_of_an_int8_model_dequantizes(tmp_path):
-    torch.manual_seed(0)
-    model = GPTModel({"vocab_size": 101, "context_length": 32, "emb_dim": 32, "n_heads": 4, "n_layers": 1,
-                      "drop_rate": 0.0, "qkv_bias": True}).eval()
-    quantize_int8(model)
-    pth = save_checkpoint(str(tmp_path / "int8.pth"), model)
-    back = load_hf_checkpoint(export_hf(pth, str(tmp_path / "hf"))).eval()
-    # 3 x 8 = 24 rows: above Int8Linear.FEW_ROWS, so the int8 model takes its float path (the few-row decoding
-    # kernel rounds activations to bf16, which would blur the comparison)
-    idx = torch.cat([IDX, IDX.flip(1)])
-    assert idx.numel() > model.out_head.FEW_ROWS
-    with torch.no_grad():
-        assert (back(idx) - model(idx)).abs().max() < 1e-4
-
-
-def test_export_refuses_a_folder_that_is_not_empty(tmp_path):
-    model = GPTModel({"vocab_size": 101, "context_length": 32, "emb_dim": 32, "n_heads": 4, "n_layers": 1,
-                      "drop_rate": 0.0, "qkv_bias": True})
-    pth = save_checkpoint(str(tmp_path / "model.pth"), model)
-    out = tmp_path / "hf"
-    out.mkdir()
-    (out / "notes.txt").write_text("mine")
-    with pytest.raises(UserError, match="not empty.*--force"):
-        main(["--export", pth, "--out", str(out)])
-    assert sorted(os.listdir(out)) == ["notes.txt"]
-    main(["--export", pth, "--out", str(out), "--force"])
-    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "notes.txt"]
-    with pytest.raises(UserError, match="--out"):
-        export_hf(pth, "")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Bad files: one clear message each
+# The safetensors reader: bad files get one clear message each
 # ---------------------------------------------------------------------------------------------------------------
 
 def raw_safetensors(path, header, data=b"", header_len=None):
@@ -848,8 +1626,8 @@ def entry(dtype="F32", shape=(2,), offsets=(0, 8)):
 ])
 def test_reader_refuses_corrupt_files(tmp_path, header, data, header_len, message):
     path = raw_safetensors(str(tmp_path / "bad.safetensors"), header, data, header_len)
-    with pytest.raises(CheckpointError, match=message) as e:
-        read_safetensors(path)
+    with pytest.raises(M.CheckpointError, match=message) as e:
+        load_gpt2.read_safetensors(path)
     assert "\n" not in str(e.value) and path in str(e.value)
 
 
@@ -859,51 +1637,51 @@ def test_reader_refuses_short_and_cut_files(tmp_path):
     cut = tmp_path / "cut.safetensors"
     for n in (0, 5, 20, len(raw) - 10):
         cut.write_bytes(raw[:n])
-        with pytest.raises(CheckpointError, match="truncated"):
-            load_hf_checkpoint(str(cut))
+        with pytest.raises(M.CheckpointError, match="truncated"):
+            load_gpt2.load_hf_checkpoint(str(cut))
 
 
 def test_reader_round_trips_dtypes_and_metadata(tmp_path):
     tensors = {"f32": torch.randn(3, 4), "bf16": torch.randn(5).bfloat16(), "f16": torch.randn(2, 2).half(),
                "i64": torch.arange(7), "bool": torch.tensor([True, False]), "scalar": torch.tensor(2.5),
                "empty": torch.zeros(0, 3), "t": torch.randn(4, 3).t()}
-    path = write_safetensors(str(tmp_path / "x.safetensors"), tensors, {"format": "pt"})
-    back = read_safetensors(path)
+    path = load_gpt2.write_safetensors(str(tmp_path / "x.safetensors"), tensors, {"format": "pt"})
+    back = load_gpt2.read_safetensors(path)
     assert set(back) == set(tensors)
     for k, v in tensors.items():
         assert back[k].dtype == v.dtype and torch.equal(back[k], v), k
-    assert SafetensorsFile(path).metadata == {"format": "pt"}
+    assert load_gpt2.SafetensorsFile(path).metadata == {"format": "pt"}
     # a header whose length is not a multiple of 8 leaves the data unaligned: still read correctly
     raw_safetensors(str(tmp_path / "u.safetensors"), b'{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}',
                     struct.pack("<2f", 1.5, -2.0))
-    assert read_safetensors(str(tmp_path / "u.safetensors"))["a"].tolist() == [1.5, -2.0]
+    assert load_gpt2.read_safetensors(str(tmp_path / "u.safetensors"))["a"].tolist() == [1.5, -2.0]
 
 
 def test_missing_and_unexpected_tensors_are_named(tmp_path):
     sd = published_tensors()
     del sd["h.1.mlp.c_fc.bias"]
     sd["h.0.attn.rotary"] = torch.zeros(3)
-    with pytest.raises(CheckpointError, match=r"missing h\.1\.mlp\.c_fc\.bias.*unexpected h\.0\.attn\.rotary"):
-        load_hf_checkpoint(write_published(tmp_path / "a", sd))
+    with pytest.raises(M.CheckpointError, match=r"missing h\.1\.mlp\.c_fc\.bias.*unexpected h\.0\.attn\.rotary"):
+        load_gpt2.load_hf_checkpoint(write_published(tmp_path / "a", sd))
     sd = published_tensors(n_layer=3)  # a layer more than config.json says
-    with pytest.raises(CheckpointError, match=r"unexpected h\.2\."):
-        load_hf_checkpoint(write_published(tmp_path / "b", sd, n_layer=2))
+    with pytest.raises(M.CheckpointError, match=r"n_layers 2 \(the tensors: 3\)"):
+        load_gpt2.load_hf_checkpoint(write_published(tmp_path / "b", sd, n_layer=2))
     sd = published_tensors()
-    with pytest.raises(CheckpointError, match=r"missing lm_head\.weight"):
-        load_hf_checkpoint(write_published(tmp_path / "c", sd, tie_word_embeddings=False))
+    with pytest.raises(M.CheckpointError, match=r"missing lm_head\.weight"):
+        load_gpt2.load_hf_checkpoint(write_published(tmp_path / "c", sd, tie_word_embeddings=False))
 
 
 def test_shapes_that_contradict_config_json(tmp_path):
     folder = write_published(tmp_path / "m", published_tensors(), vocab_size=100)
-    with pytest.raises(CheckpointError, match=r"wte\.weight is \[101, 32\], expected \[100, 32\]"):
-        load_hf_checkpoint(folder)
+    with pytest.raises(M.CheckpointError, match=r"vocab_size 100 \(the tensors: 101\)"):
+        load_gpt2.load_hf_checkpoint(folder)
     folder = write_published(tmp_path / "n", published_tensors(), activation_function="relu")
-    with pytest.raises(CheckpointError, match="activation_function"):
-        load_hf_checkpoint(folder)
+    with pytest.raises(M.CheckpointError, match="activation_function"):
+        load_gpt2.load_hf_checkpoint(folder)
     sd = published_tensors()
     sd["h.0.ln_1.weight"] = torch.zeros(4, dtype=torch.int32)
-    with pytest.raises(CheckpointError, match=r"h\.0\.ln_1\.weight is \[4\]"):
-        load_hf_checkpoint(write_published(tmp_path / "o", sd))
+    with pytest.raises(M.CheckpointError, match=r"h\.0\.ln_1\.weight is \[4\]"):
+        load_gpt2.load_hf_checkpoint(write_published(tmp_path / "o", sd))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -911,8 +1689,7 @@ def test_shapes_that_contradict_config_json(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 
 def test_cli_unknown_model_is_one_line_and_exit_1(tmp_path):
-    r = subprocess.run([sys.executable, os.path.join(HERE, "load_gpt2.py"), "--model", "gpt3", "--models_dir",
-                        str(tmp_path)], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    r = run_script("load_gpt2.py", "--model", "gpt3", "--models_dir", str(tmp_path), cwd=tmp_path, timeout=120)
     assert r.returncode == 1
     assert r.stderr.count("\n") == 1 and "gpt2-medium" in r.stderr and "gpt2-xl" in r.stderr, r.stderr
     assert os.listdir(tmp_path) == []
@@ -921,185 +1698,423 @@ def test_cli_unknown_model_is_one_line_and_exit_1(tmp_path):
 def test_main_converts_a_local_folder_to_pth(tmp_path):
     sd = published_tensors(prefix=True, masks=True)
     folder = write_published(tmp_path / "m", sd)
-    out = main(["--model", str(folder), "--out", str(tmp_path / "tiny.pth")])
-    model, ckpt = load_model(out)
+    out = load_gpt2.main(["--model", str(folder), "--out", str(tmp_path / "tiny.pth")])
+    model, ckpt = M.load_model(out)
     assert ckpt["kind"] == "pretrained" and ckpt["config"]["qkv_bias"]
     with torch.no_grad():
-        assert (model.eval()(IDX).double() - reference_logits(sd, LOAD_TINY["n_head"], IDX)).abs().max() < 1e-4
+        assert (model.eval()(IDX).double() - reference_logits(sd, PUBLISHED["n_head"], IDX)).abs().max() < 1e-4
 
 
 def test_init_model_sources(tmp_path):
-    model, info = init_model("scratch", {"vocab_size": 101, "context_length": 16, "emb_dim": 32, "n_layers": 1,
-                                         "n_heads": 4})
+    model, info = load_gpt2.init_model("scratch", {"vocab_size": 101, "context_length": 16, "emb_dim": 32,
+                                                   "n_layers": 1, "n_heads": 4})
     assert model.cfg["context_length"] == 16 and info["checkpoint"] is None
-    pth = save_checkpoint(str(tmp_path / "s.pth"), model, kind="pretrain", step=3)
-    again, info = init_model(pth)
+    pth = M.save_checkpoint(str(tmp_path / "s.pth"), model, kind="pretrain", step=3)
+    again, info = load_gpt2.init_model(pth)
     assert info["kind"] == "pretrain" and info["checkpoint"]["step"] == 3
     assert torch.equal(again.tok_emb.weight, model.tok_emb.weight)
     folder = write_published(tmp_path / "m", published_tensors())
-    hf, info = init_model(str(folder), {"drop_rate": 0.2})
+    hf, info = load_gpt2.init_model(str(folder), {"drop_rate": 0.2})
     assert hf.cfg["drop_rate"] == 0.2 and info["kind"] == "pretrained"
-    with pytest.raises(UserError, match="context_length=16"):
-        init_model(str(folder), {"context_length": 16})
-    with pytest.raises(UserError, match="gpt2-medium.*scratch"):
-        init_model("gpt-2")
-    with pytest.raises(UserError, match="no checkpoint"):
-        init_model(str(tmp_path / "nope.pth"))
+    with pytest.raises(settings.UserError, match="context_length=16"):
+        load_gpt2.init_model(str(folder), {"context_length": 16})
+    with pytest.raises(settings.UserError, match="gpt2-medium.*scratch"):
+        load_gpt2.init_model("gpt-2")
+    with pytest.raises(settings.UserError, match="no checkpoint"):
+        load_gpt2.init_model(str(tmp_path / "nope.pth"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Downloads from a hub on 127.0.0.1
 # ---------------------------------------------------------------------------------------------------------------
 
-class Hub(http.server.BaseHTTPRequestHandler):
-    files = {}   # URL path -> bytes
-    etags = {}   # URL path -> ETag value
-    log = []     # (method, path, Range header)
-
-    def do_HEAD(self):
-        self._answer(body=False)
-
-    def do_GET(self):
-        self._answer(body=True)
-
-    def _answer(self, body):
-        self.log.append((self.command, self.path, self.headers.get("Range")))
-        data = self.files.get(self.path)
-        if data is None:
-            self.send_error(404)
-            return
-        start = 0
-        rng = self.headers.get("Range")
-        if rng and rng.startswith("bytes="):
-            start = int(rng[6:].split("-")[0])
-            if start >= len(data):
-                self.send_response(416)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                return
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-        else:
-            self.send_response(200)
-        self.send_header("Content-Length", str(len(data) - start))
-        if self.path in self.etags:
-            self.send_header("ETag", f'"{self.etags[self.path]}"')
-        self.end_headers()
-        if body:
-            self.wfile.write(data[start:])
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture
-def hub(tmp_path):
+def hub(tmp_path, serve):
+    """A hub serving a published-layout checkpoint: (URL, its tensors, its model.safetensors bytes, the URL path
+    of its folder, the server's handler class with its request `log` and `etags`)."""
     sd = published_tensors()
     folder = write_published(tmp_path / "served", sd)
     st, cj = (folder / "model.safetensors").read_bytes(), (folder / "config.json").read_bytes()
     base = "/openai-community/gpt2/resolve/main/"
-    Hub.files = {base + "model.safetensors": st, base + "config.json": cj}
-    Hub.etags = {base + "model.safetensors": hashlib.sha256(st).hexdigest()}
-    Hub.log = []
-    server, url = start_server(Hub)
-    yield url, sd, st, base
-    server.shutdown()
-    server.server_close()
-
-
-def dead_url():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{s.getsockname()[1]}"
+    url, handler = serve(files={base + "model.safetensors": st, base + "config.json": cj},
+                         etags={base + "model.safetensors": hashlib.sha256(st).hexdigest()})
+    return url, sd, st, base, handler
 
 
 def test_download_resumes_verifies_and_rechecks_cheaply(tmp_path, hub):
-    url, sd, st_bytes, base = hub
+    url, sd, st_bytes, base, handler = hub
     models = tmp_path / "models"
     (models / "gpt2").mkdir(parents=True)
     (models / "gpt2" / "model.safetensors.part").write_bytes(st_bytes[:1000])  # an interrupted download
-    model = load_gpt2_fn("gpt2", str(models), hub_url=url, progress=False)
-    assert ("GET", base + "model.safetensors", "bytes=1000-") in Hub.log
+    model = load_gpt2.load_gpt2("gpt2", str(models), hub_url=url, progress=False)
+    assert ("GET", base + "model.safetensors", "bytes=1000-") in handler.log
     st = models / "gpt2" / "model.safetensors"
     assert st.read_bytes() == st_bytes and not os.path.exists(str(st) + ".part")
     record = json.loads((models / "gpt2" / "model.safetensors.sha256").read_text())
     assert record["sha256"] == hashlib.sha256(st_bytes).hexdigest()
     with torch.no_grad():
-        assert (model.eval()(IDX).double() - reference_logits(sd, LOAD_TINY["n_head"], IDX)).abs().max() < 1e-4
+        assert (model.eval()(IDX).double() - reference_logits(sd, PUBLISHED["n_head"], IDX)).abs().max() < 1e-4
     # later loads need no network: size and mtime match the record
-    load_gpt2_fn("gpt2", str(models), hub_url=dead_url())
+    load_gpt2.load_gpt2("gpt2", str(models), hub_url=dead_url())
     os.utime(st, ns=(1, 1))  # same bytes, new mtime: re-hashed, accepted
-    load_gpt2_fn("gpt2", str(models), hub_url=dead_url())
+    load_gpt2.load_gpt2("gpt2", str(models), hub_url=dead_url())
     raw = bytearray(st_bytes)
     raw[-1] ^= 1  # same size, one bit changed
     st.write_bytes(bytes(raw))
-    with pytest.raises(CheckpointError, match="changed since it was verified"):
-        load_gpt2_fn("gpt2", str(models), hub_url=dead_url())
+    with pytest.raises(M.CheckpointError, match="changed since it was verified"):
+        load_gpt2.load_gpt2("gpt2", str(models), hub_url=dead_url())
     # the command line writes the .pth with the published size in its name
     os.remove(st)
-    out = main(["--model", "gpt2", "--models_dir", str(models), "--hub_url", url])
-    assert out == os.path.join(str(models), "gpt2-124M.pth") and load_model(out)[1]["kind"] == "pretrained"
+    out = load_gpt2.main(["--model", "gpt2", "--models_dir", str(models), "--hub_url", url])
+    assert out == os.path.join(str(models), "gpt2-124M.pth") and M.load_model(out)[1]["kind"] == "pretrained"
 
 
 def test_download_refuses_a_checksum_mismatch(tmp_path, hub):
-    url, _, _, base = hub
-    Hub.etags[base + "model.safetensors"] = "0" * 64
-    with pytest.raises(DownloadError, match="checksum mismatch"):
-        load_gpt2_fn("gpt2", str(tmp_path / "models"), hub_url=url, progress=False)
+    url, _, _, base, handler = hub
+    handler.etags[base + "model.safetensors"] = "0" * 64
+    with pytest.raises(data.DownloadError, match="checksum mismatch"):
+        load_gpt2.load_gpt2("gpt2", str(tmp_path / "models"), hub_url=url, progress=False)
     assert sorted(os.listdir(tmp_path / "models" / "gpt2")) == ["config.json"]
 
 
 def test_offline_names_url_and_where_to_put_files(tmp_path):
     url = dead_url()
-    with pytest.raises(DownloadError) as e:
-        load_gpt2_fn("gpt2", str(tmp_path / "models"), hub_url=url)
+    with pytest.raises(data.DownloadError) as e:
+        load_gpt2.load_gpt2("gpt2", str(tmp_path / "models"), hub_url=url)
     msg = str(e.value)
     assert f"{url}/openai-community/gpt2/resolve/main/model.safetensors" in msg and "config.json" in msg
     assert os.path.join(str(tmp_path / "models"), "gpt2") in msg and "\n" not in msg
     assert not os.path.exists(tmp_path / "models" / "gpt2" / "model.safetensors")
-    with pytest.raises(UserError, match="gpt2-large"):
-        load_gpt2_fn("gpt2-small", str(tmp_path / "models"))
+    with pytest.raises(settings.UserError, match="gpt2-large"):
+        load_gpt2.load_gpt2("gpt2-small", str(tmp_path / "models"))
 
 
-# -----------------------------------------------------------------------------------------------------
-# finetune_cls.py: classification
-# -----------------------------------------------------------------------------------------------------
-CLS_SHARED = os.environ.get("GPT2_SHARED_DIR", os.path.join(HERE, "..", "shared"))
-SMS_FILE = os.path.join(CLS_SHARED, "data", "SMSSpamCollection")
-sys.path.insert(0, HERE)
+# ---------------------------------------------------------------------------------------------------------------
+# Export to Hugging Face: the weights
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("qkv_bias,tie", [(True, True), (False, False)])
+def test_export_round_trip(tmp_path, qkv_bias, tie):
+    model = tiny_model(vocab_size=101, n_heads=4, qkv_bias=qkv_bias, tie_weights=tie)
+    pth = M.save_checkpoint(str(tmp_path / "model.pth"), model, kind="pretrain")
+    out = tmp_path / "hf"
+    assert load_gpt2.main(["--export", pth, "--out", str(out)]) == str(out)
+    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
+    back = load_gpt2.load_hf_checkpoint(out).eval()
+    with torch.no_grad():
+        assert torch.equal(back(IDX), model(IDX))
+        published = load_gpt2.read_safetensors(str(out / "model.safetensors"))
+        assert ("lm_head.weight" in published) == (not tie)
+        head = published.get("lm_head.weight")
+        # the exported file, read the way GPT-2 reads it
+        ref = reference_logits(published, PUBLISHED["n_head"], IDX, head)
+        assert (model(IDX).double() - ref).abs().max() < 1e-4
+    assert load_gpt2.SafetensorsFile(str(out / "model.safetensors")).metadata == {"format": "pt"}
 
 
-# Tiny models on a busy 2-core machine: one thread avoids waiting on a second one for every small matmul (measured:
-# this file took 193 s with torch's default 2 threads under load, 42 s with one).
-torch.set_num_threads(1)
-ONE_THREAD = dict(os.environ, OMP_NUM_THREADS="1")
-needs_sms = pytest.mark.skipif(not os.path.isfile(SMS_FILE), reason="../shared/data/SMSSpamCollection not present")
-CLS_TINY = dict(M.GPT_CONFIG_124M, context_length=32, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.0)
-CLS_TINY_FLAGS = ["--init", "scratch", "--trainable", "all", "--n_layers", "2", "--n_heads", "2", "--emb_dim", "32",
-              "--max_length", "32", "--device", "cpu", "--eval_freq", "1000", "--eval_iters", "1"]
+def test_export_of_an_int8_model_dequantizes(tmp_path):
+    model = tiny_model(vocab_size=101, n_heads=4, n_layers=1, qkv_bias=True)
+    layers.quantize_int8(model)
+    pth = M.save_checkpoint(str(tmp_path / "int8.pth"), model)
+    back = load_gpt2.load_hf_checkpoint(load_gpt2.export_hf(pth, str(tmp_path / "hf"))).eval()
+    # 3 x 8 = 24 rows: above Int8Linear.FEW_ROWS, so the int8 model takes its float path (the few-row decoding
+    # kernel rounds activations to bf16, which would blur the comparison)
+    idx = torch.cat([IDX, IDX.flip(1)])
+    assert idx.numel() > model.out_head.FEW_ROWS
+    with torch.no_grad():
+        assert (back(idx) - model(idx)).abs().max() < 1e-4
 
 
-def tiny_classifier(num_classes=2, seed=0):
-    torch.manual_seed(seed)
-    return finetune_cls.replace_head(M.GPTModel(CLS_TINY), num_classes).eval()
+def test_export_refuses_a_folder_that_is_not_empty(tmp_path):
+    model = M.GPTModel(tiny_cfg(vocab_size=101, n_heads=4, n_layers=1, qkv_bias=True))
+    pth = M.save_checkpoint(str(tmp_path / "model.pth"), model)
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(settings.UserError, match="not empty.*--force"):
+        load_gpt2.main(["--export", pth, "--out", str(out)])
+    assert sorted(os.listdir(out)) == ["notes.txt"]
+    load_gpt2.main(["--export", pth, "--out", str(out), "--force"])
+    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "notes.txt"]
+    with pytest.raises(settings.UserError, match="--out"):
+        load_gpt2.export_hf(pth, "")
 
 
-def write_csv(path, rows, header=("Label", "Text")):
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
-    return str(path)
+# ---------------------------------------------------------------------------------------------------------------
+# Export to Hugging Face: the tokenizer files (tiktoken's cache, the rebuild from tiktoken's ranks, AutoTokenizer's
+# ids), a language model through pipeline("text-generation"), the chat template
+# ---------------------------------------------------------------------------------------------------------------
 
+TEXTS = ["Hello world", "  leading spaces   and\t\ttabs\n\n\nnewlines   ", "naïve café — 日本語 🤖 emoji",
+         "a<|endoftext|>b", "<|endoftext|>", "x <|endoftext|> y", "It's they're we'll I'd", "1234567 3.14159",
+         "\u00a0nbsp\u200bzero-width", " ", "trailing \n", "\r\n\r\n", "<|endoftext", "ĠġĊ already-mapped chars",
+         "spaces before , . ? ! and 's n't stay"]  # the last: decoding must not "clean up" spaces
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Name a colour."}],
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+     {"role": "user", "content": "Say {{ braces }} and 'quotes' and \"more\"\nover two lines."}],
+    [{"role": "system", "content": "Translate to German."}, {"role": "user", "content": "good morning"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "a"},
+     {"role": "assistant", "content": "b"}, {"role": "user", "content": "日本語"}],
+    [{"role": "user", "content": "q"}, {"role": "assistant", "content": "the last reply, learned"}],
+    [{"role": "system", "content": ""}, {"role": "user", "content": "an empty system text counts as none"}],
+]
+
+
+@pytest.fixture(scope="module")
+def lm_export(tmp_path_factory):
+    """(folder, model): a tiny language model exported with tokenizer files."""
+    tmp = tmp_path_factory.mktemp("lm")
+    model = tiny_model(qkv_bias=True, tie_weights=True)
+    pth = M.save_checkpoint(str(tmp / "model.pth"), model, kind="pretrain")
+    return load_gpt2.export_hf(pth, str(tmp / "hf")), model
+
+
+@pytest.fixture(scope="module")
+def lm_tokenizer(lm_export, transformers):
+    return transformers.AutoTokenizer.from_pretrained(lm_export[0])
+
+
+def test_tiktoken_cache_dir_is_found_as_tiktoken_finds_it(monkeypatch, tmp_path):
+    monkeypatch.delenv("TIKTOKEN_CACHE_DIR", raising=False)
+    monkeypatch.setenv("DATA_GYM_CACHE_DIR", str(tmp_path))
+    assert load_gpt2.tiktoken_cache_dir() == str(tmp_path)
+    monkeypatch.delenv("DATA_GYM_CACHE_DIR")
+    assert load_gpt2.tiktoken_cache_dir().endswith("data-gym-cache")
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")
+    assert load_gpt2.tiktoken_cache_dir() is None  # tiktoken's "caching off"
+
+
+def test_export_writes_the_tokenizer_files_from_tiktokens_cache(lm_export):
+    folder, _ = lm_export
+    assert sorted(os.listdir(folder)) == ["config.json", "generation_config.json", "merges.txt", "model.safetensors",
+                                          "special_tokens_map.json", "tokenizer_config.json", "vocab.json"]
+    cache = os.environ["TIKTOKEN_CACHE_DIR"]
+    for name, (url, sha) in load_gpt2.GPT2_BPE_FILES.items():
+        with open(os.path.join(folder, name), "rb") as f, \
+                open(os.path.join(cache, hashlib.sha1(url.encode()).hexdigest()), "rb") as g:
+            assert f.read() == g.read()
+    vocab = read_json(os.path.join(folder, "vocab.json"))
+    assert len(vocab) == 50257 and vocab["<|endoftext|>"] == data.EOT_ID and vocab["Ġthe"] == 262
+    with open(os.path.join(folder, "merges.txt"), encoding="utf-8") as f:
+        merges = f.read().split("\n")
+    assert merges[0].startswith("#version") and merges[1] == "Ġ t" and len(merges) == 50002
+
+
+def test_the_files_rebuilt_from_tiktokens_ranks_equal_gpt2s(monkeypatch, tmp_path):
+    cached = load_gpt2.gpt2_bpe_files()
+    data.get_tokenizer()  # loaded once while the cache is there; the rebuild reads its ranks
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))  # an empty cache
+    rebuilt = load_gpt2.gpt2_bpe_files()
+    assert rebuilt != cached  # not read from the cache (formatting differs)...
+    assert json.loads(rebuilt["vocab.json"]) == json.loads(cached["vocab.json"])  # ...but the same content
+    assert rebuilt["merges.txt"].decode().split("\n") == cached["merges.txt"].decode().split("\n")
+
+
+def test_no_cache_and_no_tiktoken_is_one_clear_line(monkeypatch, tmp_path):
+    import tiktoken
+
+    def offline(name):
+        raise ConnectionError("no network")
+
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(data, "_TOKENIZER", None)
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    with pytest.raises(settings.UserError, match="TIKTOKEN_CACHE_DIR") as e:
+        load_gpt2.gpt2_bpe_files()
+    assert "\n" not in str(e.value)
+
+
+def test_autotokenizer_ids_equal_tiktokens(lm_tokenizer):
+    tok, enc = lm_tokenizer, data.get_tokenizer()
+    for text in TEXTS:
+        ids = enc.encode(text, allowed_special={"<|endoftext|>"})
+        assert tok(text)["input_ids"] == ids, text
+        assert tok.decode(ids) == enc.decode(ids), text
+    assert tok.eos_token == tok.bos_token == tok.unk_token == tok.pad_token == "<|endoftext|>"
+    assert tok.eos_token_id == data.EOT_ID and tok.model_max_length == TINY["context_length"]
+
+
+def test_pipeline_greedy_text_equals_ours(lm_export, transformers):
+    folder, model = lm_export
+    gen = read_json(os.path.join(folder, "generation_config.json"))
+    assert gen["eos_token_id"] == gen["bos_token_id"] == gen["pad_token_id"] == data.EOT_ID and gen["do_sample"]
+    prompt = "Every effort moves you"
+    ids = data.text_to_token_ids(prompt)
+    ours = M.generate(model, ids, 12, temperature=0.0)
+    assert data.EOT_ID not in ours[0, ids.shape[1]:].tolist()  # else transformers would stop early
+    pipe = transformers.pipeline("text-generation", model=folder, device="cpu")
+    out = pipe(prompt, do_sample=False, max_new_tokens=12)[0]["generated_text"]
+    assert out == data.token_ids_to_text(ours) and len(out) > len(prompt)
+
+
+def test_a_toy_vocabulary_exports_no_tokenizer(tmp_path):
+    pth = M.save_checkpoint(str(tmp_path / "toy.pth"), tiny_model(qkv_bias=True, vocab_size=101))
+    assert sorted(os.listdir(load_gpt2.export_hf(pth, str(tmp_path / "hf")))) == ["config.json", "model.safetensors"]
+
+
+def test_chat_template_gives_format_conversation(tmp_path, lm_tokenizer, transformers):
+    pth = M.save_checkpoint(str(tmp_path / "chat.pth"), tiny_model(qkv_bias=True), kind="chat", template="alpaca")
+    folder = load_gpt2.export_hf(pth, str(tmp_path / "hf"))
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    for messages in CONVERSATIONS:
+        want = data.format_conversation(messages)
+        for gen_prompt in (True, False):
+            assert tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen_prompt) == want
+    assert tok.apply_chat_template(CONVERSATIONS[0], tokenize=False).endswith(data.RESPONSE_HEADER)
+    with pytest.raises(Exception, match="user or assistant"):
+        tok.apply_chat_template([{"role": "user", "content": "a"}, {"role": "tool", "content": "b"}],
+                                tokenize=False)
+    assert lm_tokenizer.chat_template is None  # a language model gets no template
+
+
+def test_an_unknown_chat_template_is_refused(tmp_path):
+    pth = M.save_checkpoint(str(tmp_path / "chat.pth"), tiny_model(qkv_bias=True), kind="chat", template="chatml")
+    with pytest.raises(settings.UserError, match="chatml"):
+        load_gpt2.export_hf(pth, str(tmp_path / "hf"))
+    assert not os.path.exists(tmp_path / "hf")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Export to Hugging Face: classifiers as GPT2ForSequenceClassification, and back
+# ---------------------------------------------------------------------------------------------------------------
+
+CLASS_NAMES = ["ham", "spam", "eggs"]
+
+
+CLS_TEXTS = ["Win a free cruise now!!!", "see you at lunch", "naïve café 🤖", "short",
+             "a much longer text that runs past the sixteen tokens the classifier reads, so it is cut there " * 2]
+
+
+def biased_classifier(seed=0, num_classes=3, lora=False):
+    """tiny_classifier (with qkv biases) whose head has a bias far from zero, so that losing it shows; lora: with an
+    adapter that changes the weights, as a trained one does."""
+    model = tiny_classifier(num_classes, seed, qkv_bias=True)
+    with torch.no_grad():
+        model.out_head.bias.copy_(torch.linspace(-2.0, 2.0, num_classes))
+    if lora:
+        layers.add_lora(model.trf_blocks, rank=2, alpha=4.0)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith(".B"):
+                    p.normal_(0, 0.2)  # a trained adapter: merging it changes the weights
+    return model.eval()
+
+
+def save_classifier(path, model, class_names=CLASS_NAMES, lora=None):
+    return M.save_checkpoint(str(path), model, kind="cls", class_names=list(class_names), max_length=16,
+                             pad_id=data.EOT_ID, lora=lora)
+
+
+def our_probabilities(pth, texts):
+    model, ckpt = load_gpt2.load_classifier(pth)
+    rows = finetune_cls.classify_texts(model, ckpt, texts, torch.device("cpu"), torch.float32)
+    return torch.tensor([[probs[n] for n in ckpt["class_names"]] for _, _, probs in rows])
+
+
+def hf_probabilities(transformers, folder, texts):
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    batch = tok(texts, padding=True, truncation=True, return_tensors="pt")
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    with torch.no_grad():
+        return hf(**batch).logits.softmax(-1)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_classifier_probabilities_match_transformers(tmp_path, lora, transformers):
+    model = biased_classifier(lora=lora)
+    adapters = {"rank": 2, "alpha": 4.0} if lora else None
+    pth = save_classifier(tmp_path / "cls.pth", model, lora=adapters)
+    folder = load_gpt2.export_hf(pth, str(tmp_path / "hf"))
+    config = read_json(os.path.join(folder, "config.json"))
+    assert config["architectures"] == ["GPT2ForSequenceClassification"] and config["num_labels"] == 3
+    assert config["id2label"] == {"0": "ham", "1": "spam", "2": "eggs"} and config["label2id"]["eggs"] == 2
+    assert config["pad_token_id"] == data.EOT_ID
+    assert "generation_config.json" not in os.listdir(folder)
+    ours = our_probabilities(pth, CLS_TEXTS)
+    assert (hf_probabilities(transformers, folder, CLS_TEXTS) - ours).abs().max() < 1e-4
+    with torch.no_grad():  # the test can fail: without its bias the classifier gives other probabilities
+        model.out_head.bias.zero_()
+    unbiased = our_probabilities(save_classifier(tmp_path / "unbiased.pth", model, lora=adapters), CLS_TEXTS)
+    assert (unbiased - ours).abs().max() > 1e-2
+
+
+def test_a_classifier_trained_by_finetune_cls_matches_transformers(tmp_path, transformers):
+    rows = [(f"WIN a free prize number {i} now!" + " Call today." * (i % 3), "spam") for i in range(8)] + \
+           [(f"See you at {i} for lunch" + ", ok?" * (i % 4), "ham") for i in range(8)] + \
+           [(f"{i} eggs, scrambled" + " please" * (i % 2), "eggs") for i in range(8)]
+    csv_path = data.write_labelled_csv(str(tmp_path / "texts.csv"), rows)
+    out = str(tmp_path / "run")
+    finetune_cls.main(cls_flags(csv=csv_path, trainable="lora", lora_rank=2, max_length=16, lr="1e-2", epochs=1,
+                                max_steps=4, batch_size=4, out_dir=out))
+    pth = os.path.join(out, finetune_cls.CSV_CLASSIFIER)
+    assert M.read_checkpoint(pth)["lora"]  # adapters in the file: the export merges them
+    folder = load_gpt2.export_hf(pth, str(tmp_path / "hf"))
+    texts = [text for text, _ in rows] + CLS_TEXTS
+    assert (hf_probabilities(transformers, folder, texts) - our_probabilities(pth, texts)).abs().max() < 1e-4
+
+
+def test_classifier_round_trip(tmp_path):
+    pth = save_classifier(tmp_path / "cls.pth", biased_classifier(seed=1))
+    folder = load_gpt2.export_hf(pth, str(tmp_path / "hf"))
+    back = str(tmp_path / "back.pth")
+    assert load_gpt2.main(["--model", folder, "--out", back]) == back
+    ckpt = M.read_checkpoint(back)
+    assert ckpt["kind"] == "cls" and ckpt["class_names"] == CLASS_NAMES and ckpt["max_length"] == 16
+    assert ckpt["pad_id"] == data.EOT_ID and not ckpt["model"]["out_head.bias"].any()  # the bias now lives in ln_f
+    assert (our_probabilities(back, CLS_TEXTS) - our_probabilities(pth, CLS_TEXTS)).abs().max() < 1e-5
+    model, extras = load_gpt2.load_hf_classifier(folder)
+    assert extras == {"class_names": CLASS_NAMES, "max_length": 16, "pad_id": data.EOT_ID}
+    assert model.out_head.weight.shape == (3, TINY["emb_dim"])
+
+
+def test_a_classifier_folder_is_not_a_language_model(tmp_path):
+    folder = load_gpt2.export_hf(save_classifier(tmp_path / "cls.pth", biased_classifier()), str(tmp_path / "hf"))
+    with pytest.raises(M.CheckpointError, match="is a classifier.*--model"):
+        load_gpt2.load_hf_checkpoint(folder)
+    with pytest.raises(M.CheckpointError, match="is a classifier"):
+        load_gpt2.init_model(folder)
+    lm = load_gpt2.export_hf(M.save_checkpoint(str(tmp_path / "lm.pth"), tiny_model(qkv_bias=True)),
+                             str(tmp_path / "lm"))
+    with pytest.raises(M.CheckpointError, match="not a GPT2ForSequenceClassification"):
+        load_gpt2.load_hf_classifier(lm)
+
+
+def test_a_bias_that_cannot_be_folded_is_refused(tmp_path, transformers):
+    model = biased_classifier(num_classes=40)  # more classes than emb_dim 32: the rows cannot all be independent
+    with pytest.raises(settings.UserError, match="cannot move into ln_f"):
+        load_gpt2.export_hf(save_classifier(tmp_path / "cls.pth", model, [f"c{i}" for i in range(40)]),
+                            str(tmp_path / "hf"))
+    assert not os.path.exists(tmp_path / "hf")
+    with torch.no_grad():
+        model.out_head.bias.zero_()  # no bias: nothing to fold, any number of classes exports
+    pth = save_classifier(tmp_path / "zero.pth", model, [f"c{i}" for i in range(40)])
+    folder = load_gpt2.export_hf(pth, str(tmp_path / "zero"))
+    assert (hf_probabilities(transformers, folder, CLS_TEXTS) - our_probabilities(pth, CLS_TEXTS)).abs().max() < 1e-4
+
+
+# ===============================================================================================================
+# 5. Classification: finetune_cls.py
+# ===============================================================================================================
 
 def csv_rows(path):
     with open(path, newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f))
 
 
+def write_lines(tmp_path, texts):
+    path = tmp_path / "texts.txt"
+    path.write_text("\n".join(texts) + "\n")
+    return str(path)
+
+
 @pytest.fixture(scope="module")
 def small_csv(tmp_path_factory):
     """60 real SMS texts, 30 per class, as a CSV with the default columns."""
+    if not os.path.isfile(SMS_FILE):
+        pytest.skip("../shared/data/SMSSpamCollection not present")
     rows = data.read_sms_spam(SMS_FILE)
     picked = [r for r in rows if r[1] == "spam"][:30] + [r for r in rows if r[1] == "ham"][:30]
     return write_csv(tmp_path_factory.mktemp("csv") / "small.csv", [(label, text) for text, label in picked])
@@ -1109,7 +2124,7 @@ def small_csv(tmp_path_factory):
 def small_run(small_csv, tmp_path_factory):
     """A tiny classifier trained for one epoch on small_csv: (summary, out_dir)."""
     out = str(tmp_path_factory.mktemp("small_run"))
-    return finetune_cls.main(CLS_TINY_FLAGS + ["--csv", small_csv, "--epochs", "1", "--out_dir", out]), out
+    return finetune_cls.main(cls_flags() + ["--csv", small_csv, "--epochs", "1", "--out_dir", out]), out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1178,36 +2193,32 @@ def test_csv_problems_say_what_is_wrong(tmp_path, capsys):
 def test_single_class_and_bad_columns_stop_training(tmp_path):
     one = write_csv(tmp_path / "one.csv", [("ham", f"text {i}") for i in range(20)])
     with pytest.raises(settings.UserError, match="single class .'ham'"):
-        finetune_cls.main(CLS_TINY_FLAGS + ["--csv", one, "--out_dir", str(tmp_path / "o")])
+        finetune_cls.main(cls_flags() + ["--csv", one, "--out_dir", str(tmp_path / "o")])
     with pytest.raises(settings.UserError, match="columns found"):
-        finetune_cls.main(CLS_TINY_FLAGS + ["--csv", one, "--label_column", "y", "--out_dir", str(tmp_path / "o")])
+        finetune_cls.main(cls_flags() + ["--csv", one, "--label_column", "y", "--out_dir", str(tmp_path / "o")])
 
 
 @needs_sms
-def test_sms_download_extracts_and_verifies(tmp_path):
+def test_sms_download_extracts_and_verifies(tmp_path, serve):
     site = tmp_path / "site"
     site.mkdir()
     with zipfile.ZipFile(site / "sms+spam+collection.zip", "w", zipfile.ZIP_DEFLATED) as z:
         z.write(SMS_FILE, "SMSSpamCollection")
         z.writestr("readme", "the readme")
-    server, url, _ = serve_files(site)
-    try:
-        path = data.fetch_sms_spam(str(tmp_path / "d"), base_url=url)
-        assert data.sha256_of(path) == data.SMS_SPAM_SHA256
-        assert os.listdir(tmp_path / "d") == ["SMSSpamCollection"]  # the zip is gone
-        (site / "sms+spam+collection.zip").write_bytes(b"PK\x03\x04 this is not a zip at all")
-        with pytest.raises(data.DownloadError, match="not a readable zip") as e:
-            data.fetch_sms_spam(str(tmp_path / "e"), base_url=url)
-        assert "\n" not in str(e.value) and not os.path.exists(tmp_path / "e" / "sms_spam_collection.zip")
-        # the command line: one line on stderr, exit 1
-        env = dict(ONE_THREAD, GPT2_DATA_URL=url, GPT2_DATA_DIR=str(tmp_path / "f"))
-        r = subprocess.run([sys.executable, os.path.join(HERE, "finetune_cls.py"), *CLS_TINY_FLAGS, "--out_dir",
-                            str(tmp_path / "o")], env=env, capture_output=True, text=True, timeout=120)
-        last = r.stderr.strip().splitlines()[-1]
-        assert r.returncode == 1 and last.startswith("error: ") and "not a readable zip" in last
-        assert "Traceback" not in r.stderr
-    finally:
-        server.shutdown()
+    url, _ = serve(folder=site)
+    path = data.fetch_sms_spam(str(tmp_path / "d"), base_url=url)
+    assert data.sha256_of(path) == data.SMS_SPAM_SHA256
+    assert os.listdir(tmp_path / "d") == ["SMSSpamCollection"]  # the zip is gone
+    (site / "sms+spam+collection.zip").write_bytes(b"PK\x03\x04 this is not a zip at all")
+    with pytest.raises(data.DownloadError, match="not a readable zip") as e:
+        data.fetch_sms_spam(str(tmp_path / "e"), base_url=url)
+    assert "\n" not in str(e.value) and not os.path.exists(tmp_path / "e" / "sms_spam_collection.zip")
+    # the command line: one line on stderr, exit 1
+    r = run_script("finetune_cls.py", *cls_flags(), "--out_dir", str(tmp_path / "o"), timeout=120,
+                   env=dict(GPT2_DATA_URL=url, GPT2_DATA_DIR=str(tmp_path / "f")))
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 1 and last.startswith("error: ") and "not a readable zip" in last
+    assert "Traceback" not in r.stderr
     bad = tmp_path / "g"
     bad.mkdir()
     (bad / "SMSSpamCollection").write_text("ham\tchanged\n")
@@ -1229,7 +2240,7 @@ def test_frozen_parameters_stay_and_trainable_ones_move(spec):
     for name in trainable:
         assert any(name.startswith(p) for p in expected_prefixes) or (spec == "lora" and name[-2:] in (".A", ".B"))
     model.train()
-    opt = make_optimizer(model, 1e-2, 0.1, torch.device("cpu"))
+    opt = trainer.make_optimizer(model, 1e-2, 0.1, torch.device("cpu"))
     ids = torch.randint(0, 50257, (4, 10))
     loss = torch.nn.functional.cross_entropy(
         finetune_cls.last_token_logits(model, ids, torch.tensor([10, 7, 3, 1])), torch.tensor([0, 1, 1, 0]))
@@ -1273,7 +2284,7 @@ def test_lora_starts_equal_and_merges_to_equal_logits():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# End to end: train, predict, evaluate, resume, merge, other datasets
+# End to end: train, predict, evaluate, int8, resume, merge, other datasets, flags, --dry_run
 # ---------------------------------------------------------------------------------------------------------------
 
 @needs_sms
@@ -1282,7 +2293,7 @@ def test_tiny_scratch_run_on_sms_beats_chance(tmp_path, monkeypatch):
     shutil.copy(SMS_FILE, tmp_path / "data" / "SMSSpamCollection")
     monkeypatch.setattr(data, "DATA_DIR", str(tmp_path / "data"))
     out = str(tmp_path / "run")
-    summary = finetune_cls.main(CLS_TINY_FLAGS + ["--out_dir", out, "--lr", "2e-3", "--epochs", "1", "--max_steps", "80"])
+    summary = finetune_cls.main(cls_flags() + ["--out_dir", out, "--lr", "2e-3", "--epochs", "1", "--max_steps", "80"])
     sizes = [len(csv_rows(os.path.join(out, f))) for f in ("train.csv", "validation.csv", "test.csv")]
     assert sizes == [1045, 149, 300]
     assert set(csv_rows(os.path.join(out, "test.csv"))[0]) == {"Label", "Text"}
@@ -1295,12 +2306,12 @@ def test_tiny_scratch_run_on_sms_beats_chance(tmp_path, monkeypatch):
         assert os.path.exists(os.path.join(out, f))
 
 
+@slow
 def test_predict_cli_prints_a_label(small_run, tmp_path):
     _, out = small_run
     ckpt = os.path.join(out, "classifier.pth")
-    r = subprocess.run([sys.executable, os.path.join(HERE, "finetune_cls.py"), "--predict",
-                        "You won a free cruise, call now!", "--checkpoint", ckpt, "--device", "cpu"],
-                       env=ONE_THREAD, capture_output=True, text=True, timeout=120)
+    r = run_script("finetune_cls.py", "--predict", "You won a free cruise, call now!", "--checkpoint", ckpt,
+                   "--device", "cpu", timeout=120)
     assert r.returncode == 0, r.stderr
     label, prob, text = r.stdout.strip().split("\t")
     assert label in ("ham", "spam") and 0.5 <= float(prob) <= 1 and text == "You won a free cruise, call now!"
@@ -1332,7 +2343,8 @@ def test_int8_classifier_evaluates_predicts_and_saves_smaller(small_run, tmp_pat
     finetune_cls.main(["--save_int8", small, "--checkpoint", ckpt])
     model, saved = finetune_cls.load_classifier(small)
     assert saved["quantize"] == "int8" and saved["class_names"] == ["ham", "spam"]
-    assert isinstance(model.out_head, Int8Linear) and isinstance(model.trf_blocks[0].att.W_query, Int8Linear)
+    assert isinstance(model.out_head, layers.Int8Linear)
+    assert isinstance(model.trf_blocks[0].att.W_query, layers.Int8Linear)
     assert finetune_cls.main(["--evaluate", "--out_dir", out, "--checkpoint", small, "--device", "cpu"]) == q
     text = "You won a free cruise, call now!"
     on_the_fly = finetune_cls.main(["--predict", text, "--checkpoint", ckpt, "--quantize", "int8"])
@@ -1340,13 +2352,13 @@ def test_int8_classifier_evaluates_predicts_and_saves_smaller(small_run, tmp_pat
     with pytest.raises(SystemExit) as e:
         finetune_cls.main(["--quantize", "int8", "--out_dir", out])
     assert e.value.code == 2 and "--quantize int8 is for --predict" in capsys.readouterr().err
-    with pytest.raises(UserError, match="is a classifier"):  # fine-tuning starts from a language model
+    with pytest.raises(settings.UserError, match="is a classifier"):  # fine-tuning starts from a language model
         finetune_cls.main(["--init", small, "--csv", os.path.join(out, "train.csv"), "--device", "cpu",
                            "--out_dir", str(tmp_path / "o")])
 
 
 def test_non_classifier_checkpoints_are_refused(small_run, tmp_path):
-    path = M.save_checkpoint(str(tmp_path / "model.pth"), M.GPTModel(CLS_TINY), kind="pretrain")
+    path = M.save_checkpoint(str(tmp_path / "model.pth"), M.GPTModel(tiny_cfg()), kind="pretrain")
     with pytest.raises(settings.UserError, match="'pretrain' checkpoint, not a classifier"):
         finetune_cls.main(["--predict", "hello", "--checkpoint", path])
     with pytest.raises(settings.UserError, match="no classifier at"):
@@ -1357,7 +2369,7 @@ def test_non_classifier_checkpoints_are_refused(small_run, tmp_path):
 
 def test_init_from_a_pretrain_checkpoint_keeps_frozen_weights(small_csv, tmp_path):
     torch.manual_seed(1)
-    path = M.save_checkpoint(str(tmp_path / "model.pth"), M.GPTModel(CLS_TINY), kind="pretrain")
+    path = M.save_checkpoint(str(tmp_path / "model.pth"), M.GPTModel(tiny_cfg()), kind="pretrain")
     out = str(tmp_path / "run")
     finetune_cls.main(["--init", path, "--trainable", "last_block", "--csv", small_csv, "--max_length", "32",
                        "--max_steps", "2", "--out_dir", out, "--device", "cpu", "--eval_iters", "1"])
@@ -1370,8 +2382,8 @@ def test_init_from_a_pretrain_checkpoint_keeps_frozen_weights(small_csv, tmp_pat
     assert e.value.code == 2
 
 
-def test_resume_equals_an_uninterrupted_run(small_csv, tmp_path):
-    flags = CLS_TINY_FLAGS + ["--csv", small_csv, "--epochs", "2"]
+def test_cls_resume_equals_an_uninterrupted_run(small_csv, tmp_path):
+    flags = cls_flags() + ["--csv", small_csv, "--epochs", "2"]
     whole = str(tmp_path / "whole")
     finetune_cls.main(flags + ["--out_dir", whole])
     parts = str(tmp_path / "parts")
@@ -1386,8 +2398,8 @@ def test_resume_equals_an_uninterrupted_run(small_csv, tmp_path):
 
 def test_lora_training_and_merge_lora_cli(small_csv, tmp_path):
     out = str(tmp_path / "lora")
-    summary = finetune_cls.main(CLS_TINY_FLAGS + ["--csv", small_csv, "--trainable", "lora", "--lora_rank", "4",
-                                              "--max_steps", "3", "--lr", "1e-2", "--out_dir", out])
+    summary = finetune_cls.main(cls_flags() + ["--csv", small_csv, "--trainable", "lora", "--lora_rank", "4",
+                                               "--max_steps", "3", "--lr", "1e-2", "--out_dir", out])
     assert summary["trainable_parameters"] < summary["parameters"] / 10
     path = os.path.join(out, "classifier.pth")
     ckpt = M.read_checkpoint(path)
@@ -1396,16 +2408,12 @@ def test_lora_training_and_merge_lora_cli(small_csv, tmp_path):
     merged = M.read_checkpoint(merged_path)
     assert merged["lora"] is None and not any(k.endswith((".A", ".B")) for k in merged["model"])
     texts = ["Free entry! Text WIN to 80086", "where are you now", "ok"]
-    before = finetune_cls.main(["--predict_file", _lines(tmp_path, texts), "--checkpoint", path])
-    after = finetune_cls.main(["--predict_file", _lines(tmp_path, texts), "--checkpoint", merged_path])
+    before = finetune_cls.main(["--predict_file", write_lines(tmp_path, texts), "--checkpoint", path,
+                                "--dtype", "float32"])
+    after = finetune_cls.main(["--predict_file", write_lines(tmp_path, texts), "--checkpoint", merged_path,
+                               "--dtype", "float32"])
     for x, y in zip(before, after):
         assert x["label"] == y["label"] and abs(x["probability"] - y["probability"]) < 1e-5
-
-
-def _lines(tmp_path, texts):
-    path = tmp_path / "texts.txt"
-    path.write_text("\n".join(texts) + "\n")
-    return str(path)
 
 
 def test_ready_made_splits_with_three_classes_and_custom_columns(tmp_path, capsys):
@@ -1417,59 +2425,80 @@ def test_ready_made_splits_with_three_classes_and_custom_columns(tmp_path, capsy
     long_text = ("word " * 40).strip()
     paths[2] = write_csv(tmp_path / "te.csv", rows[30:36] + [("tech", long_text)], header)
     out = str(tmp_path / "run")
-    summary = finetune_cls.main(CLS_TINY_FLAGS + ["--train_csv", paths[0], "--val_csv", paths[1], "--test_csv",
-                                              paths[2], "--text_column", "sentence", "--label_column", "category",
-                                              "--max_length", "8", "--context_length", "16", "--epochs", "1",
-                                              "--out_dir", out])
+    summary = finetune_cls.main(cls_flags() + ["--train_csv", paths[0], "--val_csv", paths[1], "--test_csv",
+                                               paths[2], "--text_column", "sentence", "--label_column", "category",
+                                               "--max_length", "8", "--context_length", "16", "--epochs", "1",
+                                               "--out_dir", out])
     assert summary["class_names"] == ["food", "sport", "tech"]
     assert len(summary["test"]["confusion"]) == 3 and summary["test"]["examples"] == 7
     assert "1 of 7 texts in the test split are longer than 8 tokens" in capsys.readouterr().err
     ckpt = M.read_checkpoint(os.path.join(out, "classifier.pth"))
     assert ckpt["class_names"] == ["food", "sport", "tech"] and ckpt["label_column"] == "category"
     with pytest.raises(settings.UserError, match="exceeds the model's context_length 16"):
-        finetune_cls.main(CLS_TINY_FLAGS + ["--train_csv", paths[0], "--val_csv", paths[1], "--test_csv",
-                                        paths[2], "--text_column", "sentence", "--label_column", "category",
-                                        "--max_length", "64", "--context_length", "16", "--out_dir", out,
-                                        "--overwrite"])
+        finetune_cls.main(cls_flags() + ["--train_csv", paths[0], "--val_csv", paths[1], "--test_csv",
+                                         paths[2], "--text_column", "sentence", "--label_column", "category",
+                                         "--max_length", "64", "--context_length", "16", "--out_dir", out,
+                                         "--overwrite"])
     bad_val = write_csv(tmp_path / "bad_val.csv", [("music", "guitar")], header)
     with pytest.raises(settings.UserError, match="'music'"):
-        finetune_cls.main(CLS_TINY_FLAGS + ["--train_csv", paths[0], "--val_csv", bad_val, "--test_csv", paths[2],
-                                        "--text_column", "sentence", "--label_column", "category", "--out_dir", out,
-                                        "--overwrite"])
+        finetune_cls.main(cls_flags() + ["--train_csv", paths[0], "--val_csv", bad_val, "--test_csv", paths[2],
+                                         "--text_column", "sentence", "--label_column", "category", "--out_dir", out,
+                                         "--overwrite"])
 
 
 @pytest.mark.parametrize("argv", [["--trainable", "some"], ["--trainable", "last_n:0"], ["--epocs", "1"],
                                   ["--predict", "x", "--evaluate"], ["--train_csv", "a.csv"],
                                   ["--csv", "a.csv", "--train_csv", "b.csv"], ["--batch_size", "two"]])
-def test_bad_flags_exit_2(argv):
+def test_cls_bad_flags_exit_2(argv):
     with pytest.raises(SystemExit) as e:
         finetune_cls.main(argv)
     assert e.value.code == 2
 
 
-# -----------------------------------------------------------------------------------------------------
-# finetune_chat.py and generate.py --chat
-# -----------------------------------------------------------------------------------------------------
-CHAT_SHARED_DATA = os.path.join(HERE, "..", "shared", "data")
-sys.path.insert(0, HERE)
+def test_cls_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
+    csv_path = write_spam_ham_csv(tmp_path / "texts.csv")
+    out = tmp_path / "run"
+    full = finetune_cls.main(cls_flags(drop_rate=0, dtype="float32") + ["--csv", csv_path, "--out_dir", str(out),
+                                                                        "--dry_run", "--batch_size", "4"])
+    text = capsys.readouterr().out
+    for word in PLAN_WORDS:
+        assert word in text, word
+    assert not out.exists()  # no split CSVs, no checkpoint, no metrics.json
+    model = finetune_cls.replace_head(M.GPTModel(tiny_cfg()), 2)
+    assert full["total_params"] == full["trainable_params"] == M.count_parameters(model)
+    assert full["steps_per_epoch"] == int(0.7 * 48) // 4  # 70% of 48 balanced texts train, batch 4
+
+    last_block = cls_flags(trainable="last_block", drop_rate=0, dtype="float32")
+    last = finetune_cls.main(last_block + ["--csv", csv_path, "--out_dir", str(out), "--dry_run", "--batch_size", "4"])
+    assert last["total_params"] == full["total_params"]
+    assert last["trainable_params"] == M.count_parameters(model.trf_blocks[-1]) + M.count_parameters(
+        model.final_norm) + M.count_parameters(model.out_head)
+    assert last["optimizer"] < full["optimizer"] and last["activations"] < full["activations"]
+    assert not out.exists()
 
 
-CHAT_TINY = dict(vocab_size=50257, context_length=128, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.0, qkv_bias=False)
-CHAT_TINY_FLAGS = ["--init", "scratch", "--n_layers", "2", "--n_heads", "2", "--emb_dim", "32", "--context_length", "128",
-              "--device", "cpu", "--dtype", "float32"]
+# ---------------------------------------------------------------------------------------------------------------
+# Output names
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_a_classifier_of_a_csv_is_not_named_spam(tmp_path):
+    rows = [("ham", f"see you at {i} o'clock") for i in range(20)] + [("spam", f"WIN {i} cash now") for i in range(20)]
+    path = tmp_path / "texts.csv"
+    data.write_labelled_csv(str(path), [(t, label) for label, t in rows])
+    finetune_cls.main(["--csv", str(path), "--init", "scratch", "--trainable", "all", *tiny_flags(), "--max_length", "16",
+                       "--max_steps", "1", "--out_dir", str(tmp_path / "c"), "--eval_freq", "100"])
+    assert (tmp_path / "c" / "classifier.pth").exists() and not (tmp_path / "c" / "spam_classifier.pth").exists()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; on a busy 2-core machine two threads wait on each other (20x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
+# ===============================================================================================================
+# 6. Chat: finetune_chat.py and generate.py --chat
+# ===============================================================================================================
 
 def book_records(name="instruction-data.json", n=None):
-    with open(os.path.join(CHAT_SHARED_DATA, name), encoding="utf-8") as f:
+    path = os.path.join(SHARED_DATA, name)
+    if not os.path.isfile(path):
+        pytest.skip(f"../shared/data/{name} not present")
+    with open(path, encoding="utf-8") as f:
         records = json.load(f)
     return records[:n] if n else records
 
@@ -1485,15 +2514,9 @@ def short_preferences(n):
              "rejected": "Go away."} for i in range(n)]
 
 
-def write_json(path, obj):
-    path.write_text(json.dumps(obj), encoding="utf-8")
-    return str(path)
-
-
 def tiny_checkpoint(path, kind="chat", context_length=128, seed=0):
-    torch.manual_seed(seed)
-    model = GPTModel({**CHAT_TINY, "context_length": context_length})
-    return save_checkpoint(str(path), model, kind=kind, template=data.TEMPLATE_NAME), model
+    model = tiny_model(seed, context_length=context_length)
+    return M.save_checkpoint(str(path), model, kind=kind, template=data.TEMPLATE_NAME), model
 
 
 def fake_stdin(raw):
@@ -1584,11 +2607,11 @@ def test_offline_metrics_give_known_values():
     scores = fc.score_responses(["the cat sat", "dog"], ["the cat sat", "a cat"])
     assert scores == {"exact_match": 0.5, "token_f1": 0.5, "rouge_l": 0.5}
     # a model that gives every token the same logit has perplexity vocab_size on any text
-    model = GPTModel(CHAT_TINY)
+    model = M.GPTModel(tiny_cfg(context_length=128))
     with torch.no_grad():
         model.out_head.weight.zero_()
     ppl = fc.reference_perplexity(model, book_records(n=3), torch.device("cpu"), 128)
-    assert ppl == pytest.approx(CHAT_TINY["vocab_size"], rel=1e-4)
+    assert ppl == pytest.approx(TINY["vocab_size"], rel=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1604,13 +2627,13 @@ def test_sft_few_steps_on_a_handful_of_records_lower_the_loss(tmp_path, capsys):
     path = tmp_path / "mixed.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in records) + "\n", encoding="utf-8")
     out = tmp_path / "run"
-    result = finetune_chat.main(CHAT_TINY_FLAGS + ["--data", str(path), "--out_dir", str(out), "--lr", "2e-3",
-                                              "--batch_size", "4", "--max_steps", "4", "--epochs", "3",
-                                              "--eval_freq", "4", "--eval_iters", "3", "--max_new_tokens", "4",
-                                              "--mask_instruction"])
+    result = finetune_chat.main(chat_flags() + ["--data", str(path), "--out_dir", str(out), "--lr", "2e-3",
+                                                "--batch_size", "4", "--max_steps", "4", "--epochs", "3",
+                                                "--eval_freq", "4", "--eval_iters", "3", "--max_new_tokens", "4",
+                                                "--mask_instruction"])
     rows = result["rows"]
     assert rows[-1]["train_loss"] < rows[0]["train_loss"] - 0.1
-    ckpt = read_checkpoint(result["checkpoint"])
+    ckpt = M.read_checkpoint(result["checkpoint"])
     assert os.path.basename(result["checkpoint"]) == "scratch-sft.pth"
     assert ckpt["kind"] == "chat" and ckpt["template"] == data.TEMPLATE_NAME
     answered = json.loads((out / "instruction-data-with-response.json").read_text())
@@ -1621,35 +2644,33 @@ def test_sft_few_steps_on_a_handful_of_records_lower_the_loss(tmp_path, capsys):
     assert "metrics.json" in capsys.readouterr().out.strip().splitlines()[-1]
 
 
-def test_default_data_is_downloaded_and_lora_checkpoint_loads_plain(tmp_path, monkeypatch):
-    server, url, _ = serve_files(CHAT_SHARED_DATA)
-    try:
-        monkeypatch.chdir(tmp_path)
-        monkeypatch.setattr(data, "DATA_DIR", str(tmp_path / "data"))
-        monkeypatch.setenv("GPT2_DATA_URL", url)
-        result = finetune_chat.main(CHAT_TINY_FLAGS + ["--out_dir", str(tmp_path / "run"), "--max_steps", "1",
-                                                  "--eval_iters", "1", "--max_new_tokens", "0",
-                                                  "--trainable", "lora", "--lora_rank", "2",
-                                                  "--allowed_max_length", "40"])
-    finally:
-        server.shutdown()
+@needs_shared
+def test_default_data_is_downloaded_and_lora_checkpoint_loads_plain(tmp_path, monkeypatch, serve):
+    url, _ = serve()  # the files of ../shared/data
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(data, "DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("GPT2_DATA_URL", url)
+    result = finetune_chat.main(chat_flags() + ["--out_dir", str(tmp_path / "run"), "--max_steps", "1",
+                                                "--eval_iters", "1", "--max_new_tokens", "0",
+                                                "--trainable", "lora", "--lora_rank", "2",
+                                                "--allowed_max_length", "40"])
     assert data.sha256_of(tmp_path / "data" / "instruction-data.json") == data.DATA_FILES[
         "instruction-data.json"][1]
     assert result["metrics"]["test_records"] == 110  # the 85/10/5 split of 1100 records
-    ckpt = read_checkpoint(result["checkpoint"])
+    ckpt = M.read_checkpoint(result["checkpoint"])
     assert not any("lora" in k.lower() or k.endswith((".A", ".B")) for k in ckpt["model"])
-    GPTModel(ckpt["config"]).load_state_dict(ckpt["model"])  # merged: a plain model loads it strictly
+    M.GPTModel(ckpt["config"]).load_state_dict(ckpt["model"])  # merged: a plain model loads it strictly
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Chat
+# Chat: generate.py --chat
 # ---------------------------------------------------------------------------------------------------------------
 
 def test_chat_sends_the_first_turn_in_the_second_prompt_and_reuses_its_cache(tmp_path, monkeypatch, capsys):
     path, _ = tiny_checkpoint(tmp_path / "chat.pth")
     monkeypatch.setattr(sys, "stdin", fake_stdin(b"Name a color.\nAnd another one?\n"))
-    turns = chat_generate.main(["--chat", "--checkpoint", path, "--temperature", "0", "--max_new_tokens", "6",
-                           "--device", "cpu"])
+    turns = generate_script.main(["--chat", "--checkpoint", path, "--temperature", "0", "--max_new_tokens", "6",
+                                 "--device", "cpu"])
     out, err = capsys.readouterr()
     assert len(turns) == 2 and turns[0]["reply"]
     assert turns[0]["user"] in turns[1]["prompt"] and turns[0]["reply"] in turns[1]["prompt"]
@@ -1663,17 +2684,17 @@ def test_chat_sends_the_first_turn_in_the_second_prompt_and_reuses_its_cache(tmp
     model, _ = M.load_model(path)
     messages = [{"role": "user", "content": "Name a color."}, {"role": "assistant", "content": turns[0]["reply"]},
                 {"role": "user", "content": "And another one?"}]
-    ids, dropped = chat_generate.chat_prompt(messages, "", 128, 6)
+    ids, dropped = generate_script.chat_prompt(messages, "", 128, 6)
     assert dropped == 0
-    fresh = chat_generate.generate_reply(model, torch.tensor([ids]), 6)
+    fresh = generate_script.generate_reply(model, torch.tensor([ids]), 6)
     assert fresh == turns[1]["reply"]
 
 
 def test_chat_reset_exit_bad_utf8_system_and_non_chat_warning(tmp_path, monkeypatch, capsys):
     path, _ = tiny_checkpoint(tmp_path / "base.pth", kind="pretrain")
     monkeypatch.setattr(sys, "stdin", fake_stdin(b"hello there\n\xff\xfe oops\n/reset\nhi again\n/exit\nnever\n"))
-    turns = chat_generate.main(["--chat", "--checkpoint", path, "--temperature", "0", "--max_new_tokens", "3",
-                           "--system", "Answer briefly.", "--device", "cpu"])
+    turns = generate_script.main(["--chat", "--checkpoint", path, "--temperature", "0", "--max_new_tokens", "3",
+                                 "--system", "Answer briefly.", "--device", "cpu"])
     err = capsys.readouterr().err
     assert [t["user"] for t in turns] == ["hello there", "hi again"]  # bad line skipped, nothing after /exit
     assert "hello" not in turns[1]["prompt"]  # /reset forgot the first exchange
@@ -1686,8 +2707,8 @@ def test_chat_drops_the_oldest_turns_and_says_so_once(tmp_path, monkeypatch, cap
     path, _ = tiny_checkpoint(tmp_path / "small.pth", context_length=64)
     lines = b"".join(f"message number {i}\n".encode() for i in range(5))
     monkeypatch.setattr(sys, "stdin", fake_stdin(lines))
-    turns = chat_generate.main(["--chat", "--checkpoint", path, "--temperature", "0", "--max_new_tokens", "5",
-                           "--device", "cpu"])
+    turns = generate_script.main(["--chat", "--checkpoint", path, "--temperature", "0", "--max_new_tokens", "5",
+                                 "--device", "cpu"])
     err = capsys.readouterr().err
     assert len(turns) == 5
     assert err.count("dropping the oldest turns") == 1
@@ -1714,11 +2735,11 @@ def test_dpo_raises_the_chosen_minus_rejected_margin(tmp_path):
         result["rows"][-1])
     assert "val_reward_margin" in (out / "log.csv").read_text().splitlines()[0]
     assert os.path.basename(result["checkpoint"]) == "tiny-dpo.pth"
-    assert read_checkpoint(result["checkpoint"])["kind"] == "chat"
+    assert M.read_checkpoint(result["checkpoint"])["kind"] == "chat"
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Bad input: one clear message
+# Bad input: one clear message; --dry_run
 # ---------------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name, text, message", [
@@ -1737,7 +2758,7 @@ def test_dpo_raises_the_chosen_minus_rejected_margin(tmp_path):
 def test_bad_instruction_files_name_what_is_wrong(tmp_path, name, text, message):
     (tmp_path / name).write_text(text, encoding="utf-8")
     with pytest.raises(settings.UserError, match=message):
-        finetune_chat.main(CHAT_TINY_FLAGS + ["--data", str(tmp_path / name), "--out_dir", str(tmp_path / "run")])
+        finetune_chat.main(chat_flags() + ["--data", str(tmp_path / name), "--out_dir", str(tmp_path / "run")])
 
 
 def test_bad_preference_data_and_missing_init(tmp_path):
@@ -1752,148 +2773,299 @@ def test_bad_preference_data_and_missing_init(tmp_path):
         finetune_chat.main(["--method", "dpo", "--init", str(tmp_path / "nope.pth"), "--data", prefs])
 
 
-def test_misspelled_flag_or_bad_value_exits_2(capsys):
+def test_chat_misspelled_flag_or_bad_value_exits_2(capsys):
     for argv in (["--epoch", "1"], ["--method", "ppo"], ["--trainable", "some"], ["--batch_size", "x"]):
         with pytest.raises(SystemExit) as e:
             finetune_chat.main(argv)
         assert e.value.code == 2
 
 
-def test_command_line_error_is_one_line_without_traceback(tmp_path):
+def test_chat_command_line_error_is_one_line_without_traceback(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("[{", encoding="utf-8")
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "finetune_chat.py"), "--data", str(bad),
-                           "--init", "scratch"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    proc = run_script("finetune_chat.py", "--data", str(bad), "--init", "scratch", cwd=tmp_path, timeout=120)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [f"error: {bad}, line 1, column 3: malformed JSON (Expecting "
                                                 f"property name enclosed in double quotes): fix the file (a JSON "
                                                 f"list of records, or one record per line)"]
 
 
-# -----------------------------------------------------------------------------------------------------
-# Speed: int8 weights, beam search, repetition penalty, bench.py
-# -----------------------------------------------------------------------------------------------------
+def test_chat_dry_run_for_sft_and_dpo_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "sft"
+    sft = finetune_chat.main(chat_flags() + ["--data", write_json(tmp_path / "data.json", short_records(20)),
+                                             "--out_dir", str(out), "--batch_size", "2", "--dry_run"])
+    text = capsys.readouterr().out
+    for word in PLAN_WORDS:
+        assert word in text, word
+    assert not out.exists()
+    tiny = M.GPTModel(tiny_cfg(context_length=128))
+    n = M.count_parameters(tiny)
+    assert sft["total_params"] == sft["trainable_params"] == n
+    assert sft["steps_per_epoch"] == 17 // 2  # 85% of 20 records train
 
-
-SPEED_TINY = dict(GPT_CONFIG_124M, n_layers=2, n_heads=2, emb_dim=32, context_length=32, drop_rate=0.0)
-
-
-def speed_tiny_model(seed=0, **overrides):
-    torch.manual_seed(seed)
-    return GPTModel(dict(SPEED_TINY, **overrides)).eval()
+    init = M.save_checkpoint(str(tmp_path / "tiny-sft.pth"), tiny, kind="chat")
+    prefs = write_json(tmp_path / "prefs.json", short_preferences(10))
+    out = tmp_path / "dpo"
+    dpo = finetune_chat.main(["--method", "dpo", "--init", init, "--data", prefs, "--out_dir", str(out),
+                              "--batch_size", "2", "--device", "cpu", "--dtype", "float32", "--dry_run"])
+    assert dpo["total_params"] == 2 * n and dpo["trainable_params"] == n  # the frozen reference counts too
+    assert "--dry_run" in capsys.readouterr().out
+    assert not out.exists()
+    with pytest.raises(SystemExit):  # a settings error: usage line and exit 2
+        finetune_chat.main(chat_flags() + ["--trainable", "lora", "--fsdp", "--dry_run"])
+    assert "--fsdp with --trainable lora is not supported" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Int8
+# RLHF: the reward model, policy optimization (grpo, rloo); the chat REPL's commands
 # ---------------------------------------------------------------------------------------------------------------
 
-def test_int8_linear_matches_per_channel_rounding():
-    torch.manual_seed(0)
-    linear = torch.nn.Linear(64, 48)
-    q = Int8Linear.from_linear(linear)
-    assert q.weight.dtype == torch.int8 and q.weight_scale.shape == (48,)
-    # symmetric per-row scales: the largest |w| of each row maps to +-127, every weight is off by at most scale / 2
-    assert (q.weight.abs().amax(dim=1) == 127).all()
-    dequant = q.weight.float() * q.weight_scale[:, None]
-    assert ((dequant - linear.weight).abs() <= q.weight_scale[:, None] / 2 + 1e-7).all()
-    x = torch.randn(4, 10, 64)  # many rows: the int8 weights are converted to float, exact up to float rounding
-    assert torch.allclose(q(x), torch.nn.functional.linear(x, dequant, linear.bias), atol=1e-4)
-    x = torch.randn(1, 1, 64)  # one row (decoding): the int8 kernel with bf16 activations, ~0.3 % off
-    ref = torch.nn.functional.linear(x, dequant, linear.bias)
-    assert q(x).shape == (1, 1, 48) and ((q(x) - ref).norm() / ref.norm()).item() < 1e-2
+PAIRS_FILE = os.path.join(SHARED_DATA, "instruction-data-with-preference.json")
 
 
-def test_int8_logits_close_to_fp32():
-    model = speed_tiny_model()
-    idx = torch.randint(0, SPEED_TINY["vocab_size"], (2, 16))
+def test_chat_help_unknown_command_and_empty_reply(tmp_path, monkeypatch, capsys):
+    path = M.save_checkpoint(str(tmp_path / "chat.pth"), tiny_model(context_length=128), kind="chat",
+                             template="alpaca")
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"/help\n/whatever\n/etc/hosts?\n/exit\n")))
+    turns = generate_script.main(["--chat", "--checkpoint", path, "--temperature", "0", "--max_new_tokens", "0",
+                           "--device", "cpu"])  # no room for an answer: every reply is empty
+    out, err = capsys.readouterr()
+    assert "/reset" in err and "/exit" in err and "unknown command /whatever" in err
+    assert [t["user"] for t in turns] == ["/etc/hosts?"]  # not a lone /word: a message
+    assert out.strip() == "(empty reply)"
+
+
+def test_bradley_terry_loss_is_ln2_at_a_zero_head():
+    model = finetune_chat.add_reward_head(tiny_model())
     with torch.no_grad():
-        ref = model(idx)
-        out = quantize_int8(model)(idx)
-    assert all(type(m) is not torch.nn.Linear for m in model.modules())
-    # Each weight moves by at most half a step (max|row| / 254), i.e. ~0.4 % of its row's largest weight; through
-    # two blocks that gives logit errors around 1 % of the logits' spread. 5 % of the spread is a loose bound that a
-    # wrong scale (per tensor instead of per row, a transposed scale, a missing bias) breaks by far.
-    err = (out - ref).abs().max().item()
-    assert err < 0.05 * ref.std().item(), err
-    assert (out.argmax(-1) == ref.argmax(-1)).float().mean() > 0.95
-
-
-def test_int8_checkpoint_round_trip_is_smaller(tmp_path):
-    model = speed_tiny_model(vocab_size=256)  # small vocabulary: the Linear layers hold most of the weights
-    fp32_path = save_checkpoint(tmp_path / "fp32.pth", model)
-    quantize_int8(model)
-    int8_path = save_checkpoint(tmp_path / "int8.pth", model, quantize="int8")
-    assert os.path.getsize(int8_path) < 0.5 * os.path.getsize(fp32_path)
-    loaded, ckpt = load_gpt2.load_pth(str(int8_path), int8_ok=True)
-    assert isinstance(loaded.out_head, Int8Linear) and ckpt["quantize"] == "int8"
-    idx = torch.randint(0, 256, (1, 10))
+        model.out_head.weight.zero_()
+        model.out_head.bias.zero_()
+    model = finetune_chat.add_reward_head(tiny_model(context_length=256))
     with torch.no_grad():
-        assert torch.equal(loaded(idx), model(idx))
-    # greedy decoding runs on int8 weights with the KV cache and matches recomputation
-    assert torch.equal(generate(loaded, idx, 5), generate(loaded, idx, 5, use_cache=False))
+        model.out_head.weight.zero_()
+        model.out_head.bias.zero_()
+    items = list(data.PreferenceDataset(json.load(open(PAIRS_FILE))[:4], max_length=256))
+    batch = data.preference_collate_fn(items, allowed_max_length=256)
+    chosen, rejected = finetune_chat.reward_pair_scores(model, batch, torch.device("cpu"))
+    assert torch.equal(chosen, torch.zeros(4)) and torch.equal(rejected, torch.zeros(4))
+    assert finetune_chat.bradley_terry_loss(chosen, rejected).item() == pytest.approx(math.log(2))
+    # the score is read at each text's last real token, whatever padding follows
+    assert finetune_chat.last_real_positions(batch["chosen_mask"]).tolist() == [len(x["chosen"]) for x in items]
 
 
-def test_int8_checkpoint_with_tied_weights(tmp_path):
-    model = quantize_int8(speed_tiny_model(tie_weights=True))
-    path = save_checkpoint(tmp_path / "int8.pth", model)  # bare of extras: recognised by its weight_scale keys
-    loaded, _ = load_gpt2.load_pth(str(path), int8_ok=True)
-    idx = torch.randint(0, SPEED_TINY["vocab_size"], (1, 10))
+def test_group_advantages_and_policy_loss_by_hand():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 2.0])  # two prompts, three answers each
+    grpo = finetune_chat.group_advantages(rewards, 3, "grpo")
+    g1 = torch.tensor([1.0, 0, 0])
+    std = math.sqrt(((g1 - 1 / 3) ** 2).sum() / 2)
+    assert grpo[:3].tolist() == pytest.approx([(2 / 3) / std, (-1 / 3) / std, (-1 / 3) / std], rel=1e-5)
+    assert grpo[3:].tolist() == pytest.approx([-2 / 3 / math.sqrt(1 / 3), 1 / 3 / math.sqrt(1 / 3),
+                                               1 / 3 / math.sqrt(1 / 3)], rel=1e-5)
+    rloo = finetune_chat.group_advantages(rewards, 3, "rloo")
+    assert rloo.tolist() == pytest.approx([1.0, -0.5, -0.5, -1.0, 0.5, 0.5])
+    # one token per answer: ratio 1.5 with A = 1 is clipped at 1.2; ratio 0.5 with A = -1 is clipped at 0.8 (the
+    # min keeps the unclipped -0.5 * -1 = 0.5 vs 0.8: max of the two penalties); KL from q = ref - logp
+    logp = torch.log(torch.tensor([[0.3], [0.1]]))
+    old = torch.log(torch.tensor([[0.2], [0.2]]))
+    ref = torch.log(torch.tensor([[0.3], [0.2]]))
+    adv = torch.tensor([1.0, -1.0])
+    mask = torch.ones(2, 1, dtype=torch.bool)
+    loss, stats = finetune_chat.policy_loss(logp, old, ref, adv, mask, clip=0.2, beta=0.5)
+    q = ref - logp
+    kl = (torch.exp(q) - q - 1).flatten()
+    expected = ((-1.2 + 0.5 * kl[0]) + (0.8 + 0.5 * kl[1])) / 2
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert stats["clip_frac"] == 1.0 and stats["kl"] == pytest.approx(kl.mean().item(), rel=1e-5)
+
+
+def test_kl_to_the_reference_is_zero_before_the_first_update():
+    import copy
+    policy = tiny_model(context_length=128)
+    reference = copy.deepcopy(policy)
+    cfg = {"max_new_tokens": 6, "group_size": 3, "temperature": 1.0, "method": "grpo", "seed": 1}
+    prompts = [[50256, 15496, 11], [464, 3290]]
+    reward = finetune_chat.short_reply_reward(3)
+    cpu = torch.device("cpu")
+    r = finetune_chat.rollout(policy, reference, prompts, reward, cfg, torch.Generator().manual_seed(0), cpu,
+                              torch.float32)
+    assert torch.equal(r["old_logp"] * r["mask"], r["ref_logp"] * r["mask"])
+    logp, _ = finetune_chat.token_logprobs(policy, r["ids"])
+    _, stats = finetune_chat.policy_loss(logp, r["old_logp"], r["ref_logp"], r["advantages"], r["mask"])
+    assert stats["kl"] == 0.0 and stats["clip_frac"] == 0.0
+    ev = finetune_chat.evaluate_policy(policy, reference, prompts, reward, cfg, cpu, torch.float32)
+    assert ev["kl"] == 0.0 and ev["win_rate"] == 0.5
+
+
+TOY_TOKENS = [262, 290, 286, 257]  # " the", " and", " of", " a"
+
+
+def toy_policy(path):
+    """A chat .pth whose answers are drawn from four tokens, about a quarter each (whatever the prompt): the
+    final LayerNorm outputs a constant and the output layer favours those four. Small enough to learn in seconds."""
+    model = tiny_model(context_length=128)
     with torch.no_grad():
-        assert torch.equal(loaded(idx), model(idx))
-    assert loaded.tok_emb.weight.dtype == torch.float32 and loaded.out_head.weight.dtype == torch.int8
+        model.final_norm.scale.zero_()
+        model.final_norm.shift.fill_(1.0)
+        model.out_head.weight.zero_()
+        model.out_head.weight[TOY_TOKENS] = 0.5
+    return M.save_checkpoint(str(path), model, kind="chat", template="alpaca")
 
 
-def test_tied_model_from_scratch_starts_near_uniform_loss():
-    torch.manual_seed(0)
-    idx = torch.randint(0, GPT_CONFIG_124M["vocab_size"], (2, 16))
-    uniform = math.log(GPT_CONFIG_124M["vocab_size"])  # 10.82: every token equally likely
-    with torch.no_grad():
-        for width in (32, 128):
-            model = GPTModel(dict(SPEED_TINY, emb_dim=width, tie_weights=True)).eval()
-            loss = torch.nn.functional.cross_entropy(model(idx).flatten(0, 1), idx.flatten())
-            assert abs(loss.item() - uniform) < 0.5, (width, loss.item())  # N(0, 1) embeddings: 7 above at width 32
+def toy_reward(samples):
+    """A verifiable reward: the share of an answer's tokens that are " the"."""
+    return torch.tensor([sum(t == 262 for t in s["reply_ids"]) / max(1, len(s["reply_ids"])) for s in samples])
+
+
+def rl_args(out, steps, init):
+    return ["--method", "grpo", "--init", init, "--device", "cpu", "--dtype", "float32", "--data", PAIRS_FILE,
+            "--reward", "contains:the", "--max_new_tokens", "8", "--group_size", "4", "--prompts_per_step", "2",
+            "--max_steps", str(steps), "--lr", "3e-2", "--eval_iters", "1", "--out_dir", out]
+
+
+def test_policy_optimization_raises_a_toy_reward_on_a_kl_leash(tmp_path, monkeypatch):
+    monkeypatch.setitem(finetune_chat.REWARDS, "contains", lambda arg: toy_reward)
+    init = toy_policy(tmp_path / "toy.pth")
+    loose = finetune_chat.main(rl_args(str(tmp_path / "loose"), 12, init))
+    rewards = [r["reward"] for r in loose["rows"]]
+    assert sum(rewards[-4:]) / 4 > sum(rewards[:4]) / 4 + 0.3, rewards  # from ~0.25 towards 1
+    after = loose["metrics"]["after"]
+    assert after["reward"] > loose["metrics"]["before"]["reward"] + 0.3 and after["win_rate"] > 0.75
+    assert os.path.exists(tmp_path / "loose" / "reward-plot.png") and os.path.exists(tmp_path / "loose" / "kl-plot.png")
+    # a stronger leash keeps the policy closer to the SFT model
+    tight = finetune_chat.main(rl_args(str(tmp_path / "tight"), 12, init) + ["--beta", "2"])
+    assert tight["metrics"]["after"]["kl"] < after["kl"] / 2
+
+
+def test_policy_optimization_resumes_exactly(tmp_path, monkeypatch):
+    monkeypatch.setitem(finetune_chat.REWARDS, "contains", lambda arg: toy_reward)
+    init = toy_policy(tmp_path / "toy.pth")
+    whole = finetune_chat.main(rl_args(str(tmp_path / "a"), 4, init))
+    finetune_chat.main(rl_args(str(tmp_path / "b"), 3, init))  # stops inside a batch of rollouts (2 updates each)
+    resumed = finetune_chat.main(rl_args(str(tmp_path / "b"), 4, init) + ["--resume"])
+    a, b = whole["model"].state_dict(), resumed["model"].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["reward"] for r in whole["rows"]] == [r["reward"] for r in resumed["rows"]]
+
+
+def test_each_process_samples_prompts_of_its_own():
+    prompts = [[i] for i in range(40)]
+    cfg = {"ppo_epochs": 2, "minibatches": 1, "prompts_per_step": 4, "seed": 3}
+    units = finetune_chat.PromptUnits(prompts, cfg, world=2)
+    for step in range(len(units) // 2):
+        rank0, rank1 = units[2 * step], units[2 * step + 1]
+        assert rank0["rollout"] == rank1["rollout"] and not set(map(tuple, rank0["prompts"])) & set(
+            map(tuple, rank1["prompts"]))
+
+
+def test_reward_model_runs_end_to_end_and_is_refused_as_a_language_model(verdict, tmp_path):
+    out = str(tmp_path / "rm")
+    result = finetune_chat.main(["--method", "rm", "--init", "scratch", *tiny_flags(), "--context_length", "128",
+                                 "--data", PAIRS_FILE, "--max_steps", "3", "--out_dir", out, "--eval_freq", "100"])
+    ckpt = M.read_checkpoint(result["checkpoint"])
+    assert ckpt["kind"] == "reward" and ckpt["model"]["out_head.weight"].shape == (1, 32)
+    assert 0 <= result["metrics"]["after"]["test"]["accuracy"] <= 1
+    for main, args in ((generate_script.main, ["--checkpoint", result["checkpoint"], "--device", "cpu"]),
+                       (pretrain.main, pre(verdict) + ["--init", result["checkpoint"], "--out_dir", str(tmp_path / "p")])):
+        code, _, err = run_main(main, args)
+        assert_one_error_line(code, err, "reward model")
+
+
+# ===============================================================================================================
+# 7. Generation: the KV cache, sampling, generate.py, beam search, repetition penalty
+# ===============================================================================================================
+
+def test_cached_greedy_generation_equals_recomputation_even_past_the_context():
+    m = tiny_model()
+    x = torch.randint(0, 50257, (2, 7))
+    # 40 new tokens with a 32-token context: the window slides for the last 15 steps
+    cached = M.generate(m, x, 40, context_size=32)
+    plain = M.generate(m, x, 40, context_size=32, use_cache=False)
+    assert cached.shape == (2, 47)
+    assert torch.equal(cached, plain)
+    # the reference: the book's loop, cropping to the context and recomputing each step
+    idx = x
+    for _ in range(40):
+        with torch.no_grad():
+            logits = m(idx[:, -32:])[:, -1]
+        idx = torch.cat([idx, logits.argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(cached, idx)
+
+
+def test_long_prompt_is_left_cropped():
+    m = tiny_model()
+    long = torch.randint(0, 50257, (1, 50))
+    out = M.generate(m, long, 3, context_size=32)
+    assert out.shape == (1, 53) and torch.equal(out[:, :50], long)
+    assert torch.equal(M.generate(m, long[:, -32:], 3, context_size=32)[:, -3:], out[:, -3:])
+
+
+def test_generate_stops_at_eos_and_sampling_filters():
+    m = tiny_model()
+    x = torch.randint(0, 50257, (1, 5))
+    first = M.generate(m, x, 1)[0, -1].item()
+    assert M.generate(m, x, 10, eos_id=first).shape[1] == 6  # stops right after emitting eos
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.5]])
+    g = torch.Generator().manual_seed(0)
+    assert {M.sample_next_token(logits, 1.0, top_k=1, generator=g).item() for _ in range(20)} == {1}
+    # probabilities ~ [.09, .64, .24, .05]: top_p 0.7 keeps tokens 1 and 2 only
+    seen = {M.sample_next_token(logits, 1.0, top_p=0.7, generator=g).item() for _ in range(300)}
+    assert seen == {1, 2}
+    assert {M.sample_next_token(logits, 1.0, top_p=0.5, generator=g).item() for _ in range(50)} == {1}
+    with pytest.raises(ValueError):
+        M.sample_next_token(logits, -1.0)
+    with pytest.raises(ValueError):
+        M.sample_next_token(logits, 1.0, top_p=0.0)
+
+
+@slow
+def test_generate_cli_errors_and_probs(tmp_path):
+    m = tiny_model()
+    ckpt = M.save_checkpoint(str(tmp_path / "m.pth"), m)
+    proc = run_script("generate.py", "--checkpoint", str(tmp_path / "none.pth"))
+    assert_one_line_error(proc, "no checkpoint at", "python pretrain.py")
+    for flags, word in [(["--temperature", "-1"], "--temperature"), (["--top_p", "1.5"], "--top_p"),
+                        (["--top_k", "-2"], "--top_k"), (["--prompt", " "], "--prompt")]:
+        proc = run_script("generate.py", "--checkpoint", ckpt, *flags)
+        assert proc.returncode == 2 and word in proc.stderr.splitlines()[-1]
+    proc = run_script("generate.py", "--checkpoint", ckpt, "--prompt", "word " * 40)
+    assert_one_line_error(proc, "longer than the model's context of 32")
+    (tmp_path / "junk.pth").write_bytes(b"junk")
+    assert_one_line_error(run_script("generate.py", "--checkpoint", str(tmp_path / "junk.pth")), "cannot read")
+    proc = run_script("generate.py", "--checkpoint", ckpt, "--show_probs", "--probs_plot", str(tmp_path / "t.png"))
+    assert proc.returncode == 0 and "T=0.1" in proc.stdout
+    probs = [[float(v) for v in line.split()[-3:]] for line in proc.stdout.splitlines()[1:11]]
+    assert probs[0][1] > probs[0][0] > probs[0][2]  # low temperature sharpens, high flattens
+
+
+def test_stream_prints_the_same_text(tmp_path, capsys):
+    m = tiny_model()
+    ckpt = M.save_checkpoint(str(tmp_path / "m.pth"), m)
+    args = ["--checkpoint", ckpt, "--max_new_tokens", "12", "--device", "cpu"]
+    plain = generate_script.main(args)
+    streamed = generate_script.main(args + ["--stream"])
+    assert plain == streamed
+    assert capsys.readouterr().out.count(plain[0]) == 2
 
 
 def test_generate_n_heads_for_a_bare_state_dict_of_an_odd_width(tmp_path, capsys):
-    model = speed_tiny_model(vocab_size=256)  # width 32: no GPT-2 size, so its heads cannot be read off the shapes
+    model = tiny_model(vocab_size=256)  # width 32: no GPT-2 size, so its heads cannot be read off the shapes
     bare = str(tmp_path / "bare.pth")
     torch.save(model.state_dict(), bare)
     flags = ["--checkpoint", bare, "--prompt", "a", "--max_new_tokens", "3", "--temperature", "0", "--device", "cpu"]
-    with pytest.raises(CheckpointError, match=r"pass n_heads \(generate.py --n_heads\)"):
+    with pytest.raises(M.CheckpointError, match=r"pass n_heads \(generate.py --n_heads\)"):
         generate_script.main(flags)
-    with pytest.raises(CheckpointError, match="n_heads 5 does not divide emb_dim 32"):
+    with pytest.raises(M.CheckpointError, match="n_heads 5 does not divide emb_dim 32"):
         generate_script.main(flags + ["--n_heads", "5"])
     capsys.readouterr()
     generate_script.main(flags + ["--n_heads", "2"])
-    loaded, _ = load_model(bare, cfg_overrides={"n_heads": 2})
+    loaded, _ = M.load_model(bare, cfg_overrides={"n_heads": 2})
     idx = torch.randint(0, 256, (1, 6))
     with torch.no_grad():
         assert torch.equal(loaded(idx), model(idx))  # 2 heads, as it was trained: the same logits
-        assert not torch.allclose(load_model(bare, cfg_overrides={"n_heads": 4})[0](idx), model(idx))
-    with_config = save_checkpoint(str(tmp_path / "cfg.pth"), model)
-    with pytest.raises(UserError, match="has its own config with n_heads 2: drop --n_heads"):
+        assert not torch.allclose(M.load_model(bare, cfg_overrides={"n_heads": 4})[0](idx), model(idx))
+    with_config = M.save_checkpoint(str(tmp_path / "cfg.pth"), model)
+    with pytest.raises(settings.UserError, match="has its own config with n_heads 2: drop --n_heads"):
         generate_script.main(["--checkpoint", with_config, "--n_heads", "4", "--device", "cpu"])
-
-
-def test_generate_save_int8_writes_a_smaller_model_that_trains_nothing(tmp_path, capsys):
-    model = speed_tiny_model(vocab_size=256)
-    fp32 = save_checkpoint(str(tmp_path / "fp32.pth"), model, kind="sft", template="alpaca", step=7)
-    int8 = str(tmp_path / "int8.pth")
-    generate_script.main(["--checkpoint", fp32, "--quantize", "int8", "--save_int8", int8, "--device", "cpu"])
-    assert os.path.getsize(int8) < 0.5 * os.path.getsize(fp32)
-    loaded, ckpt = load_gpt2.load_pth(int8, int8_ok=True)
-    # the other entries survive (generate.py --chat reads the template), and the weights are the quantized ones
-    assert (ckpt["kind"], ckpt["template"], ckpt["step"], ckpt["quantize"]) == ("sft", "alpaca", 7, "int8")
-    idx = torch.randint(0, 256, (1, 10))
-    with torch.no_grad():
-        assert torch.equal(loaded(idx), quantize_int8(model)(idx))
-    with pytest.raises(SystemExit) as e:
-        generate_script.main(["--checkpoint", fp32, "--save_int8", int8])
-    assert e.value.code == 2 and "--save_int8 writes int8 weights: add --quantize int8" in capsys.readouterr().err
-    # the training scripts start from float weights only
-    with pytest.raises(UserError, match="holds int8 weights"):
-        init_model(int8)
-    assert isinstance(init_model(int8, int8_ok=True)[0].out_head, Int8Linear)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1921,11 +3093,11 @@ def brute_force_best(model, prompt, max_new, eos_id, length_penalty):
 
 @pytest.mark.parametrize("eos_id,length_penalty", [(None, 1.0), (0, 1.0), (0, 0.0), (0, 2.0), (3, -1.0)])
 def test_beam_search_finds_brute_force_best(eos_id, length_penalty):
-    model = speed_tiny_model(seed=1, vocab_size=6)
+    model = tiny_model(seed=1, vocab_size=6)
     prompt = torch.tensor([[1, 2, 3]])
     want = brute_force_best(model, prompt, 3, eos_id, length_penalty)
     # 6 ** 3 beams keep every continuation alive: the search is exhaustive, so it must find the best one
-    got = generate_beam(model, prompt, 3, num_beams=216, eos_id=eos_id, length_penalty=length_penalty)
+    got = generate_script.generate_beam(model, prompt, 3, num_beams=216, eos_id=eos_id, length_penalty=length_penalty)
     assert got[0, 3:].tolist() == want
 
 
@@ -1934,31 +3106,32 @@ def test_beam_search_weighs_finished_against_complete_beams(seed):
     # 6 beams over 6 tokens for 2 new tokens: the best sequence is always among the 2 * 6 candidates of the last
     # step, so the search must return the brute-force best. With seed 8 the finished (eos) hypotheses fill all 6
     # places by then, and the complete beams of max_new_tokens still have to be compared with them.
-    model = speed_tiny_model(seed=seed, vocab_size=6)
+    model = tiny_model(seed=seed, vocab_size=6)
     prompt = torch.tensor([[2, 5]])
     want = brute_force_best(model, prompt, 2, 0, 1.0)
-    assert generate_beam(model, prompt, 2, num_beams=6, eos_id=0, length_penalty=1.0)[0, 2:].tolist() == want
+    got = generate_script.generate_beam(model, prompt, 2, num_beams=6, eos_id=0, length_penalty=1.0)
+    assert got[0, 2:].tolist() == want
 
 
 def test_one_beam_equals_greedy():
-    model = speed_tiny_model(seed=3)
+    model = tiny_model(seed=3)
     for prompt in (torch.tensor([[5, 6, 7]]), torch.randint(0, 50257, (1, 20))):
         # 30 new tokens slide the window past context_length 32 for the longer prompt: the uncached path runs too
-        assert torch.equal(generate_beam(model, prompt, 30, num_beams=1), generate(model, prompt, 30))
-    small = speed_tiny_model(seed=4, vocab_size=5)
+        assert torch.equal(generate_script.generate_beam(model, prompt, 30, num_beams=1), M.generate(model, prompt, 30))
+    small = tiny_model(seed=4, vocab_size=5)
     prompt = torch.tensor([[1]])
-    eos = generate(small, prompt, 1)[0, 1].item()  # the greedy first token, used as end-of-text: stop at once
-    assert torch.equal(generate_beam(small, prompt, 5, 1, eos_id=eos, length_penalty=0.0),
-                       generate(small, prompt, 5, eos_id=eos))
+    eos = M.generate(small, prompt, 1)[0, 1].item()  # the greedy first token, used as end-of-text: stop at once
+    assert torch.equal(generate_script.generate_beam(small, prompt, 5, 1, eos_id=eos, length_penalty=0.0),
+                       M.generate(small, prompt, 5, eos_id=eos))
 
 
 def test_beam_search_rejects_bad_input():
-    model = speed_tiny_model()
+    model = tiny_model()
     with pytest.raises(ValueError, match="one prompt"):
-        generate_beam(model, torch.zeros(2, 3, dtype=torch.long), 2, 2)
+        generate_script.generate_beam(model, torch.zeros(2, 3, dtype=torch.long), 2, 2)
     with pytest.raises(ValueError, match="num_beams"):
-        generate_beam(model, torch.zeros(1, 3, dtype=torch.long), 2, 0)
-    assert generate_beam(model, torch.zeros(1, 3, dtype=torch.long), 0, 2).shape == (1, 3)
+        generate_script.generate_beam(model, torch.zeros(1, 3, dtype=torch.long), 2, 0)
+    assert generate_script.generate_beam(model, torch.zeros(1, 3, dtype=torch.long), 0, 2).shape == (1, 3)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1968,39 +3141,205 @@ def test_beam_search_rejects_bad_input():
 def test_repetition_penalty_rule():
     logits = torch.tensor([[2.0, -1.0, 0.5, 3.0]])
     seen = torch.tensor([[0, 1, 1]])  # tokens 0 and 1 occurred (1 twice: penalized once)
-    out = apply_repetition_penalty(logits, seen, 2.0)
+    out = M.apply_repetition_penalty(logits, seen, 2.0)
     assert out.tolist() == [[1.0, -2.0, 0.5, 3.0]]  # positive / 2, negative * 2, unseen unchanged
-    assert torch.equal(apply_repetition_penalty(logits, seen, 1.0), logits)
+    assert torch.equal(M.apply_repetition_penalty(logits, seen, 1.0), logits)
     probs = torch.softmax(out, -1)[0]
     assert probs[0] < torch.softmax(logits, -1)[0, 0] and probs[3] > torch.softmax(logits, -1)[0, 3]
     with pytest.raises(ValueError):
-        apply_repetition_penalty(logits, seen, 0.0)
+        M.apply_repetition_penalty(logits, seen, 0.0)
 
 
 def test_repetition_penalty_in_sampling_and_generate():
     logits = torch.tensor([[3.0, 2.9, 0.0]])
-    assert sample_next_token(logits).item() == 0
-    assert sample_next_token(logits, prev_ids=torch.tensor([[0]]), repetition_penalty=1.5).item() == 1
-    assert sample_next_token(logits, prev_ids=torch.tensor([[0]])).item() == 0  # default 1.0 = off
-    model = speed_tiny_model(seed=5, vocab_size=8)
+    assert M.sample_next_token(logits).item() == 0
+    assert M.sample_next_token(logits, prev_ids=torch.tensor([[0]]), repetition_penalty=1.5).item() == 1
+    assert M.sample_next_token(logits, prev_ids=torch.tensor([[0]])).item() == 0  # default 1.0 = off
+    model = tiny_model(seed=5, vocab_size=8)
     prompt = torch.tensor([[1, 2]])
-    plain = generate(model, prompt, 8)
-    assert torch.equal(plain, generate(model, prompt, 8, repetition_penalty=1.0))
-    penalized = generate(model, prompt, 8, repetition_penalty=3.0)
+    plain = M.generate(model, prompt, 8)
+    assert torch.equal(plain, M.generate(model, prompt, 8, repetition_penalty=1.0))
+    penalized = M.generate(model, prompt, 8, repetition_penalty=3.0)
     assert not torch.equal(penalized, plain)
     # every step picks the argmax of the penalized logits, with the whole sequence so far (prompt included) as seen
     with torch.no_grad():
         for t in range(2, penalized.shape[1]):
             logits = model(penalized[:, :t])[:, -1]
-            assert penalized[0, t] == apply_repetition_penalty(logits, penalized[:, :t], 3.0).argmax()
+            assert penalized[0, t] == M.apply_repetition_penalty(logits, penalized[:, :t], 3.0).argmax()
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# bench.py
+# Prompts from standard input or a file
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_prompt_from_stdin_and_from_a_file(tmp_path, monkeypatch):
+    path = M.save_checkpoint(str(tmp_path / "lm.pth"), tiny_model())
+    base = ["--checkpoint", path, "--temperature", "0", "--max_new_tokens", "4", "--device", "cpu"]
+    direct = generate_script.main(base + ["--prompt", "Once upon a time"])
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"Once upon a time")))
+    assert generate_script.main(base + ["--prompt", "-"]) == direct
+    (tmp_path / "p.txt").write_text("Once upon a time")
+    assert generate_script.main(base + ["--prompt_file", str(tmp_path / "p.txt")]) == direct
+    (tmp_path / "empty.txt").write_text("  \n")
+    code, _, err = run_main(generate_script.main, base + ["--prompt_file", str(tmp_path / "empty.txt")])
+    assert_one_error_line(code, err, "empty")
+
+
+# ===============================================================================================================
+# 8. Speed: int8 weights, the decoding layout, bench.py
+# ===============================================================================================================
+
+def test_int8_linear_matches_per_channel_rounding():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48)
+    q = layers.Int8Linear.from_linear(linear)
+    assert q.weight.dtype == torch.int8 and q.weight_scale.shape == (48,)
+    # symmetric per-row scales: the largest |w| of each row maps to +-127, every weight is off by at most scale / 2
+    assert (q.weight.abs().amax(dim=1) == 127).all()
+    dequant = q.weight.float() * q.weight_scale[:, None]
+    assert ((dequant - linear.weight).abs() <= q.weight_scale[:, None] / 2 + 1e-7).all()
+    x = torch.randn(4, 10, 64)  # many rows: the int8 weights are converted to float, exact up to float rounding
+    assert torch.allclose(q(x), torch.nn.functional.linear(x, dequant, linear.bias), atol=1e-4)
+    x = torch.randn(1, 1, 64)  # one row (decoding): the int8 kernel with bf16 activations, ~0.3 % off
+    ref = torch.nn.functional.linear(x, dequant, linear.bias)
+    assert q(x).shape == (1, 1, 48) and ((q(x) - ref).norm() / ref.norm()).item() < 1e-2
+
+
+def test_int8_logits_close_to_fp32():
+    model = tiny_model()
+    idx = torch.randint(0, TINY["vocab_size"], (2, 16))
+    with torch.no_grad():
+        ref = model(idx)
+        out = layers.quantize_int8(model)(idx)
+    assert all(type(m) is not torch.nn.Linear for m in model.modules())
+    # Each weight moves by at most half a step (max|row| / 254), i.e. ~0.4 % of its row's largest weight; through
+    # two blocks that gives logit errors around 1 % of the logits' spread. 5 % of the spread is a loose bound that a
+    # wrong scale (per tensor instead of per row, a transposed scale, a missing bias) breaks by far.
+    err = (out - ref).abs().max().item()
+    assert err < 0.05 * ref.std().item(), err
+    assert (out.argmax(-1) == ref.argmax(-1)).float().mean() > 0.95
+
+
+def test_int8_checkpoint_round_trip_is_smaller(tmp_path):
+    model = tiny_model(vocab_size=256)  # small vocabulary: the Linear layers hold most of the weights
+    fp32_path = M.save_checkpoint(tmp_path / "fp32.pth", model)
+    layers.quantize_int8(model)
+    int8_path = M.save_checkpoint(tmp_path / "int8.pth", model, quantize="int8")
+    assert os.path.getsize(int8_path) < 0.5 * os.path.getsize(fp32_path)
+    loaded, ckpt = load_gpt2.load_pth(str(int8_path), int8_ok=True)
+    assert isinstance(loaded.out_head, layers.Int8Linear) and ckpt["quantize"] == "int8"
+    idx = torch.randint(0, 256, (1, 10))
+    with torch.no_grad():
+        assert torch.equal(loaded(idx), model(idx))
+    # greedy decoding runs on int8 weights with the KV cache and matches recomputation
+    assert torch.equal(M.generate(loaded, idx, 5), M.generate(loaded, idx, 5, use_cache=False))
+
+
+def test_int8_checkpoint_with_tied_weights(tmp_path):
+    model = layers.quantize_int8(tiny_model(tie_weights=True))
+    path = M.save_checkpoint(tmp_path / "int8.pth", model)  # bare of extras: recognised by its weight_scale keys
+    loaded, _ = load_gpt2.load_pth(str(path), int8_ok=True)
+    idx = torch.randint(0, TINY["vocab_size"], (1, 10))
+    with torch.no_grad():
+        assert torch.equal(loaded(idx), model(idx))
+    assert loaded.tok_emb.weight.dtype == torch.float32 and loaded.out_head.weight.dtype == torch.int8
+
+
+def test_generate_save_int8_writes_a_smaller_model_that_trains_nothing(tmp_path, capsys):
+    model = tiny_model(vocab_size=256)
+    fp32 = M.save_checkpoint(str(tmp_path / "fp32.pth"), model, kind="sft", template="alpaca", step=7)
+    int8 = str(tmp_path / "int8.pth")
+    generate_script.main(["--checkpoint", fp32, "--quantize", "int8", "--save_int8", int8, "--device", "cpu"])
+    assert os.path.getsize(int8) < 0.5 * os.path.getsize(fp32)
+    loaded, ckpt = load_gpt2.load_pth(int8, int8_ok=True)
+    # the other entries survive (generate.py --chat reads the template), and the weights are the quantized ones
+    assert (ckpt["kind"], ckpt["template"], ckpt["step"], ckpt["quantize"]) == ("sft", "alpaca", 7, "int8")
+    idx = torch.randint(0, 256, (1, 10))
+    with torch.no_grad():
+        assert torch.equal(loaded(idx), layers.quantize_int8(model)(idx))
+    with pytest.raises(SystemExit) as e:
+        generate_script.main(["--checkpoint", fp32, "--save_int8", int8])
+    assert e.value.code == 2 and "--save_int8 writes int8 weights: add --quantize int8" in capsys.readouterr().err
+    # the training scripts start from float weights only
+    with pytest.raises(settings.UserError, match="holds int8 weights"):
+        load_gpt2.init_model(int8)
+    assert isinstance(load_gpt2.init_model(int8, int8_ok=True)[0].out_head, layers.Int8Linear)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The decoding weight layout
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_decoding_layout_changes_memory_order_only():
+    model = tiny_model()
+    idx = torch.randint(0, TINY["vocab_size"], (1, 12))
+    with torch.no_grad():
+        before_logits = model(idx)
+    before_text = M.generate(model, idx, 8)
+    before_sd = {k: v.clone() for k, v in model.state_dict().items()}
+    assert layers.optimize_for_decoding(model) is model
+    # layers with in <= out (32 -> 32, 32 -> 128, 32 -> vocab) now hold (in, out) memory; 128 -> 32 keeps its order
+    assert model.out_head.weight.stride() == (1, TINY["vocab_size"])
+    assert model.trf_blocks[0].ff.layers[0].weight.stride() == (1, 128)
+    assert model.trf_blocks[0].att.W_query.weight.stride() == (1, 32)
+    assert model.trf_blocks[0].ff.layers[2].weight.is_contiguous()
+    assert all(type(m) is layers.DecodingLinear for m in model.modules() if isinstance(m, torch.nn.Linear))
+    before_threads = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):  # 1: plain F.linear; 2: every layer split; 3: 32 and 128 don't split in 3 parts
+            torch.set_num_threads(threads)
+            with torch.no_grad():
+                assert torch.allclose(model(idx), before_logits, atol=1e-5)  # 12 rows: the split path
+                assert torch.allclose(model(idx[:, :1]), before_logits[:, :1], atol=1e-5)
+            assert torch.equal(M.generate(model, idx, 8), before_text)
+    finally:
+        torch.set_num_threads(before_threads)
+    # the state_dict has the same keys, shapes and values, and loads into a fresh model
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    assert saved.keys() == before_sd.keys() and all(torch.equal(saved[k], before_sd[k]) for k in saved)
+    fresh = M.GPTModel(TINY).eval()
+    fresh.load_state_dict(saved)
+    with torch.no_grad():
+        assert torch.allclose(fresh(idx), before_logits, atol=1e-5)
+
+
+def test_decoding_linear_splits_match_f_linear():
+    torch.manual_seed(2)
+    before_threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        for in_f, out_f, bias in ((64, 48, True), (48, 64, False), (64, 37, True)):  # 37: only the input splits
+            layer = torch.nn.Linear(in_f, out_f, bias=bias)
+            fast = layers.optimize_for_decoding(torch.nn.Sequential(torch.nn.Linear(in_f, out_f, bias=bias)))[0]
+            fast.load_state_dict(layer.state_dict())  # copies the values, keeps fast's memory order
+            assert isinstance(fast, layers.DecodingLinear)
+            for shape in ((1, in_f), (3, 1, in_f), (1, 16, in_f), (2, 20, in_f)):  # 40 rows: plain F.linear
+                x = torch.randn(*shape)
+                assert torch.allclose(fast(x), layer(x), atol=1e-5), (in_f, out_f, shape)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                x = torch.randn(1, in_f)
+                assert torch.equal(fast(x), layer(x)) and fast(x).dtype == torch.bfloat16  # autocast: plain F.linear
+    finally:
+        torch.set_num_threads(before_threads)
+
+
+def test_decoding_layout_with_tied_weights():
+    model = tiny_model(1, tie_weights=True)
+    idx = torch.randint(0, TINY["vocab_size"], (1, 6))
+    before = M.generate(model, idx, 6)
+    layers.optimize_for_decoding(model)
+    assert model.out_head.weight is model.tok_emb.weight  # still one shared tensor
+    assert torch.equal(M.generate(model, idx, 6), before)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bench.py and the allocator setting it relies on
 # ---------------------------------------------------------------------------------------------------------------
 
 def test_bench_runs_and_writes_json(tmp_path):
-    import bench
     out = tmp_path / "bench.json"
     result = bench.main(["--size", "tiny", "--context_length", "32", "--steps", "1", "--repeats", "1",
                          "--decode_tokens", "3", "--prompt_tokens", "4", "--matmul_size", "64",
@@ -2020,7 +3359,6 @@ def test_bench_runs_and_writes_json(tmp_path):
 
 
 def test_bench_rejects_bad_settings():
-    import bench
     with pytest.raises(SystemExit) as e:
         bench.main(["--size", "gpt3"])
     assert e.value.code == 2
@@ -2028,83 +3366,7 @@ def test_bench_rejects_bad_settings():
         bench.main(["--context_length", "16", "--prompt_tokens", "10", "--decode_tokens", "10"])
 
 
-# -----------------------------------------------------------------------------------------------------
-# Speed: the decoding weight layout
-# -----------------------------------------------------------------------------------------------------
-
-
-DECODE_TINY = dict(GPT_CONFIG_124M, n_layers=2, n_heads=2, emb_dim=32, context_length=32, drop_rate=0.0)
-
-
-def test_decoding_layout_changes_memory_order_only():
-    torch.manual_seed(0)
-    model = GPTModel(DECODE_TINY).eval()
-    idx = torch.randint(0, DECODE_TINY["vocab_size"], (1, 12))
-    with torch.no_grad():
-        before_logits = model(idx)
-    before_text = generate(model, idx, 8)
-    before_sd = {k: v.clone() for k, v in model.state_dict().items()}
-    assert optimize_for_decoding(model) is model
-    # layers with in <= out (32 -> 32, 32 -> 128, 32 -> vocab) now hold (in, out) memory; 128 -> 32 keeps its order
-    assert model.out_head.weight.stride() == (1, DECODE_TINY["vocab_size"])
-    assert model.trf_blocks[0].ff.layers[0].weight.stride() == (1, 128)
-    assert model.trf_blocks[0].att.W_query.weight.stride() == (1, 32)
-    assert model.trf_blocks[0].ff.layers[2].weight.is_contiguous()
-    assert all(type(m) is DecodingLinear for m in model.modules() if isinstance(m, torch.nn.Linear))
-    before_threads = torch.get_num_threads()
-    try:
-        for threads in (1, 2, 3):  # 1: plain F.linear; 2: every layer split; 3: 32 and 128 don't split in 3 parts
-            torch.set_num_threads(threads)
-            with torch.no_grad():
-                assert torch.allclose(model(idx), before_logits, atol=1e-5)  # 12 rows: the split path
-                assert torch.allclose(model(idx[:, :1]), before_logits[:, :1], atol=1e-5)
-            assert torch.equal(generate(model, idx, 8), before_text)
-    finally:
-        torch.set_num_threads(before_threads)
-    # the state_dict has the same keys, shapes and values, and loads into a fresh model
-    buf = io.BytesIO()
-    torch.save(model.state_dict(), buf)
-    buf.seek(0)
-    saved = torch.load(buf, weights_only=True)
-    assert saved.keys() == before_sd.keys() and all(torch.equal(saved[k], before_sd[k]) for k in saved)
-    fresh = GPTModel(DECODE_TINY).eval()
-    fresh.load_state_dict(saved)
-    with torch.no_grad():
-        assert torch.allclose(fresh(idx), before_logits, atol=1e-5)
-
-
-def test_decoding_linear_splits_match_f_linear():
-    torch.manual_seed(2)
-    before_threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        for in_f, out_f, bias in ((64, 48, True), (48, 64, False), (64, 37, True)):  # 37: only the input splits
-            layer = torch.nn.Linear(in_f, out_f, bias=bias)
-            fast = optimize_for_decoding(torch.nn.Sequential(torch.nn.Linear(in_f, out_f, bias=bias)))[0]
-            fast.load_state_dict(layer.state_dict())  # copies the values, keeps fast's memory order
-            assert isinstance(fast, DecodingLinear)
-            for shape in ((1, in_f), (3, 1, in_f), (1, 16, in_f), (2, 20, in_f)):  # 40 rows: plain F.linear
-                x = torch.randn(*shape)
-                assert torch.allclose(fast(x), layer(x), atol=1e-5), (in_f, out_f, shape)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                x = torch.randn(1, in_f)
-                assert torch.equal(fast(x), layer(x)) and fast(x).dtype == torch.bfloat16  # autocast: plain F.linear
-    finally:
-        torch.set_num_threads(before_threads)
-
-
-def test_decoding_layout_with_tied_weights():
-    torch.manual_seed(1)
-    model = GPTModel(dict(DECODE_TINY, tie_weights=True)).eval()
-    idx = torch.randint(0, DECODE_TINY["vocab_size"], (1, 6))
-    before = generate(model, idx, 6)
-    optimize_for_decoding(model)
-    assert model.out_head.weight is model.tok_emb.weight  # still one shared tensor
-    assert torch.equal(generate(model, idx, 6), before)
-
-
 def test_bench_reports_both_decode_layouts(tmp_path):
-    import bench
     out = tmp_path / "bench.json"
     bench.main(["--size", "tiny", "--context_length", "32", "--steps", "0", "--repeats", "1", "--decode_tokens", "3",
                 "--prompt_tokens", "4", "--matmul_size", "64", "--bandwidth_mib", "1", "--compare", "off",
@@ -2114,28 +3376,21 @@ def test_bench_reports_both_decode_layouts(tmp_path):
     assert "train_fp32_tok_s" not in results and "decode_int8_cache_tok_s" not in results
 
 
-# -----------------------------------------------------------------------------------------------------
-# Speed: bench.py's idle wait and ceiling
-# -----------------------------------------------------------------------------------------------------
-
-
-def test_last_only_logits_are_the_last_row():
-    torch.manual_seed(0)
-    model = GPTModel(DECODE_TINY).eval()
-    idx = torch.randint(0, DECODE_TINY["vocab_size"], (2, 10))
-    with torch.no_grad():
-        full = model(idx)
-        last = model(idx, last_only=True)
-        assert last.shape == (2, 1, DECODE_TINY["vocab_size"])
-        assert torch.allclose(last, full[:, -1:], atol=1e-5)
-        cache = KVCache(model, 2)
-        model(idx[:, :6], kv_cache=cache, last_only=True)  # the cache still gets every position's keys and values
-        assert cache.pos == 6
-        assert torch.allclose(model(idx[:, 6:], kv_cache=cache, last_only=True), full[:, -1:], atol=1e-5)
+def test_bench_waits_for_idle_cpus_and_counts_runs(tmp_path):
+    share = bench.others_cpu_share(0.05)
+    assert 0.0 <= share <= 1.0
+    out = tmp_path / "bench.json"
+    bench.main(["--size", "tiny", "--context_length", "32", "--steps", "1", "--repeats", "1", "--decode_tokens", "3",
+                "--prompt_tokens", "4", "--matmul_size", "64", "--bandwidth_mib", "1", "--compare", "off",
+                "--int8", "false", "--bf16", "off", "--compile", "off", "--wait_idle", "0.1", "--json", str(out)])
+    machine = json.loads(out.read_text())["machine"]
+    # 3 matmul sizes + read + copy, 1 training step, 2 timings (1 and n tokens) for each of 3 decode entries, prefill
+    assert machine["timed_runs"] == 5 + 1 + 3 * 2 + 1
+    assert 0 <= machine["timed_runs_on_busy_cpus"] <= machine["timed_runs"]
+    assert machine["load_average_before"] is None or machine["load_average_before"] >= 0
 
 
 def test_keep_freed_memory_stops_big_buffers_from_going_back_to_the_system():
-    import ctypes
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallinfo2
@@ -2157,125 +3412,87 @@ def test_keep_freed_memory_stops_big_buffers_from_going_back_to_the_system():
     assert mmapped_growth_mib() == 0  # taken from the heap, whose freed memory stays for the next step
 
 
-def test_bench_waits_for_idle_cpus_and_counts_runs(tmp_path):
-    import bench
-    share = bench.others_cpu_share(0.05)
-    assert 0.0 <= share <= 1.0
-    out = tmp_path / "bench.json"
-    bench.main(["--size", "tiny", "--context_length", "32", "--steps", "1", "--repeats", "1", "--decode_tokens", "3",
-                "--prompt_tokens", "4", "--matmul_size", "64", "--bandwidth_mib", "1", "--compare", "off",
-                "--int8", "false", "--bf16", "off", "--compile", "off", "--wait_idle", "0.1", "--json", str(out)])
-    machine = json.loads(out.read_text())["machine"]
-    # 3 matmul sizes + read + copy, 1 training step, 2 timings (1 and n tokens) for each of 3 decode entries, prefill
-    assert machine["timed_runs"] == 5 + 1 + 3 * 2 + 1
-    assert 0 <= machine["timed_runs_on_busy_cpus"] <= machine["timed_runs"]
-    assert machine["load_average_before"] is None or machine["load_average_before"] >= 0
+# ===============================================================================================================
+# 9. Distributed: DDP and FSDP over 2 gloo processes, started the way torchrun starts them
+# ===============================================================================================================
 
-
-# -----------------------------------------------------------------------------------------------------
-# Several processes: DDP, FSDP, --dry_run, dtype, tied weights, gradient accumulation
-# -----------------------------------------------------------------------------------------------------
-sys.path.insert(0, HERE)
-
-
-VERDICT = os.path.join(HERE, "..", "shared", "data", "the-verdict.txt")
-DIST_TINY = ["--data", VERDICT, "--n_layers", "2", "--n_heads", "2", "--emb_dim", "32", "--context_length", "32",
-        "--drop_rate", "0", "--sample_tokens", "0", "--eval_freq", "100", "--eval_iters", "1", "--epochs", "1",
-        "--device", "cpu", "--dtype", "float32"]
-
-
-def run(out_dir, *extra):
-    return pretrain.main(DIST_TINY + ["--out_dir", str(out_dir), *extra])
-
-
-def weights(path):
-    return read_checkpoint(str(path))["model"]
-
-
-def max_diff(a, b):
-    assert a.keys() == b.keys()
-    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Several processes: torch.multiprocessing starts 2 gloo processes the way torchrun does (same environment)
-# ---------------------------------------------------------------------------------------------------------------
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank, world, port, runs, log_prefix):
-    """One process of a torchrun-like launch: runs pretrain.main for each (argv, out_dir) and keeps a copy of each
-    run's model.pth as model_<i>.pth; its stdout goes to log_prefix.<rank>."""
+def distributed_worker(rank, world, port, runs, log_prefix):
+    """One process of a torchrun-like launch (the same environment variables): calls main(argv) for each
+    (main, argv, keep) of runs, and on rank 0 then copies keep = (file, copy) if given; stdout goes to
+    log_prefix.<rank>."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     sys.stdout = open(f"{log_prefix}.{rank}", "w", buffering=1)
-    for i, (argv, out_dir) in enumerate(runs):
-        pretrain.main(argv)
-        if rank == 0 and "--dry_run" not in argv:
-            shutil.copy(os.path.join(out_dir, "model.pth"), os.path.join(out_dir, f"model_{i}.pth"))
+    for main, argv, keep in runs:
+        main(argv)
+        if rank == 0 and keep:
+            shutil.copy(*keep)
     sys.stdout.flush()
 
 
-def test_ddp_and_fsdp_match_one_process_and_resume(tmp_path):
+def run_two_processes(runs, log_prefix):
+    """distributed_worker in 2 processes, forked: they start with torch, the optimizer and matplotlib already
+    imported, where a spawned process would import them again."""
+    torch.multiprocessing.start_processes(distributed_worker, args=(2, free_port(), runs, log_prefix), nprocs=2,
+                                          join=True, start_method="fork")
+
+
+@slow
+def test_ddp_and_fsdp_match_one_process_and_resume(tmp_path, verdict):
     # one process, batch 4: 2 steps, then resumed to 4
     one = tmp_path / "one"
-    run(one, "--batch_size", "4", "--max_steps", "2")
+    run_pretrain(verdict, one, "--batch_size", "4", "--max_steps", "2")
     one_2 = weights(one / "model.pth")
-    run(one, "--batch_size", "4", "--max_steps", "4", "--resume")
+    run_pretrain(verdict, one, "--batch_size", "4", "--max_steps", "4", "--resume")
     one_4 = weights(one / "model.pth")
 
     # two processes, batch 2 each (same global batch): DDP and FSDP, each 2 steps then resumed to 4
     ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
     runs = []
     for out, flags in ((ddp, []), (fsdp, ["--fsdp"])):
-        base = DIST_TINY + ["--out_dir", str(out), "--batch_size", "2"] + flags
-        runs += [(base + ["--max_steps", "2"], out), (base + ["--max_steps", "4", "--resume"], out)]
-    runs.append((DIST_TINY + ["--out_dir", str(tmp_path / "dry"), "--batch_size", "2", "--dry_run"], None))
+        base = short_pretrain_flags(verdict) + ["--out_dir", str(out), "--batch_size", "2"] + flags
+        for steps in (["--max_steps", "2"], ["--max_steps", "4", "--resume"]):  # run i keeps model_<i>.pth
+            runs.append((pretrain.main, base + steps, (out / "model.pth", out / f"model_{len(runs)}.pth")))
+    dry_run = short_pretrain_flags(verdict) + ["--out_dir", str(tmp_path / "dry"), "--batch_size", "2", "--dry_run"]
+    runs.append((pretrain.main, dry_run, None))
     log = str(tmp_path / "stdout")
-    # fork: the processes start with torch, the optimizer and matplotlib already imported (saves ~10 s a process)
-    torch.multiprocessing.start_processes(_worker, args=(2, _free_port(), runs, log), nprocs=2, join=True,
-                                          start_method="fork")
+    run_two_processes(runs, log)
 
     for out, first in ((ddp, 0), (fsdp, 2)):  # model_<i>.pth: what run i of the list wrote
         assert max_diff(weights(out / f"model_{first}.pth"), one_2) < 1e-5, out
         assert max_diff(weights(out / f"model_{first + 1}.pth"), one_4) < 1e-5, out
-        state = read_checkpoint(str(out / trainer.TRAIN_STATE))
+        state = M.read_checkpoint(str(out / trainer.TRAIN_STATE))
         assert state["step"] == 4 and state["world_size"] == 2 and len(state["rng_per_process"]) == 2
         assert not [k for k in state["model"] if k.startswith(("module.", "_orig_mod."))]
     # the same samples per step: the logs count the same global tokens
-    assert read_checkpoint(str(ddp / trainer.TRAIN_STATE))["tokens_seen"] == \
-        read_checkpoint(str(one / trainer.TRAIN_STATE))["tokens_seen"]
+    assert M.read_checkpoint(str(ddp / trainer.TRAIN_STATE))["tokens_seen"] == \
+        M.read_checkpoint(str(one / trainer.TRAIN_STATE))["tokens_seen"]
 
     printed = open(log + ".0").read()
-    assert printed.count("DDP over 2 processes (gloo)") == 2  # the start-up line, once per run
+    assert printed.count("DDP over 2 processes (gloo)") == 3  # the first line of each of the three runs
     assert printed.count("FSDP over 2 processes (gloo)") == 2
     assert "2 processes" in printed and "--dry_run" in printed
     assert open(log + ".1").read() == ""  # rank 1 prints nothing
     assert not (tmp_path / "dry").exists()
 
     # a checkpoint of 2 processes cannot be resumed by 1
-    with pytest.raises(UserError, match="written by 2 processes"):
-        run(ddp, "--batch_size", "4", "--max_steps", "6", "--resume")
+    with pytest.raises(settings.UserError, match="written by 2 processes"):
+        run_pretrain(verdict, ddp, "--batch_size", "4", "--max_steps", "6", "--resume")
 
 
-def test_fsdp_without_torchrun_is_a_clear_error(tmp_path):
-    with pytest.raises(UserError, match="torchrun --nproc_per_node"):
-        run(tmp_path, "--fsdp", "--max_steps", "1")
+def test_fsdp_without_torchrun_is_a_clear_error(tmp_path, verdict):
+    with pytest.raises(settings.UserError, match="torchrun --nproc_per_node"):
+        run_pretrain(verdict, tmp_path, "--fsdp", "--max_steps", "1")
 
 
 def test_distributed_sampler_deals_out_the_one_process_order():
     # the sampler of process r takes every 2nd window of the permutation one process draws for (seed, epoch)
-    from torch.utils.data import DistributedSampler, RandomSampler
-    data = list(range(11))
-    one = list(RandomSampler(data, generator=torch.Generator().manual_seed(7 * 1000 + 3)))
+    items = list(range(11))
+    one = list(RandomSampler(items, generator=torch.Generator().manual_seed(7 * 1000 + 3)))
     shares = []
     for r in range(2):
-        s = DistributedSampler(data, num_replicas=2, rank=r, shuffle=True, seed=7 * 1000, drop_last=True)
+        s = DistributedSampler(items, num_replicas=2, rank=r, shuffle=True, seed=7 * 1000, drop_last=True)
         s.set_epoch(3)
         shares.append(list(s))
     assert shares[0] == one[0:10:2] and shares[1] == one[1:10:2]
@@ -2283,207 +3500,25 @@ def test_distributed_sampler_deals_out_the_one_process_order():
     assert trainer.world_size() == 1 and trainer.is_main_process() and trainer.describe_distributed({}) == ""
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# --dry_run and the memory estimate
-# ---------------------------------------------------------------------------------------------------------------
-
-def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
-    out = tmp_path / "run"
-    got = run(out, "--dry_run", "--batch_size", "2", "--grad_accum_steps", "3")
-    text = capsys.readouterr().out
-    assert not out.exists()
-    for word in ("parameters", "trainable", "weights", "gradients", "AdamW state", "activations",
-                 "tokens per step", "steps per epoch"):
-        assert word in text
-    cfg = settings.get_config(pretrain.DEFAULTS, DIST_TINY + ["--batch_size", "2"])
-    model = GPTModel(trainer.model_config(cfg))
-    train_loader, _ = pretrain.make_loaders(data.token_cache(VERDICT).tokens, cfg)
-    assert got["total_params"] == got["trainable_params"] == count_parameters(model)
-    assert got["tokens_per_step"] == 2 * 32 * 3
-    assert got["steps_per_epoch"] == len(train_loader) // 3
-    assert got["weights"] == 4 * count_parameters(model) and got["optimizer"] == 2 * got["gradients"]
-
-
-def test_memory_estimate_scales_as_it_should():
-    cfg = trainer.model_config(settings.get_config(pretrain.DEFAULTS, DIST_TINY))
-    est = lambda **kw: trainer.estimate_memory(cfg, **{"batch_size": 2, "context_length": 32, **kw})  # noqa: E731
-    base = est()
-    assert est(batch_size=4)["activations"] == 2 * base["activations"]
-    assert est(batch_size=4)["weights"] == base["weights"]
-    assert est(dtype=torch.bfloat16)["activations"] < base["activations"]
-    frozen = est(trainable_params=1000, trainable_layers=1)
-    assert frozen["optimizer"] == 8000 and frozen["activations"] < base["activations"]
-    sharded = est(world_size=4, fsdp=True)
-    assert sharded["optimizer"] == base["optimizer"] // 4 and sharded["total"] < base["total"]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# One process: bf16 autocast, tied weights, gradient accumulation
-# ---------------------------------------------------------------------------------------------------------------
-
-def test_bfloat16_trains_close_to_float32(tmp_path):
-    fp32 = run(tmp_path / "fp32", "--max_steps", "4", "--lr", "2e-3")
-    bf16 = run(tmp_path / "bf16", "--max_steps", "4", "--lr", "2e-3", "--dtype", "bfloat16")
-    w32, w16 = weights(tmp_path / "fp32" / "model.pth"), weights(tmp_path / "bf16" / "model.pth")
-    assert all(v.dtype == torch.float32 for v in w16.values())  # autocast keeps fp32 master weights
-    assert max_diff(w32, w16) > 0  # the bf16 path really ran
-    for k in ("train_loss", "val_loss"):
-        assert abs(fp32[k] - bf16[k]) < 0.01, (k, fp32[k], bf16[k])
-    first = read_checkpoint(str(tmp_path / "bf16" / trainer.TRAIN_STATE))["log"][0]
-    assert first["step"] == 1 and bf16["train_loss"] < first["train_loss"]  # it learned something
-
-
-def test_tie_weights_shares_the_embedding_through_training_and_checkpoints(tmp_path):
-    run(tmp_path, "--tie_weights", "--max_steps", "2")
-    run(tmp_path, "--tie_weights", "--max_steps", "3", "--resume")
-    model, ckpt = load_model(str(tmp_path / "model.pth"))
-    assert ckpt["config"]["tie_weights"] is True
-    assert model.out_head.weight is model.tok_emb.weight
-    assert torch.equal(ckpt["model"]["out_head.weight"], ckpt["model"]["tok_emb.weight"])
-    untied = GPTModel({**model.cfg, "tie_weights": False})
-    assert count_parameters(untied) - count_parameters(model) == model.cfg["vocab_size"] * model.cfg["emb_dim"]
-    with torch.no_grad():  # one tensor: a change to the embedding is a change to the output layer
-        model.tok_emb.weight[0, 0] += 1.0
-    assert model.out_head.weight[0, 0] == model.tok_emb.weight[0, 0]
-
-
-def test_grad_accum_equals_one_big_batch(tmp_path):
-    big = run(tmp_path / "big", "--batch_size", "4", "--max_steps", "3", "--lr", "1e-3")
-    acc = run(tmp_path / "acc", "--batch_size", "2", "--grad_accum_steps", "2", "--max_steps", "3", "--lr", "1e-3")
-    assert max_diff(weights(tmp_path / "big" / "model.pth"), weights(tmp_path / "acc" / "model.pth")) < 1e-5
-    assert big["tokens_seen"] == acc["tokens_seen"] == 3 * 4 * 32
-    single = run(tmp_path / "small", "--batch_size", "2", "--max_steps", "3", "--lr", "1e-3")
-    assert max_diff(weights(tmp_path / "big" / "model.pth"), weights(tmp_path / "small" / "model.pth")) > 1e-4
-
-
-# -----------------------------------------------------------------------------------------------------
-# Fine-tuning under torchrun and --dry_run
-# -----------------------------------------------------------------------------------------------------
-sys.path.insert(0, HERE)
-
-
-CLS_FLAGS = ["--init", "scratch", "--trainable", "all", "--n_layers", "2", "--n_heads", "2", "--emb_dim", "32",
-             "--max_length", "32", "--drop_rate", "0", "--device", "cpu", "--dtype", "float32", "--eval_freq", "1000",
-             "--eval_iters", "1"]
-CHAT_FLAGS = ["--init", "scratch", "--n_layers", "2", "--n_heads", "2", "--emb_dim", "32", "--context_length", "128",
-              "--device", "cpu", "--dtype", "float32"]
-FDIST_TINY = dict(vocab_size=50257, context_length=32, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.0, qkv_bias=False)
-PLAN_WORDS = ("parameters", "trainable", "weights", "gradients", "AdamW state", "activations", "tokens per step",
-              "steps per epoch", "--dry_run")
-
-
-def write_cls_csv(path, n=24):
-    """n texts of each of two classes, of a few different lengths."""
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["Label", "Text"])
-        for i in range(n):
-            w.writerow(["spam", f"WIN a free prize number {i} now!" + " Call 0800 today." * (i % 3)])
-            w.writerow(["ham", f"See you at {i} for lunch" + ", ok?" * (i % 4)])
-    return str(path)
-
-
-def fdist_write_json(path, obj):
-    path.write_text(json.dumps(obj), encoding="utf-8")
-    return str(path)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# --dry_run: the plan, and nothing written
-# ---------------------------------------------------------------------------------------------------------------
-
-def test_cls_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
-    data = write_cls_csv(tmp_path / "texts.csv")
-    out = tmp_path / "run"
-    full = finetune_cls.main(CLS_FLAGS + ["--csv", data, "--out_dir", str(out), "--dry_run", "--batch_size", "4"])
-    text = capsys.readouterr().out
-    for word in PLAN_WORDS:
-        assert word in text, word
-    assert not out.exists()  # no split CSVs, no checkpoint, no metrics.json
-    model = finetune_cls.replace_head(GPTModel(FDIST_TINY), 2)
-    assert full["total_params"] == full["trainable_params"] == count_parameters(model)
-    assert full["steps_per_epoch"] == int(0.7 * 48) // 4  # 70% of 48 balanced texts train, batch 4
-
-    last_block = [f if f != "all" else "last_block" for f in CLS_FLAGS]
-    last = finetune_cls.main(last_block + ["--csv", data, "--out_dir", str(out), "--dry_run", "--batch_size", "4"])
-    assert last["total_params"] == full["total_params"]
-    assert last["trainable_params"] == count_parameters(model.trf_blocks[-1]) + count_parameters(
-        model.final_norm) + count_parameters(model.out_head)
-    assert last["optimizer"] < full["optimizer"] and last["activations"] < full["activations"]
-    assert not out.exists()
-
-
-def test_chat_dry_run_for_sft_and_dpo_writes_nothing(tmp_path, capsys):
-    records = [{"instruction": f"Add {i} and {i + 2}.", "input": "", "output": f"The sum is {2 * i + 2}."}
-               for i in range(20)]
-    out = tmp_path / "sft"
-    sft = finetune_chat.main(CHAT_FLAGS + ["--data", fdist_write_json(tmp_path / "data.json", records), "--out_dir",
-                                           str(out), "--batch_size", "2", "--dry_run"])
-    text = capsys.readouterr().out
-    for word in PLAN_WORDS:
-        assert word in text, word
-    assert not out.exists()
-    tiny = GPTModel({**FDIST_TINY, "context_length": 128})
-    n = count_parameters(tiny)
-    assert sft["total_params"] == sft["trainable_params"] == n
-    assert sft["steps_per_epoch"] == 17 // 2  # 85% of 20 records train
-
-    init = save_checkpoint(str(tmp_path / "tiny-sft.pth"), tiny, kind="chat")
-    prefs = [{"instruction": f"Greet person number {i}.", "input": "", "chosen": f"Hello, number {i}!",
-              "rejected": "Go away."} for i in range(10)]
-    out = tmp_path / "dpo"
-    dpo = finetune_chat.main(["--method", "dpo", "--init", init, "--data", fdist_write_json(tmp_path / "prefs.json", prefs),
-                              "--out_dir", str(out), "--batch_size", "2", "--device", "cpu", "--dtype", "float32",
-                              "--dry_run"])
-    assert dpo["total_params"] == 2 * n and dpo["trainable_params"] == n  # the frozen reference counts too
-    assert "--dry_run" in capsys.readouterr().out
-    assert not out.exists()
-    with pytest.raises(SystemExit):  # a settings error: usage line and exit 2
-        finetune_chat.main(CHAT_FLAGS + ["--trainable", "lora", "--fsdp", "--dry_run"])
-    assert "--fsdp with --trainable lora is not supported" in capsys.readouterr().err
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Two processes (gloo, started the way torchrun starts them) equal one process with the same global batch
-# ---------------------------------------------------------------------------------------------------------------
-
-def fdist_free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def fdist_worker(rank, world, port, runs, log_prefix):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    sys.stdout = open(f"{log_prefix}.{rank}", "w", buffering=1)
-    for argv in runs:
-        finetune_cls.main(argv)
-    sys.stdout.flush()
-
-
 def test_cls_two_processes_equal_one_process(tmp_path):
-    data = write_cls_csv(tmp_path / "texts.csv")
-    base = CLS_FLAGS + ["--csv", data, "--max_steps", "3", "--lr", "2e-4"]
+    csv_path = write_spam_ham_csv(tmp_path / "texts.csv")
+    base = cls_flags(drop_rate=0, dtype="float32") + ["--csv", csv_path, "--max_steps", "3", "--lr", "2e-4"]
     one, two, dry = tmp_path / "one", tmp_path / "two", tmp_path / "dry"
     finetune_cls.main(base + ["--out_dir", str(one), "--batch_size", "4"])
 
-    runs = [base + ["--out_dir", str(two), "--batch_size", "2"],
-            base + ["--out_dir", str(dry), "--batch_size", "2", "--dry_run"]]
+    runs = [(finetune_cls.main, base + ["--out_dir", str(two), "--batch_size", "2"], None),
+            (finetune_cls.main, base + ["--out_dir", str(dry), "--batch_size", "2", "--dry_run"], None)]
     log = str(tmp_path / "stdout")
-    # fork: the processes start with torch and the scripts already imported
-    torch.multiprocessing.start_processes(fdist_worker, args=(2, fdist_free_port(), runs, log), nprocs=2, join=True,
-                                          start_method="fork")
+    run_two_processes(runs, log)
 
-    w1 = read_checkpoint(str(one / finetune_cls.CSV_CLASSIFIER))["model"]
-    w2 = read_checkpoint(str(two / finetune_cls.CSV_CLASSIFIER))["model"]
+    w1 = M.read_checkpoint(str(one / finetune_cls.CSV_CLASSIFIER))["model"]
+    w2 = M.read_checkpoint(str(two / finetune_cls.CSV_CLASSIFIER))["model"]
     assert w1.keys() == w2.keys()
     # 3 Adam steps move weights by ~5e-4; unaveraged gradients would leave the processes' copies that far apart.
     # Rounding (batches cut to different lengths, sums in another order) stays near 3e-6 at this lr (Adam
     # magnifies it where a gradient is almost 0; at lr 1e-3 it reached 1.4e-5)
     assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-5
-    assert read_checkpoint(str(two / "model_and_optimizer.pth"))["step"] == 3
+    assert M.read_checkpoint(str(two / "model_and_optimizer.pth"))["step"] == 3
     for name in ("train.csv", "validation.csv", "test.csv", "metrics.json", "log.csv"):
         assert (two / name).read_text() != "", name  # written once, by rank 0
     assert json.loads((two / "metrics.json").read_text())["class_names"] == ["ham", "spam"]
@@ -2493,17 +3528,10 @@ def test_cls_two_processes_equal_one_process(tmp_path):
     assert not dry.exists()
 
 
-# -----------------------------------------------------------------------------------------------------
-# Faults: kill and resume, bad input, hostile files, disk full
-# -----------------------------------------------------------------------------------------------------
-sys.path.insert(0, HERE)
+# ===============================================================================================================
+# 10. Faults: kill and resume, disk full, bad input, hostile files
+# ===============================================================================================================
 
-
-LONG = os.environ.get("GPT2_LONG_TESTS") == "1"
-ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", MPLBACKEND="Agg", PYTHONUNBUFFERED="1",
-           TIKTOKEN_CACHE_DIR=os.path.abspath(os.environ.get("TIKTOKEN_CACHE_DIR",
-                                                             os.path.join(SHARED, "tiktoken-cache"))))
-FAULTS_TINY = ["--n_layers", "2", "--n_heads", "2", "--emb_dim", "32", "--device", "cpu"]
 STATE = "model_and_optimizer.pth"
 
 
@@ -2532,14 +3560,20 @@ def tree_hashes(folder):
     return out
 
 
-def max_weight_diff(a, b):
-    sa, sb = M.read_checkpoint(a)["model"], M.read_checkpoint(b)["model"]
-    assert sa.keys() == sb.keys()
-    return max((sa[k].float() - sb[k].float()).abs().max().item() for k in sa)
+def write_random_sms_csv(path, n=80, seed=0):
+    """n texts of 3-8 random words, alternately from a ham and a spam vocabulary, with the columns Text, Label."""
+    rng = random.Random(seed)
+    spam, ham = "free win cash prize call now offer claim".split(), "hello meet lunch tomorrow see you later".split()
+    rows = []
+    for i in range(n):
+        pool = spam if i % 2 else ham
+        rows.append([" ".join(rng.choice(pool) for _ in range(rng.randint(3, 8))), "spam" if i % 2 else "ham"])
+    return write_csv(path, rows, header=("Text", "Label"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 1. Kill and resume
+# Kill and resume: SIGKILL at random moments and while a checkpoint is written, SIGTERM and SIGINT; the run ends
+# with the weights of an uninterrupted one
 # ---------------------------------------------------------------------------------------------------------------
 
 def _tmp_files(out_dir):
@@ -2606,14 +3640,13 @@ def run_with_faults(cmd, out_dir, plan, seed, log_path, cwd):
 
 
 def _pretrain_cmd(data_path, out_dir, epochs, save_every):
-    return [sys.executable, os.path.join(HERE, "pretrain.py"), "--data", data_path, "--out_dir", out_dir, *FAULTS_TINY,
-            "--context_length", "32", "--batch_size", "2", "--drop_rate", "0.1", "--tie_weights", "true", "--epochs", str(epochs),
-            "--save_every", str(save_every), "--sample_prompt", "", "--eval_freq", "5"]
+    return [sys.executable, os.path.join(HERE, "pretrain.py"), "--data", data_path, "--out_dir", out_dir,
+            *tiny_flags(context_length=32, batch_size=2, drop_rate=0.1, tie_weights="true", epochs=epochs,
+                        save_every=save_every, sample_prompt="", eval_freq=5)]
 
 
-@pytest.mark.parametrize("long", [pytest.param(False, id="ci"),
-                                  pytest.param(True, id="long", marks=pytest.mark.skipif(
-                                      not LONG, reason="set GPT2_LONG_TESTS=1 for the 20-kill variant"))])
+@slow
+@ci_and_long("the 20-kill variant")
 def test_pretrain_survives_kills_and_matches_an_uninterrupted_run(tmp_path, long):
     (tmp_path / "t.txt").write_text(words_text(600))  # about 10 batches of 2 x 32 tokens per epoch
     epochs, save_every = (6, 1) if long else (2, 2)
@@ -2629,37 +3662,24 @@ def test_pretrain_survives_kills_and_matches_an_uninterrupted_run(tmp_path, long
     assert ref.wait(timeout=300) == 0, (tmp_path / "ref.log").read_text()[-2000:]
     kills = [e for e in events if e[0] in ("kill", "tmp")]
     assert len(kills) >= (20 if long else 3) and {e[0] for e in events} >= {"term", "int", "tmp"}, events
-    assert max_weight_diff(tmp_path / "ref" / "model.pth", tmp_path / "run" / "model.pth") <= 1e-6
+    assert max_diff(weights(tmp_path / "ref" / "model.pth"), weights(tmp_path / "run" / "model.pth")) <= 1e-6
     assert M.read_checkpoint(tmp_path / "run" / "model.pth")["step"] == \
         M.read_checkpoint(tmp_path / "ref" / "model.pth")["step"]
-    # 4. disk full, on the finished reference run
+    # disk full, on the finished reference run
     assert_disk_full_keeps_the_checkpoint(str(tmp_path / "ref"), _pretrain_cmd("t.txt", "ref", epochs, save_every),
                                           tmp_path)
 
 
 def _cls_cmd(out_dir, save_every):
     return [sys.executable, os.path.join(HERE, "finetune_cls.py"), "--csv", "sms.csv", "--init", "scratch",
-            "--trainable", "all", *FAULTS_TINY, "--max_length", "16", "--batch_size", "4", "--drop_rate", "0.1",
+            "--trainable", "all", *tiny_flags(), "--max_length", "16", "--batch_size", "4", "--drop_rate", "0.1",
             "--epochs", "2", "--save_every", str(save_every), "--eval_freq", "5", "--out_dir", out_dir]
 
 
-def faults_write_cls_csv(path, n=80, seed=0):
-    import csv
-    rng = random.Random(seed)
-    spam, ham = "free win cash prize call now offer claim".split(), "hello meet lunch tomorrow see you later".split()
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["Text", "Label"])
-        for i in range(n):
-            pool = spam if i % 2 else ham
-            w.writerow([" ".join(rng.choice(pool) for _ in range(rng.randint(3, 8))), "spam" if i % 2 else "ham"])
-
-
-@pytest.mark.parametrize("long", [pytest.param(False, id="ci"),
-                                  pytest.param(True, id="long", marks=pytest.mark.skipif(
-                                      not LONG, reason="set GPT2_LONG_TESTS=1 for the long variant"))])
+@slow
+@ci_and_long("the long variant")
 def test_finetune_cls_survives_kills_and_matches_an_uninterrupted_run(tmp_path, long):
-    faults_write_cls_csv(tmp_path / "sms.csv")
+    write_random_sms_csv(tmp_path / "sms.csv")
     save_every = 1 if long else 2
     ref = subprocess.Popen(_cls_cmd("ref", save_every), cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL,
                            stderr=open(tmp_path / "ref.log", "wb"))
@@ -2669,15 +3689,15 @@ def test_finetune_cls_survives_kills_and_matches_an_uninterrupted_run(tmp_path, 
     assert ref.wait(timeout=300) == 0, (tmp_path / "ref.log").read_text()[-2000:]
     assert len(events) == len(plan), events
     ref_ckpt, run_ckpt = tmp_path / "ref" / "classifier.pth", tmp_path / "run" / "classifier.pth"
-    assert max_weight_diff(ref_ckpt, run_ckpt) <= 1e-6
+    assert max_diff(weights(ref_ckpt), weights(run_ckpt)) <= 1e-6
     ref_m, run_m = (json.load(open(tmp_path / d / "metrics.json")) for d in ("ref", "run"))
     scores = ["train", "val", "test"]
     assert scores and {k: ref_m[k] for k in scores} == {k: run_m[k] for k in scores}
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 4. Disk full: the failed save says so in one line and the previous checkpoint stays intact (run at the end
-#    of the pretrain kill test, on its finished reference run)
+# Disk full: the failed save says so in one line and the previous checkpoint stays intact (run at the end of the
+# pretrain kill test, on its finished reference run)
 # ---------------------------------------------------------------------------------------------------------------
 
 def _limit_file_size(n_bytes):
@@ -2700,8 +3720,8 @@ def assert_disk_full_keeps_the_checkpoint(folder, cmd, cwd):
     assert "Traceback" not in r.stderr and len(lines) == 1, r.stderr[-2000:]
     assert "could not write" in lines[0] and STATE in lines[0] and "free disk space" in lines[0]
     after = tree_hashes(folder)
-    settings = json.load(open(os.path.join(folder, "settings.json")))
-    assert settings["resumed"] and settings["settings"]["resume"] is False  # the resume is recorded, the start kept
+    recorded = json.load(open(os.path.join(folder, "settings.json")))
+    assert recorded["resumed"] and recorded["settings"]["resume"] is False  # the resume is recorded, the start kept
     after.pop("settings.json"), before.pop("settings.json")
     assert after == before  # nothing else changed, no .tmp left behind
     assert M.read_checkpoint(os.path.join(folder, STATE))["step"] == step
@@ -2709,7 +3729,7 @@ def assert_disk_full_keeps_the_checkpoint(folder, cmd, cwd):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 2. Bad input table: every entry script, one clear line, nothing earlier touched
+# Bad input table: every entry script, one clear line, nothing earlier touched
 # ---------------------------------------------------------------------------------------------------------------
 
 # Imports torch and the project once, then forks one child per case; the child runs the script as __main__ with
@@ -2770,12 +3790,6 @@ def run_cases(cases, cwd, tmp_path, workers=3):
             for c, s in zip(codes, specs)]
 
 
-def faults_tiny_model(context_length=32, emb_dim=32, seed=0):
-    torch.manual_seed(seed)
-    return M.GPTModel({**M.MODEL_CONFIGS["gpt2"], "n_layers": 2, "n_heads": 2, "emb_dim": emb_dim,
-                       "context_length": context_length, "drop_rate": 0.0, "tie_weights": False})
-
-
 def make_bad_inputs(w):
     """Write the table's input files into folder w; returns nothing, the names are used below."""
     w.mkdir(exist_ok=True)
@@ -2787,7 +3801,7 @@ def make_bad_inputs(w):
     (w / "notxt" / "notes.csv").write_text("not,a,text,file\n")
     (w / "emptydir").mkdir()
     (w / "afile").write_text("a regular file, not a folder\n")
-    faults_write_cls_csv(w / "ok.csv")
+    write_random_sms_csv(w / "ok.csv")
     (w / "empty.csv").write_bytes(b"")
     (w / "cols.csv").write_text("message,category\nhello,ham\nwin cash,spam\n")
     (w / "header_only.csv").write_text("Text,Label\n")
@@ -2809,9 +3823,9 @@ def make_bad_inputs(w):
     (w / "chat_bad_messages.json").write_text(json.dumps([{"messages": [{"role": "user"}]}] * 5))
     (w / "chat_binary.json").write_bytes(b"\x00\xff\xfe\x01" * 100)
     (w / "chat_latin1.json").write_bytes('[{"instruction": "caf\xe9", "input": "", "output": "x"}]'.encode("latin-1"))
-    lm = faults_tiny_model()
+    lm = tiny_model(tie_weights=False)
     M.save_checkpoint(str(w / "lm.pth"), lm, kind="pretrain")
-    cls = faults_tiny_model()
+    cls = tiny_model(tie_weights=False)
     cls.out_head = torch.nn.Linear(32, 2)
     M.save_checkpoint(str(w / "cls.pth"), cls, kind="cls", class_names=["ham", "spam"], max_length=16)
     cls.out_head = torch.nn.Linear(32, 40)  # more classes than emb_dim: its bias cannot be folded into ln_f
@@ -2831,7 +3845,7 @@ def make_bad_inputs(w):
     M.save_checkpoint(str(w / "runs" / "pre" / "model.pth"), lm, kind="pretrain")
     (w / "runs" / "pre" / "log.csv").write_text("step,train_loss\n1,10.9\n")
     M.save_checkpoint(str(w / "runs" / "noopt" / STATE), lm, kind="pretrain")  # no optimizer state
-    wide = faults_tiny_model(emb_dim=64)
+    wide = tiny_model(emb_dim=64, tie_weights=False)
     data.save_pth(str(w / "runs" / "wide" / STATE), {
         "model": wide.state_dict(), "config": dict(wide.cfg), "kind": "pretrain", "optimizer": {}, "step": 1,
         "epoch": 0, "batch_pos": 1, "tokens_seen": 64, "rng": torch.get_rng_state(), "log": []})
@@ -2839,12 +3853,12 @@ def make_bad_inputs(w):
 
 def bad_input_cases():
     """(script, args, words the one-line message must contain)"""
-    P = ["--data", "good.txt", "--out_dir", "runs/new", *FAULTS_TINY, "--context_length", "32", "--epochs", "1",
+    P = ["--data", "good.txt", "--out_dir", "runs/new", *tiny_flags(), "--context_length", "32", "--epochs", "1",
          "--sample_prompt", ""]
     G = ["--checkpoint", "lm.pth", "--device", "cpu", "--max_new_tokens", "3"]
-    C = ["--csv", "ok.csv", "--init", "scratch", "--trainable", "all", *FAULTS_TINY, "--max_length", "16", "--epochs", "1",
+    C = ["--csv", "ok.csv", "--init", "scratch", "--trainable", "all", *tiny_flags(max_length=16, epochs=1),
          "--out_dir", "runs/newcls"]
-    H = ["--data", "chat_ok.json", "--init", "scratch", *FAULTS_TINY, "--context_length", "32", "--epochs", "1",
+    H = ["--data", "chat_ok.json", "--init", "scratch", *tiny_flags(), "--context_length", "32", "--epochs", "1",
          "--max_new_tokens", "0", "--out_dir", "runs/newchat"]
     L = ["--models_dir", "models"]
     B = ["--size", "tiny", "--steps", "1", "--repeats", "1", "--decode_tokens", "2", "--device", "cpu"]
@@ -2958,6 +3972,7 @@ def bad_input_cases():
         ("bench.py", B + ["--context_length", "8", "--prompt_tokens", "16"], "fit"),
     ]
 
+
 FIX_WORDS = ("pass", "use", "run", "lower", "add", "check", "put", "delete", "choose", "convert", "train", "drop",
              "set", "give", "pick", "remove", "free", "start", "fix", "raise", "shorten", "fill", "expected", "need",
              "must", "usage", "rerun", "instead", "one of")
@@ -2972,6 +3987,7 @@ def one_clear_line(rc, err):
     return len(lines) == 1 and lines[0].startswith("error:") and any(w in lines[0].lower() for w in FIX_WORDS), lines
 
 
+@slow
 def test_bad_input_table(tmp_path):
     w = tmp_path / "w"
     make_bad_inputs(w)
@@ -2995,22 +4011,14 @@ def test_bad_input_table(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 3. Hostile and corrupt files
+# Hostile and corrupt files, stalled downloads
 # ---------------------------------------------------------------------------------------------------------------
-
-class _Payload:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
 
 def test_pickle_payload_is_refused_by_every_loader(tmp_path):
     marker = tmp_path / "pwned"
-    lm = faults_tiny_model()
+    lm = tiny_model(tie_weights=False)
     torch.save({"model": lm.state_dict(), "config": dict(lm.cfg), "kind": "cls", "class_names": ["a", "b"],
-                "max_length": 16, "hook": _Payload(marker)}, tmp_path / "evil.pth")
+                "max_length": 16, "hook": Payload(marker)}, tmp_path / "evil.pth")
     for load in (M.read_checkpoint, M.load_model):
         with pytest.raises(M.CheckpointError, match="safe"):
             load(str(tmp_path / "evil.pth"))
@@ -3031,8 +4039,8 @@ def test_pickle_payload_is_refused_by_every_loader(tmp_path):
 
 
 def test_corrupt_safetensors_are_refused_without_huge_buffers(tmp_path):
-    """tests_load_gpt2.py covers each corrupt header in-process; here the 2 GB header claim runs in a child whose
-    address space is capped at 1 GB more than the interpreter needs, so an attempt to allocate it would fail."""
+    """test_reader_refuses_corrupt_files covers each corrupt header in-process; here the files, one with a 2 GB
+    header claim, are read in a child process whose peak memory must stay far below that claim."""
     bad = {"short_header": struct.pack("<Q", 100) + b"{}",
            "huge_claim": struct.pack("<Q", 2 << 30) + b"{" + b" " * 64,
            "not_json": struct.pack("<Q", 8) + b"notjson!",
@@ -3051,7 +4059,8 @@ def test_corrupt_safetensors_are_refused_without_huge_buffers(tmp_path):
             "        print('LOADED', p)\n"
             "    except (model.CheckpointError, load_gpt2.UserError) as e:\n"
             "        print('REFUSED', str(e).splitlines()[0])\n"
-            "print('maxrss_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
+            # VmHWM: this process's own peak (ru_maxrss would carry the parent's over the exec)
+            "print('maxrss_kb', [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])\n")
     r = subprocess.run([sys.executable, "-c", code, *sorted(str(p) for p in tmp_path.glob("*.safetensors"))],
                        cwd=HERE, env=ENV, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
@@ -3060,24 +4069,249 @@ def test_corrupt_safetensors_are_refused_without_huge_buffers(tmp_path):
     assert int(r.stdout.split("maxrss_kb")[1]) < 1_500_000  # far below the 2 GB the header claims
 
 
-def test_download_stall_and_redirect_loop_then_resume(tmp_path):
+def test_download_stall_and_redirect_loop_then_resume(tmp_path, serve):
     body = words_text(36000).encode()  # about 200 KB: the stall comes after a few of the client's 64 KB reads
     digest = hashlib.sha256(body).hexdigest()
-    httpd, url, handler = serve_files(body=body)
+    url, handler = serve(body=body)
     dest = tmp_path / "corpus.txt"
     (tmp_path / "keep.txt").write_text("earlier file")
-    try:
-        with pytest.raises(data.DownloadError, match="rerun to resume") as e:
-            data.download(f"{url}/stall/corpus.txt", str(dest), sha256=digest, retries=1, timeout=1, progress=False)
-        assert str(dest) in str(e.value) and not dest.exists()
-        have = os.path.getsize(str(dest) + ".part")
-        assert 0 < have <= len(body) // 2  # what arrived before the stall is kept for the rerun
-        with pytest.raises(data.DownloadError, match="(?i)redirect") as e:
-            data.download(f"{url}/loop/x.txt", str(tmp_path / "keep.txt"), retries=1, timeout=1, progress=False)
-        assert (tmp_path / "keep.txt").read_text() == "earlier file" and len(str(e.value).splitlines()) == 1
-        # the rerun continues the .part file with a Range request and verifies the whole
-        data.download(f"{url}/ok/corpus.txt", str(dest), sha256=digest, progress=False)
-        assert handler.ranges == [f"bytes={have}-"]
-        assert dest.read_bytes() == body and not os.path.exists(str(dest) + ".part")
-    finally:
-        httpd.shutdown()
+    with pytest.raises(data.DownloadError, match="rerun to resume") as e:
+        data.download(f"{url}/stall/corpus.txt", str(dest), sha256=digest, retries=1, timeout=1, progress=False)
+    assert str(dest) in str(e.value) and not dest.exists()
+    have = os.path.getsize(str(dest) + ".part")
+    assert 0 < have <= len(body) // 2  # what arrived before the stall is kept for the rerun
+    with pytest.raises(data.DownloadError, match="(?i)redirect") as e:
+        data.download(f"{url}/loop/x.txt", str(tmp_path / "keep.txt"), retries=1, timeout=1, progress=False)
+    assert (tmp_path / "keep.txt").read_text() == "earlier file" and len(str(e.value).splitlines()) == 1
+    # the rerun continues the .part file with a Range request and verifies the whole
+    data.download(f"{url}/ok/corpus.txt", str(dest), sha256=digest, progress=False)
+    assert handler.ranges == [f"bytes={have}-"]
+    assert dest.read_bytes() == body and not os.path.exists(str(dest) + ".part")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input by family: every float flag, every output flag, divergence, hostile contents, signals, limits
+# ---------------------------------------------------------------------------------------------------------------
+
+SCRIPTS = {"pretrain": pretrain, "finetune_cls": finetune_cls, "finetune_chat": finetune_chat,
+           "generate": generate_script, "bench": bench, "load_gpt2": load_gpt2}
+
+
+def float_flags(module):
+    return [k for k, v in module.DEFAULTS.items() if isinstance(v, float) or
+            (v is None and k in ("lr", "weight_decay", "beta"))]
+
+
+@pytest.mark.parametrize("name", list(SCRIPTS))
+def test_every_float_flag_refuses_nan_and_inf(name, capsys):
+    module = SCRIPTS[name]
+    flags = float_flags(module)
+    if name != "load_gpt2":
+        assert flags
+    for flag in flags:
+        for value in ("nan", "inf", "-inf"):
+            with pytest.raises(SystemExit) as e:
+                settings.get_config(module.DEFAULTS, [f"--{flag}={value}"])
+            assert e.value.code == 2
+            assert "expected a finite number" in capsys.readouterr().err, (flag, value)
+
+
+@pytest.fixture
+def outputs_world(tmp_path):
+    """A folder with a file, a language model, a classifier and their hashes."""
+    w = tmp_path / "w"
+    w.mkdir()
+    (w / "afile").write_text("not a folder")
+    lm = M.save_checkpoint(str(w / "lm.pth"), tiny_model())
+    cls = finetune_cls.replace_head(tiny_model(), 2)
+    M.save_checkpoint(str(w / "cls.pth"), cls, kind="cls", class_names=["a", "b"], max_length=16, pad_id=50256,
+                      lora=None)
+    M.save_checkpoint(str(w / "other.pth"), tiny_model(1))  # an existing checkpoint an output must not replace
+    return w, lm
+
+
+OUTPUT_FLAGS = [  # script, args before the output path, the flag, what the output replaces
+    ("generate", ["--checkpoint", "lm.pth", "--quantize", "int8", "--device", "cpu"], "--save_int8"),
+    ("generate", ["--checkpoint", "lm.pth", "--show_probs", "--device", "cpu"], "--probs_plot"),
+    ("finetune_cls", ["--checkpoint", "cls.pth", "--device", "cpu"], "--save_int8"),
+    ("load_gpt2", ["--model", "lm_hf"], "--out"),
+    ("bench", ["--size", "tiny", "--steps", "1", "--repeats", "1", "--device", "cpu"], "--json"),
+]
+
+
+@pytest.mark.parametrize("script,args,flag", OUTPUT_FLAGS, ids=[f"{s}{f}" for s, _, f in OUTPUT_FLAGS])
+def test_every_output_flag_refuses_a_path_below_a_file_and_an_existing_checkpoint(outputs_world, script, args,
+                                                                                  flag, monkeypatch):
+    w, lm = outputs_world
+    monkeypatch.chdir(w)
+    if script == "load_gpt2":
+        load_gpt2.export_hf("lm.pth", "lm_hf")
+    before = tree_hashes(w)
+    for target, words in (("afile/out.pth", "regular file"), ("other.pth", "already holds a checkpoint")):
+        start = time.time()
+        code, _, err = run_main(SCRIPTS[script].main, args + [flag, target])
+        assert_one_error_line(code, err, flag, words)
+        assert time.time() - start < 20  # refused before the work, not after it
+        assert tree_hashes(w) == before
+
+
+def test_an_output_onto_its_own_input_needs_force(outputs_world, monkeypatch):
+    w, lm = outputs_world
+    monkeypatch.chdir(w)
+    before = tree_hashes(w)
+    code, _, err = run_main(generate_script.main, ["--checkpoint", "lm.pth", "--quantize", "int8", "--device", "cpu",
+                                            "--save_int8", "lm.pth"])
+    assert_one_error_line(code, err, "own input", "--force")
+    assert tree_hashes(w) == before
+    assert run_main(generate_script.main, ["--checkpoint", "lm.pth", "--quantize", "int8", "--device", "cpu",
+                                    "--save_int8", "lm.pth", "--force"])[0] == 0
+    assert layers.is_int8_state_dict(M.read_checkpoint("lm.pth")["model"])
+
+
+def test_a_folder_where_a_run_writes_a_file_is_refused_before_work(verdict, tmp_path):
+    out = tmp_path / "run"
+    (out / "log.csv").mkdir(parents=True)
+    code, _, err = run_main(pretrain.main, pre(verdict) + ["--out_dir", str(out), "--max_steps", "1"])
+    assert_one_error_line(code, err, "log.csv", "is a folder")
+
+
+def test_divergence_is_never_saved_and_names_the_checkpoint_that_resumes(verdict, tmp_path):
+    out = str(tmp_path / "run")
+    args = pre(verdict) + ["--out_dir", out, "--lr", "1e6", "--save_every", "1", "--eval_freq", "100", "--epochs", "1"]
+    code, _, err = run_main(pretrain.main, args)
+    line = assert_one_error_line(code, err, "diverged at step", "--resume", after_progress=True)
+    state = os.path.join(out, trainer.TRAIN_STATE)
+    step = M.read_checkpoint(state)["step"]
+    assert f"(step {step})" in line and state in line
+    sd = M.read_checkpoint(state)["model"]
+    assert all(torch.isfinite(t).all() for t in sd.values() if t.is_floating_point())
+    assert not os.path.exists(os.path.join(out, "model.pth"))
+    # the named checkpoint resumes (and diverges again at the same step, with the same line)
+    code, _, err = run_main(pretrain.main, args + ["--resume"])
+    assert "diverged" in err and "Traceback" not in err
+
+
+def test_divergence_on_the_last_step_exits_non_zero_without_a_model(verdict, tmp_path, monkeypatch):
+    out = str(tmp_path / "run")
+    real = torch.optim.AdamW.step
+
+    def poisoned(self, *a, **k):  # the last step writes NaN into the weights
+        r = real(self, *a, **k)
+        if self.state and next(iter(self.state.values()))["step"].item() >= 3:
+            for group in self.param_groups:
+                group["params"][0].data.fill_(float("nan"))
+        return r
+    monkeypatch.setattr(torch.optim.AdamW, "step", poisoned)
+    code, _, err = run_main(pretrain.main, pre(verdict) + ["--out_dir", out, "--max_steps", "3", "--eval_freq", "100"])
+    assert_one_error_line(code, err, "weights are not finite", "nothing was saved", after_progress=True)
+    assert not os.path.exists(os.path.join(out, "model.pth"))
+
+
+@pytest.mark.parametrize("over,words", [
+    ({"n_head": 0}, "n_head 0"), ({"n_head": -2}, "n_head -2"), ({"layer_norm_epsilon": "x"}, "layer_norm_epsilon"),
+    ({"n_layer": 10 ** 9}, "n_layers 1000000000"), ({"n_embd": 1.5}, "n_embd 1.5"),
+    ({"tie_word_embeddings": "yes"}, "tie_word_embeddings")])
+def test_config_json_values_are_checked_before_anything_is_sized(tmp_path, over, words):
+    folder = str(tmp_path / "hf")
+    load_gpt2.export_hf(M.save_checkpoint(str(tmp_path / "lm.pth"), tiny_model()), folder)
+    cfg = json.load(open(os.path.join(folder, "config.json")))
+    json.dump({**cfg, **over}, open(os.path.join(folder, "config.json"), "w"))
+    start = time.time()
+    code, _, err = run_main(generate_script.main, ["--init", folder, "--device", "cpu"])
+    assert_one_error_line(code, err, words)
+    assert time.time() - start < 20
+
+
+@pytest.mark.parametrize("ckpt,words", [
+    ({"model": {}, "config": {"n_layers": 2}}, "not a GPTModel"),
+    ({"config": {"n_layers": "two"}}, "n_layers must be a whole number"),
+    ({"config": {"n_heads": 3}}, "divisible"),
+    ({"config": {"n_layers": 5}}, "contradicts its tensors"),
+    ({"config": "gpt2"}, "not a dict"),
+    ({"model_args": {"n_layer": 2}, "iter_num": 5}, "nanoGPT"),
+    ({"state_dict": {}, "pytorch-lightning_version": "2.0"}, "Lightning"),
+])
+def test_checkpoint_contents_are_checked_and_foreign_ones_named(tmp_path, ckpt, words):
+    good = M.checkpoint_dict(tiny_model())
+    if "config" in ckpt and isinstance(ckpt["config"], dict):
+        ckpt = {**good, "config": {**good["config"], **ckpt["config"]}, **{k: v for k, v in ckpt.items()
+                                                                          if k != "config"}}
+    else:
+        ckpt = {**good, **ckpt}
+    if "state_dict" in ckpt:
+        ckpt.pop("model")
+    path = tmp_path / "ckpt.pt"
+    torch.save(ckpt, path)
+    code, _, err = run_main(generate_script.main, ["--checkpoint", str(path), "--device", "cpu"])
+    assert_one_error_line(code, err, words)
+
+
+def test_hugging_face_bin_is_named(verdict, tmp_path):
+    folder = str(tmp_path / "hf")
+    load_gpt2.export_hf(M.save_checkpoint(str(tmp_path / "lm.pth"), tiny_model()), folder)
+    torch.save({f"transformer.{k}": v for k, v in load_gpt2.read_safetensors(os.path.join(folder, "model.safetensors")).items()},
+               tmp_path / "pytorch_model.bin")
+    code, _, err = run_main(pretrain.main, pre(verdict) + ["--init", str(tmp_path / "pytorch_model.bin"),
+                                                  "--out_dir", str(tmp_path / "r")])
+    assert_one_error_line(code, err, "Hugging Face's layout", "save_pretrained")
+
+
+def test_deeply_nested_json_is_refused_before_parsing(tmp_path):
+    deep = "[" * 100_000 + "]" * 100_000
+    (tmp_path / "deep.json").write_text(deep)
+    code, _, err = run_main(finetune_chat.main, ["--data", str(tmp_path / "deep.json"), "--init", "scratch", *tiny_flags()])
+    assert_one_error_line(code, err, "nests")
+    header = ('{"a":' * 5000 + "1" + "}" * 5000).encode()
+    raw = len(header).to_bytes(8, "little") + header
+    (tmp_path / "deep.safetensors").write_bytes(raw)
+    code, _, err = run_main(generate_script.main, ["--init", str(tmp_path / "deep.safetensors"), "--device", "cpu"])
+    assert_one_error_line(code, err, "nests deeper")
+
+
+def test_beams_are_bounded_by_the_vocabulary_and_memory(tmp_path):
+    path = M.save_checkpoint(str(tmp_path / "lm.pth"), tiny_model())
+    start = time.time()
+    code, _, err = run_main(generate_script.main, ["--checkpoint", path, "--num_beams", "60000", "--device", "cpu"])
+    assert_one_error_line(code, err, "exceeds the vocabulary")
+    code, _, err = run_main(generate_script.main, ["--checkpoint", path, "--num_beams", "50000", "--device", "cpu",
+                                            "--max_new_tokens", str(10 ** 12)])
+    assert_one_error_line(code, err, "GiB")
+    assert time.time() - start < 20
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signals_exit_130_and_143_outside_training(tmp_path, sig, code):
+    path = M.save_checkpoint(str(tmp_path / "lm.pth"), tiny_model(context_length=1024))
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "generate.py"), "--checkpoint", path, "--device",
+                             "cpu", "--max_new_tokens", "100000", "--stream", "--prompt", "hi"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**ENV, "PYTHONPATH": HERE})
+    proc.stdout.read(20)  # generating
+    proc.send_signal(sig)
+    assert proc.wait(timeout=60) == code
+    assert b"Traceback" not in proc.stderr.read()
+
+
+def test_messages_that_used_to_mislead(tmp_path):
+    # a folder where a file should be written is not "free disk space"
+    with pytest.raises(settings.UserError, match="that path is a folder"):
+        data.atomic_write(str(tmp_path), lambda f: f.write(b"x"))
+    # a truncated .pth says so in our words
+    raw = open(M.save_checkpoint(str(tmp_path / "lm.pth"), tiny_model()), "rb").read()
+    (tmp_path / "cut.pth").write_bytes(raw[:len(raw) // 2])
+    with pytest.raises(M.CheckpointError, match="damaged or truncated"):
+        M.read_checkpoint(str(tmp_path / "cut.pth"))
+    # UTF-16 text is called UTF-16
+    (tmp_path / "u16.txt").write_bytes("hello there".encode("utf-16"))
+    with pytest.raises(settings.UserError, match="UTF-16"):
+        data.read_text_file(str(tmp_path / "u16.txt"))
+
+
+def test_balance_says_it_dropped_rows_and_names_the_rare_class(tmp_path, capsys):
+    rows = [(f"see you at {i}", "ham") for i in range(56)] + [(f"WIN {i} cash", "spam") for i in range(6)]
+    path = tmp_path / "t.csv"
+    data.write_labelled_csv(str(path), rows)
+    cfg = settings.get_config(finetune_cls.DEFAULTS, ["--csv", str(path)])
+    finetune_cls.load_splits(cfg)
+    captured = capsys.readouterr()
+    assert "balanced to 6 per class by the rarest class 'spam'" in captured.out
+    assert "--balance false" in captured.err
