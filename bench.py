@@ -8,8 +8,10 @@
 Numbers, never pass/fail: each is the median of --repeats runs (--steps for training). MFU is the model's FLOPs per
 second over the measured matmul ceiling of the dtype it trains in (fp32 or bf16), counting 6 FLOPs per matmul
 weight per token (forward and backward) plus 12 * n_layers * emb_dim * context per token for attention. Decode
-tokens/s is (n - 1) / (time(n) - time(1)) for n new tokens at batch 1, so the prompt's prefill is left out. With
-transformers installed, its GPT-2 (random weights, same sizes) runs beside ours.
+tokens/s is (n - 1) / (time(n) - time(1)) for n new tokens at batch 1, so the prompt's prefill is left out. Beside
+each training and decoding speed stands its limit on this machine: training at the matmul ceiling, decoding at the
+memory bandwidth (every weight read once per token). With transformers installed, its GPT-2 (random weights, same
+sizes) runs beside ours.
 """
 import gc
 import json
@@ -25,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from data import check_output, write_json
-from layers import optimize_for_decoding, quantize_int8
+from layers import quantize_int8
 from model import GPT_CONFIG_124M, MODEL_CONFIGS, GPTModel, count_parameters, generate
 from settings import (UserError, autocast, changed_settings, entry, get_config, has_native_bf16, keep_freed_memory,
                       pick_device)
@@ -323,7 +325,6 @@ ROWS = [  # key, label, unit
     ("train_bf16_peak_mib", "train bf16 peak memory", "MiB"),
     ("train_bf16_compile_tok_s", "train bf16 + compile", "tokens/s"),
     ("decode_fp32_cache_tok_s", "decode fp32, KV cache (batch 1)", "tokens/s"),
-    ("decode_fp32_cache_linear_layout_tok_s", "  same, plain nn.Linear layers", "tokens/s"),
     ("decode_fp32_nocache_tok_s", "decode fp32, no cache (batch 1)", "tokens/s"),
     ("decode_bf16_cache_tok_s", "decode bf16 weights, KV cache", "tokens/s"),
     ("decode_int8_cache_tok_s", "decode int8 weights, KV cache", "tokens/s"),
@@ -417,9 +418,6 @@ def run_all(cfg, device, flags, skipped):
     def inference():
         model = GPTModel(dict(mcfg, drop_rate=0.0)).to(device).eval()
         if want("decode_fp32_cache_tok_s"):
-            ours["decode_fp32_cache_linear_layout_tok_s"] = decode_rate(our_decode(model, prompt, True), n, repeats,
-                                                                        device)
-            optimize_for_decoding(model)  # as generate.py does
             ours["decode_fp32_cache_tok_s"] = decode_rate(our_decode(model, prompt, True), n, repeats, device)
             ours["decode_fp32_nocache_tok_s"] = decode_rate(our_decode(model, prompt, False), n, repeats, device)
         ours["prefill_fp32_tok_s"] = prefill_rate(model, full, repeats, device, last_only=True)
@@ -460,8 +458,24 @@ def run_all(cfg, device, flags, skipped):
     return ours, theirs
 
 
-def format_table(ours, theirs, skipped, compare, missing="not installed"):
-    header = ["", "unit", "ours", f"transformers {compare}" if compare else "transformers"]
+def limits(ours, mcfg, context_length):
+    """The speed each training and decoding entry could reach at most on this machine, in tokens/s: training at the
+    measured matmul ceiling of its dtype (all its FLOPs in matmuls at that rate), batch-1 decoding at the measured
+    memory read bandwidth (each token reads every matmul weight once: 4, 2 or 1 bytes per weight)."""
+    out = {}
+    flops = train_flops_per_token(mcfg, context_length)
+    for dtype in ("fp32", "bf16"):
+        if f"matmul_{dtype}_gflops" in ours:
+            for key in (f"train_{dtype}_tok_s", f"train_{dtype}_compile_tok_s"):
+                out[key] = ours[f"matmul_{dtype}_gflops"] * 1e9 / flops
+    weights = mcfg["n_layers"] * 12 * mcfg["emb_dim"] ** 2 + mcfg["emb_dim"] * mcfg["vocab_size"]
+    for key, size in (("decode_fp32_cache_tok_s", 4), ("decode_bf16_cache_tok_s", 2), ("decode_int8_cache_tok_s", 1)):
+        out[key] = ours.get("mem_read_gbs", 0) * 1e9 / (weights * size)
+    return out
+
+
+def format_table(ours, theirs, skipped, compare, limit, missing="not installed"):
+    header = ["", "unit", "ours", "limit (share reached)", f"transformers {compare}" if compare else "transformers"]
     lines = []
     for key, label, unit in ROWS:
         def cell(results, is_ours):
@@ -470,9 +484,10 @@ def format_table(ours, theirs, skipped, compare, missing="not installed"):
             if is_ours or key not in skipped:
                 return skipped.get(key, "-") if is_ours else "-"
             return "-"
+        bound = f"{limit[key]:,.1f} ({100 * ours[key] / limit[key]:.0f} %)" if key in limit and key in ours else ""
         other = cell(theirs, False) if compare else missing
-        lines.append([label, unit, cell(ours, True), other])
-    widths = [max(len(row[i]) for row in [header, *lines]) for i in range(4)]
+        lines.append([label, unit, cell(ours, True), bound, other])
+    widths = [max(len(row[i]) for row in [header, *lines]) for i in range(5)]
     fmt = lambda row: "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()  # noqa: E731
     return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *map(fmt, lines)])
 
@@ -512,8 +527,10 @@ def main(argv=None):
         if load > 0.5 * (os.cpu_count() or 1):
             print(f"note: 1-minute load average up to {load:.1f} on {os.cpu_count()} CPUs: other processes shared "
                   f"the machine, so these numbers are low\n")
-    print(format_table(ours, theirs, skipped, flags["compare"], "off" if cfg["compare"] == "off" else "not installed"))
-    result = dict(machine=machine, settings=cfg, parameters=n_params, results=ours,
+    limit = limits(ours, mcfg, cfg["context_length"])
+    print(format_table(ours, theirs, skipped, flags["compare"], limit,
+                       "off" if cfg["compare"] == "off" else "not installed"))
+    result = dict(machine=machine, settings=cfg, parameters=n_params, results=ours, limits=limit,
                   transformers=theirs if flags["compare"] else "not installed" if cfg["compare"] == "auto" else "off",
                   skipped={k: v for k, v in skipped.items()})
     if cfg["json"] == "-":

@@ -19,7 +19,7 @@ import torch
 
 from data import (EOT_ID, NEXT_TURN_MARKERS, TEMPLATE_NAME, check_output, conversation_segments, cut_reply,
                   encode_segments, get_tokenizer, read_text_file, save_pth, text_to_token_ids)
-from layers import optimize_for_decoding, quantize_int8
+from layers import quantize_int8
 from load_gpt2 import init_model
 from model import KVCache, checkpoint_dict, count_parameters, generate_stream
 from settings import UserError, autocast, describe_device, entry, get_config, pick_device, pick_dtype
@@ -497,8 +497,6 @@ def main(argv=None):
         quantize_int8(model)  # per-channel int8 weights, computed from the loaded float ones
         if cfg["save_int8"]:
             return save_int8(model, ckpt, cfg["save_int8"])
-    else:
-        optimize_for_decoding(model)  # the same weights in a memory order that decodes faster on CPU
     if cfg["chat"]:
         return chat(model, ckpt, cfg, device, dtype)
     tokenizer = get_tokenizer()

@@ -1,5 +1,5 @@
-"""Layers that stand in for nn.Linear: LoRA adapters (fine-tuning), int8 weights (inference), and a weight layout
-that decodes faster on CPU. One function, replace_linears, swaps them into a model.
+"""Layers that stand in for nn.Linear: LoRA adapters (fine-tuning) and int8 weights (inference). One function,
+replace_linears, swaps them into a model.
 
     from layers import add_lora, merge_lora, quantize_int8
     add_lora(model.trf_blocks, rank=16, alpha=16)   # train the adapters only
@@ -152,59 +152,3 @@ def is_int8_state_dict(state_dict):
     """True for a state_dict written from a quantize_int8 model."""
     return any(k.endswith(".weight_scale") for k in state_dict)
 
-
-# --- A weight layout for batch-1 decoding on CPU ----------------------------------------------------------------
-
-def optimize_for_decoding(model):
-    """Make batch-1 decoding on CPU faster, in place, without changing any value; returns model.
-
-    Decoding one token reads every weight once, so its speed is how fast the matmuls stream weights from memory.
-    Two changes, measured on 2-core CPUs (GB/s of weights read per token, 124M shapes):
-    - memory order: the Linear layers with in_features <= out_features (attention's four, the MLP's first layer,
-      out_head) store their weight column-major, i.e. as a row-major (in, out) matrix (768 -> 3072: 12.5 -> 21.3);
-    - both cores: each nn.Linear becomes a DecodingLinear, which reads its weight in one slice per thread
-      (768 -> 3072: 21.3 -> 30.5; 3072 -> 768: 17.9 -> 29.8; out_head: 24.4 -> 33.0). A single-row matmul runs on
-      one core here, and one core cannot use all of the memory bandwidth.
-    Values, shapes and state_dict keys stay the same, so checkpoints are unaffected. Training is faster in the usual
-    order, so use this on models that only generate (generate.py does).
-    """
-    for module in list(model.modules()):
-        if type(module) is nn.Linear:
-            w = module.weight
-            if w.device.type == "cpu" and module.in_features <= module.out_features and w.is_contiguous():
-                w.data = w.data.t().contiguous().t()  # (out, in) shape, (in, out) memory
-            module.__class__ = DecodingLinear  # same parameters and hooks; only forward differs
-    return model
-
-
-class DecodingLinear(nn.Linear):
-    """An nn.Linear whose forward, for a few rows on CPU, splits the weight into one slice per thread and runs the
-    slices as one batched matmul (torch spreads a batch over its threads); otherwise it is F.linear.
-
-    A column-major weight (optimize_for_decoding) is sliced along in_features and the partial results are added; a
-    row-major one along out_features and the pieces are put side by side. Same values as F.linear up to the order
-    of the additions. Only for float32 weights outside autocast: bf16 matmuls of one row do not gain from it.
-    """
-    FEW_ROWS = 16  # more rows (prefill, evaluation): the ordinary matmul already keeps every core busy
-
-    def forward(self, x):
-        w, n = self.weight, torch.get_num_threads()
-        rows = x.numel() // self.in_features
-        if (x.device.type != "cpu" or rows > self.FEW_ROWS or n < 2 or w.dtype != torch.float32
-                or torch.is_autocast_enabled("cpu")):
-            return F.linear(x, w, self.bias)  # measured: for bf16 weights the split is slower (46 vs 53 tokens/s)
-        lead = x.shape[:-1]
-        x2 = x.reshape(rows, self.in_features)
-        if w.t().is_contiguous() and self.in_features % n == 0:
-            # (in, out) memory: n row-blocks of it, each times its slice of x; add the n partial results
-            parts = torch.bmm(x2.view(rows, n, -1).transpose(0, 1), w.t().view(n, -1, self.out_features))
-            y = parts.sum(0)
-        elif w.is_contiguous() and self.out_features % n == 0:
-            # (out, in) memory: n row-blocks of it, each gives out_features / n of the outputs
-            parts = torch.bmm(x2.expand(n, rows, -1), w.view(n, -1, self.in_features).transpose(1, 2))
-            y = parts.transpose(0, 1).reshape(rows, self.out_features)
-        else:
-            return F.linear(x, w, self.bias)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y.view(*lead, self.out_features)

@@ -3267,72 +3267,24 @@ def test_generate_save_int8_writes_a_smaller_model_that_trains_nothing(tmp_path,
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The decoding weight layout
+# Generation leaves the model as it found it
 # ---------------------------------------------------------------------------------------------------------------
 
-def test_decoding_layout_changes_memory_order_only():
-    model = tiny_model()
-    idx = torch.randint(0, TINY["vocab_size"], (1, 12))
-    with torch.no_grad():
-        before_logits = model(idx)
-    before_text = M.generate(model, idx, 8)
-    before_sd = {k: v.clone() for k, v in model.state_dict().items()}
-    assert layers.optimize_for_decoding(model) is model
-    # layers with in <= out (32 -> 32, 32 -> 128, 32 -> vocab) now hold (in, out) memory; 128 -> 32 keeps its order
-    assert model.out_head.weight.stride() == (1, TINY["vocab_size"])
-    assert model.trf_blocks[0].ff.layers[0].weight.stride() == (1, 128)
-    assert model.trf_blocks[0].att.W_query.weight.stride() == (1, 32)
-    assert model.trf_blocks[0].ff.layers[2].weight.is_contiguous()
-    assert all(type(m) is layers.DecodingLinear for m in model.modules() if isinstance(m, torch.nn.Linear))
-    before_threads = torch.get_num_threads()
-    try:
-        for threads in (1, 2, 3):  # 1: plain F.linear; 2: every layer split; 3: 32 and 128 don't split in 3 parts
-            torch.set_num_threads(threads)
-            with torch.no_grad():
-                assert torch.allclose(model(idx), before_logits, atol=1e-5)  # 12 rows: the split path
-                assert torch.allclose(model(idx[:, :1]), before_logits[:, :1], atol=1e-5)
-            assert torch.equal(M.generate(model, idx, 8), before_text)
-    finally:
-        torch.set_num_threads(before_threads)
-    # the state_dict has the same keys, shapes and values, and loads into a fresh model
-    buf = io.BytesIO()
-    torch.save(model.state_dict(), buf)
-    buf.seek(0)
-    saved = torch.load(buf, weights_only=True)
-    assert saved.keys() == before_sd.keys() and all(torch.equal(saved[k], before_sd[k]) for k in saved)
-    fresh = M.GPTModel(TINY).eval()
-    fresh.load_state_dict(saved)
-    with torch.no_grad():
-        assert torch.allclose(fresh(idx), before_logits, atol=1e-5)
-
-
-def test_decoding_linear_splits_match_f_linear():
-    torch.manual_seed(2)
-    before_threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        for in_f, out_f, bias in ((64, 48, True), (48, 64, False), (64, 37, True)):  # 37: only the input splits
-            layer = torch.nn.Linear(in_f, out_f, bias=bias)
-            fast = layers.optimize_for_decoding(torch.nn.Sequential(torch.nn.Linear(in_f, out_f, bias=bias)))[0]
-            fast.load_state_dict(layer.state_dict())  # copies the values, keeps fast's memory order
-            assert isinstance(fast, layers.DecodingLinear)
-            for shape in ((1, in_f), (3, 1, in_f), (1, 16, in_f), (2, 20, in_f)):  # 40 rows: plain F.linear
-                x = torch.randn(*shape)
-                assert torch.allclose(fast(x), layer(x), atol=1e-5), (in_f, out_f, shape)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                x = torch.randn(1, in_f)
-                assert torch.equal(fast(x), layer(x)) and fast(x).dtype == torch.bfloat16  # autocast: plain F.linear
-    finally:
-        torch.set_num_threads(before_threads)
-
-
-def test_decoding_layout_with_tied_weights():
-    model = tiny_model(1, tie_weights=True)
-    idx = torch.randint(0, TINY["vocab_size"], (1, 6))
-    before = M.generate(model, idx, 6)
-    layers.optimize_for_decoding(model)
-    assert model.out_head.weight is model.tok_emb.weight  # still one shared tensor
-    assert torch.equal(M.generate(model, idx, 6), before)
+def test_generate_changes_nothing_in_the_model():
+    """The decode path is the model's own forward: after generate() the model has the same classes, parameters
+    (values, memory layout, storage) and mode, so its training speed and its checkpoints are unaffected."""
+    model = tiny_model(tie_weights=True).train()
+    before = {k: (v.clone(), v.stride(), v.data_ptr()) for k, v in model.state_dict().items()}
+    types = [type(m) for m in model.modules()]
+    out = M.generate(model, torch.randint(0, TINY["vocab_size"], (1, 5)), 6, temperature=0.8, top_k=5,
+                     generator=torch.Generator().manual_seed(0))
+    assert out.shape == (1, 11) and model.training  # back in training mode
+    assert [type(m) for m in model.modules()] == types
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    for k, (value, stride, ptr) in before.items():
+        assert torch.equal(after[k], value) and after[k].stride() == stride and after[k].data_ptr() == ptr, k
+    assert model.out_head.weight is model.tok_emb.weight
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -3366,14 +3318,19 @@ def test_bench_rejects_bad_settings():
         bench.main(["--context_length", "16", "--prompt_tokens", "10", "--decode_tokens", "10"])
 
 
-def test_bench_reports_both_decode_layouts(tmp_path):
+def test_bench_prints_each_speed_beside_its_limit(tmp_path, capsys):
     out = tmp_path / "bench.json"
     bench.main(["--size", "tiny", "--context_length", "32", "--steps", "0", "--repeats", "1", "--decode_tokens", "3",
                 "--prompt_tokens", "4", "--matmul_size", "64", "--bandwidth_mib", "1", "--compare", "off",
                 "--int8", "false", "--json", str(out)])
-    results = json.loads(out.read_text())["results"]
-    assert results["decode_fp32_cache_tok_s"] > 0 and results["decode_fp32_cache_linear_layout_tok_s"] > 0
+    saved = json.loads(out.read_text())
+    results, limit = saved["results"], saved["limits"]
+    weights = TINY["n_layers"] * 12 * TINY["emb_dim"] ** 2 + TINY["emb_dim"] * TINY["vocab_size"]
+    assert limit["decode_fp32_cache_tok_s"] == pytest.approx(results["mem_read_gbs"] * 1e9 / (4 * weights))
     assert "train_fp32_tok_s" not in results and "decode_int8_cache_tok_s" not in results
+    row = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("decode fp32, KV cache"))
+    share = 100 * results["decode_fp32_cache_tok_s"] / limit["decode_fp32_cache_tok_s"]
+    assert f"{limit['decode_fp32_cache_tok_s']:,.1f} ({share:.0f} %)" in row
 
 
 def test_bench_waits_for_idle_cpus_and_counts_runs(tmp_path):
@@ -3384,8 +3341,9 @@ def test_bench_waits_for_idle_cpus_and_counts_runs(tmp_path):
                 "--prompt_tokens", "4", "--matmul_size", "64", "--bandwidth_mib", "1", "--compare", "off",
                 "--int8", "false", "--bf16", "off", "--compile", "off", "--wait_idle", "0.1", "--json", str(out)])
     machine = json.loads(out.read_text())["machine"]
-    # 3 matmul sizes + read + copy, 1 training step, 2 timings (1 and n tokens) for each of 3 decode entries, prefill
-    assert machine["timed_runs"] == 5 + 1 + 3 * 2 + 1
+    # 3 matmul sizes + read + copy, 1 training step, 2 timings (1 and n tokens) for each of 2 decode entries (KV
+    # cache or not), prefill
+    assert machine["timed_runs"] == 5 + 1 + 2 * 2 + 1
     assert 0 <= machine["timed_runs_on_busy_cpus"] <= machine["timed_runs"]
     assert machine["load_average_before"] is None or machine["load_average_before"] >= 0
 
