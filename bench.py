@@ -4,6 +4,7 @@
     python bench.py --size gpt2-medium --steps 2 --json bench.json
     python bench.py --bf16 on --compile on           # bf16 and compile entries even on a CPU without native bf16
     python bench.py --wait_idle 60                   # on a shared machine: time each run when the CPUs are idle
+    python bench.py --corpus my_texts/               # the token cache and training on a corpus of your own
 
 Numbers, never pass/fail: each is the median of --repeats runs (--steps for training). MFU is the model's FLOPs per
 second over the measured matmul ceiling of the dtype it trains in (fp32 or bf16), counting 6 FLOPs per matmul
@@ -13,12 +14,15 @@ each training and decoding speed stands its limit on this machine: training at t
 memory bandwidth (every weight read once per token). With transformers installed, its GPT-2 (random weights, same
 sizes) runs beside ours.
 """
+import csv
 import gc
 import json
 import os
 import platform
 import resource
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -26,7 +30,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from data import check_output, write_json
+from data import (GPTDatasetV1, TokenWindows, check_output, corpus_files, fetch_data, token_cache, write_json)
 from layers import quantize_int8
 from model import GPT_CONFIG_124M, MODEL_CONFIGS, GPTModel, count_parameters, generate
 from settings import (UserError, autocast, changed_settings, entry, get_config, has_native_bf16, keep_freed_memory,
@@ -52,6 +56,9 @@ DEFAULTS = dict(
     wait_idle=0.0,             # seconds each timed run may wait for other processes to leave the CPUs idle; 0 = off
     device="auto",             # auto | cpu | cuda | mps
     seed=123,                  # seeds the random weights and tokens
+    corpus="",                 # instead of the above: time the token cache and a tiny model's training on this
+                               # file or folder (see corpus_bench); "" = off
+    corpus_steps=200,          # --corpus: training steps of the tiny model (2 layers x 64, context 64, batch 2)
 )
 
 SIZES = [*MODEL_CONFIGS, "tiny"]
@@ -492,6 +499,121 @@ def format_table(ours, theirs, skipped, compare, limit, missing="not installed")
     return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *map(fmt, lines)])
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# --corpus: the token cache and training on a corpus of the user's size
+# ---------------------------------------------------------------------------------------------------------------
+
+# Each measurement runs in a child process of its own, which reports the seconds its work took (after its imports)
+# and its peak memory (VmHWM).
+CHILD = """
+import atexit, json, os, sys, time
+atexit.register(lambda: print("PEAK_KIB", open("/proc/self/status").read().split("VmHWM:")[1].split()[0],
+                              file=sys.stderr))
+sys.path.insert(0, {root!r})
+import data, tiktoken
+enc = tiktoken.get_encoding("gpt2")
+start = time.perf_counter()
+{body}
+print("SECONDS", time.perf_counter() - start, file=sys.stderr)
+"""
+
+TIKTOKEN_BASELINE = """
+from data import corpus_files, jsonl_blocks, safe_pieces, text_file_blocks
+root, files = corpus_files(sys.argv[1])
+batch, size, tokens = [], 0, 0
+def flush():
+    global batch, size, tokens
+    tokens += sum(map(len, enc.encode_batch(batch, num_threads=os.cpu_count(), allowed_special="all")))
+    batch, size = [], 0
+for f in files:
+    path = os.path.join(root, f["path"]) if os.path.isdir(root) else root
+    blocks = jsonl_blocks(path) if path.endswith(".jsonl") else text_file_blocks(path)
+    for piece in safe_pieces(blocks):
+        batch.append(piece)
+        size += len(piece)
+        if size > 8 << 20:
+            flush()
+flush()
+print("TOKENS", tokens, file=sys.stderr)
+"""
+
+TOKEN_CACHE = """
+c = data.token_cache(sys.argv[1], sys.argv[2], progress=False)
+print("TOKENS", len(c.tokens), file=sys.stderr)
+"""
+
+TRAIN = """
+import runpy
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def run_child(body, *args, watch=None):
+    """Run CHILD with body in a new Python -> (its report {SECONDS, PEAK_KIB, TOKENS}, seconds from start until the
+    file `watch` appeared (None without watch), stderr)."""
+    code = CHILD.format(root=os.path.dirname(os.path.abspath(__file__)), body=body)
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    seen = None
+    while watch and proc.poll() is None and seen is None:
+        if os.path.exists(watch):
+            seen = time.perf_counter() - start
+        time.sleep(0.02)
+    err = proc.communicate()[1]
+    if proc.returncode:
+        raise UserError(f"a --corpus measurement failed: {err.strip().splitlines()[-1] if err.strip() else proc.returncode}")
+    report = {k: float(v) for k, v in (ln.split()[:2] for ln in err.splitlines() if ln.split()[:1] and
+                                       ln.split()[0] in ("SECONDS", "PEAK_KIB", "TOKENS"))}
+    return report, seen, err
+
+
+def corpus_bench(cfg):
+    """Time the token cache on cfg["corpus"] against tiktoken's own batch encoding of the same text, its reuse,
+    and a tiny model's training on it (time to the first step, tokens/s, peak memory), beside the same model on
+    the-verdict; the loaders' own speed, memory map against GPTDatasetV1's in-memory tensor."""
+    corpus = cfg["corpus"]
+    mb = sum(f["size"] for f in corpus_files(corpus)[1]) / 1e6
+    work = tempfile.mkdtemp(prefix="bench-corpus-")
+    rows = {}
+    base, _, _ = run_child(TIKTOKEN_BASELINE, corpus)
+    rows["tiktoken encode_batch"] = (base["SECONDS"], base["PEAK_KIB"], f"{base['TOKENS']:,.0f} tokens")
+    build, _, _ = run_child(TOKEN_CACHE, corpus, os.path.join(work, "cache"))
+    rows["token cache, first run"] = (build["SECONDS"], build["PEAK_KIB"],
+                                      f"{build['SECONDS'] / base['SECONDS']:.2f}x tiktoken's time")
+    reuse, _, _ = run_child(TOKEN_CACHE, corpus, os.path.join(work, "cache"))
+    rows["token cache, reused"] = (reuse["SECONDS"], reuse["PEAK_KIB"], "")
+    verdict = fetch_data("the-verdict.txt")
+    for name, data_path in (("corpus", corpus), ("the-verdict", verdict)):
+        out = os.path.join(work, f"run-{name}")
+        args = ["--data", data_path, "--cache_dir", os.path.join(work, "cache"), "--out_dir", out, "--n_layers", "2",
+                "--emb_dim", "64", "--n_heads", "2", "--context_length", "64", "--batch_size", "2", "--max_steps",
+                str(cfg["corpus_steps"]), "--eval_freq", str(cfg["corpus_steps"]), "--eval_iters", "10",
+                "--sample_prompt", "", "--quiet", "--dtype", "float32", "--device", "cpu"]
+        train, first, _ = run_child(TRAIN, os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrain.py"),
+                                    *args, watch=os.path.join(out, "settings.json"))
+        with open(os.path.join(out, "log.csv"), newline="") as f:
+            last = list(csv.DictReader(f))[-1]
+        rows[f"train on {name}: start to first step"] = (first, train["PEAK_KIB"],
+                                                         f"{float(last['tokens_per_s']):,.0f} tokens/s of training")
+    tokens = token_cache(verdict, os.path.join(work, "cache"), progress=False).tokens
+    for name, dataset in (("memory map (TokenWindows)", TokenWindows(tokens, 64, 64)),
+                          ("in-memory tensor (GPTDatasetV1)", GPTDatasetV1(tokens.tolist(), None, 64, 64))):
+        loader = torch.utils.data.DataLoader(dataset, batch_size=2, shuffle=True, drop_last=True)
+        seconds = median_time(lambda: sum(1 for _ in loader), 5, torch.device("cpu"))
+        rows[f"loader alone, {name}"] = (seconds / len(loader), None, f"{2 * 64 * len(loader) / seconds:,.0f} tokens/s")
+    shutil.rmtree(work, ignore_errors=True)
+    print(f"\n{corpus}: {mb:,.1f} MB\n")
+    width = max(map(len, rows))
+    print(f"{'':{width}}  {'seconds':>10}  {'peak RSS':>10}")
+    for name, (seconds, peak, note_text) in rows.items():
+        peak_text = f"{peak / 1024:,.0f} MiB" if peak else ""
+        print(f"{name:{width}}  {seconds:>10.3f}  {peak_text:>10}  {note_text}")
+    return {name: {"seconds": s, "peak_mib": p and p / 1024, "note": n} for name, (s, p, n) in rows.items()}
+
+
+
 def main(argv=None):
     cfg = get_config(DEFAULTS, argv, __doc__, check=check_settings)
     torch.manual_seed(cfg["seed"])
@@ -501,6 +623,13 @@ def main(argv=None):
     if device.type == "cpu":
         keep_freed_memory()  # as the training scripts do (trainer.train_model); it applies to transformers too
     check_output(cfg["json"] if cfg["json"] != "-" else "", "--json", can_force=False)  # before the long work
+    if cfg["corpus"]:
+        result = {"corpus": cfg["corpus"], "settings": cfg, "results": corpus_bench(cfg)}
+        if cfg["json"] == "-":
+            print(json.dumps(result, indent=1))
+        elif cfg["json"]:
+            write_json(cfg["json"], result)
+        return result
     flags, skipped = plan(cfg, device)
     mcfg = model_config(cfg["size"], cfg["context_length"])
     with torch.device("meta"):
