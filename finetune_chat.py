@@ -943,8 +943,8 @@ def run_rl(cfg, device, dtype, run):
     units = PromptUnits(prompts["train"], cfg, world_size())
     if len(units) == 0:
         raise UserError(f"{len(prompts['train'])} training prompts fit the context with --max_new_tokens "
-                        f"{cfg['max_new_tokens']}, fewer than --prompts_per_step {cfg['prompts_per_step']} per process: "
-                        f"add records or lower --prompts_per_step / --max_new_tokens")
+                        f"{cfg['max_new_tokens']}, fewer than --prompts_per_step {cfg['prompts_per_step']} per "
+                        f"process: add records or lower --prompts_per_step / --max_new_tokens")
     train_loader = DataLoader(units, batch_size=1, shuffle=False, collate_fn=lambda items: items[0])
     if cfg["dry_run"]:
         return print_dry_run(policy.cfg, cfg, len(train_loader), dtype, device, context_length=max_len,

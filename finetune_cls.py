@@ -387,6 +387,8 @@ def run_save_int8(checkpoint, out):
 
 
 SPLITS = ("train.csv", "validation.csv", "test.csv")
+PLOTS = (("loss-plot.png", ("train_loss", "val_loss"), "loss"),
+         ("accuracy-plot.png", ("train_acc", "val_acc"), "accuracy"))
 
 
 def run_training(cfg, checkpoint, device, dtype, command=""):
@@ -464,8 +466,7 @@ def train_classifier(cfg, checkpoint, device, dtype, run):
     if cfg["epochs"]:
         rows = train_model(model, train_loader, cfg, loss_fn=lambda m, b: calc_loss_batch(b, m, device),
                            eval_fn=eval_fn, device=device, dtype=dtype, kind="cls", extra=extra, run=run,
-                           on_epoch_end=on_epoch_end, plots=(("loss-plot.png", ("train_loss", "val_loss"), "loss"),
-                                                             ("accuracy-plot.png", ("train_acc", "val_acc"), "accuracy")))
+                           on_epoch_end=on_epoch_end, plots=PLOTS)
         if run.finished:
             return {}
     run.started()  # --epochs 0 writes its metrics and splits too

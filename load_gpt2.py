@@ -24,8 +24,8 @@ import torch.nn as nn
 from data import (ALPACA_INTRO, EOT_ID, RESPONSE_HEADER, TEMPLATE_NAME, DownloadError, atomic_write, check_output,
                   check_parent, download, get_tokenizer, json_depth, parse_json, save_pth, sha256_of, write_json)
 from layers import add_lora, is_int8_state_dict, merge_lora, quantize_int8
-from model import (GPT_CONFIG_124M, HEADS_FOR_WIDTH, CheckpointError, GPTModel, checkpoint_config, checkpoint_dict,
-                   count_parameters, empty_model, load_state, read_checkpoint)
+from model import (GPT_CONFIG_124M, HEADS_FOR_WIDTH, CheckpointError, GPTModel, check_config, checkpoint_dict,
+                   count_parameters, empty_model, infer_config, load_state, read_checkpoint)
 from settings import UserError, entry, few, get_config
 
 DEFAULTS = dict(
@@ -643,6 +643,28 @@ def load_pth(path, cfg_overrides=None, int8_ok=False, allow_classifier=False):
         quantize_int8(model, quantize=False)  # written from a quantize_int8 model: the same int8 layers to load into
     load_state(model, ckpt["model"], path)
     return model.eval(), ckpt
+
+
+def checkpoint_config(ckpt, source, overrides=None):
+    """The model config of a read_checkpoint() dict, type- and range-checked and checked against its tensors'
+    shapes before anything is allocated (a config of 10^9 layers is refused, not built)."""
+    overrides = overrides or {}
+    if ckpt["config"] is None:
+        cfg = {**infer_config(ckpt["model"], overrides.get("n_heads")), **overrides}
+    elif not isinstance(ckpt["config"], dict):
+        raise CheckpointError(f"{source}: its config is a {type(ckpt['config']).__name__}, not a dict")
+    else:
+        cfg = {**ckpt["config"], **overrides}
+    try:
+        check_config(cfg)
+    except ValueError as e:
+        raise CheckpointError(f"{source}: {e}") from None
+    shapes = infer_config(ckpt["model"], n_heads=1)  # one head divides any width: only the shapes matter here
+    wrong = [f"{k} {cfg[k]} (tensors: {shapes[k]})" for k in ("vocab_size", "context_length", "emb_dim", "n_layers")
+             if cfg[k] != shapes[k]]
+    if wrong:
+        raise CheckpointError(f"{source}: its config contradicts its tensors: {', '.join(wrong)}")
+    return cfg
 
 
 def refuse_foreign(raw, path):

@@ -1,13 +1,11 @@
 """GPT-2 in plain PyTorch: the model, a KV cache, sampling and generation, and a small load/save of .pth files.
-
-This file imports only torch and the standard library, so it can be copied alone into another project:
+It imports only torch and the standard library, so it can be copied alone into another project:
 
     from model import GPTModel, MODEL_CONFIGS, generate
-    model = GPTModel(MODEL_CONFIGS["gpt2"])
-    out = generate(model, idx, max_new_tokens=20, context_size=1024, temperature=0.8, top_k=50)
+    out = generate(GPTModel(MODEL_CONFIGS["gpt2"]), idx, max_new_tokens=20, temperature=0.8, top_k=50)
 
-Module and parameter names follow the book *Build a Large Language Model (From Scratch)* (tok_emb, pos_emb,
-trf_blocks, att.W_query, ff.layers, norm1.scale, final_norm, out_head, ...), so its checkpoints load unchanged.
+Names follow the book *Build a Large Language Model (From Scratch)* (tok_emb, pos_emb, trf_blocks, att.W_query,
+ff.layers, norm1.scale, final_norm, out_head, ...), so its checkpoints load unchanged.
 """
 import math
 import os
@@ -51,9 +49,8 @@ def check_config(cfg):
         raise ValueError(f"emb_dim {cfg['emb_dim']} must be divisible by n_heads {cfg['n_heads']}")
     if type(cfg["drop_rate"]) not in (int, float) or not 0 <= cfg["drop_rate"] < 1:
         raise ValueError(f"model config drop_rate must be a number in [0, 1), got {cfg['drop_rate']!r}")
-    if type(cfg["qkv_bias"]) is not bool or type(cfg.get("tie_weights", False)) is not bool:
-        raise ValueError(f"model config qkv_bias and tie_weights must be true or false, got {cfg['qkv_bias']!r}, "
-                         f"{cfg.get('tie_weights')!r}")
+    if {type(cfg["qkv_bias"]), type(cfg.get("tie_weights", False))} != {bool}:
+        raise ValueError("model config qkv_bias and tie_weights must be true or false")
 
 
 # --- Building blocks --------------------------------------------------------------------------------------------------
@@ -92,11 +89,8 @@ class FeedForward(nn.Module):
 
 
 class MultiHeadAttention(nn.Module):
-    """Causal multi-head self-attention.
-
-    Two paths that give the same numbers: `fused=True` (default) calls scaled_dot_product_attention, which picks a
-    flash or memory-efficient kernel; `fused=False` spells every step out as in the book.
-    """
+    """Causal multi-head self-attention, by two paths that give the same numbers: fused=True (default) calls
+    scaled_dot_product_attention's flash or memory-efficient kernels; fused=False spells every step out as the book."""
 
     def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False):
         super().__init__()
@@ -238,10 +232,8 @@ class _LayerCache:
 
 
 class KVCache:
-    """Keys and values of every layer for the tokens seen so far, so each new token costs one position of work.
-
-    `ids` holds the tokens the cache covers, which lets generate() reuse the longest shared prefix of a new prompt.
-    """
+    """Keys and values of every layer for the tokens seen so far, so each new token costs one position of work;
+    `ids` holds those tokens, which lets generate() reuse the longest prefix a new prompt shares with them."""
 
     def __init__(self, model, batch_size=1, max_len=None, dtype=None):
         cfg = model.cfg
@@ -273,10 +265,8 @@ class KVCache:
 
 def sample_next_token(logits, temperature=0.0, top_k=None, top_p=None, generator=None, *, prev_ids=None,
                       repetition_penalty=1.0):
-    """logits (B, vocab) -> next ids (B, 1). temperature 0 = greedy; top_k/top_p None or 0 = off.
-
-    repetition_penalty > 1 makes the tokens in prev_ids (B, T) less likely (see apply_repetition_penalty); 1 = off.
-    """
+    """logits (B, vocab) -> next ids (B, 1). temperature 0 = greedy; top_k/top_p None or 0 = off; repetition_penalty
+    > 1 makes the tokens in prev_ids (B, T) less likely (apply_repetition_penalty), 1 = off."""
     if not (temperature >= 0 and (top_p is None or 0 < top_p <= 1) and (top_k is None or top_k >= 0)):
         raise ValueError(f"need temperature >= 0, top_p in (0, 1], top_k >= 0; got {temperature}, {top_p}, {top_k}")
     logits = logits.float()
@@ -312,12 +302,9 @@ def apply_repetition_penalty(logits, prev_ids, penalty):
 @torch.no_grad()
 def generate_stream(model, idx, max_new_tokens, context_size=None, temperature=0.0, top_k=None, top_p=None,
                     eos_id=None, kv_cache=None, use_cache=True, generator=None, stop_ids=None, repetition_penalty=1.0):
-    """Yield next-token ids (B, 1) one step at a time; the arguments are those of generate().
-
-    Each step sees at most the last context_size tokens. While the sequence fits, the KV cache makes a step cost one
-    position; once the window slides, every position moves, so the window is recomputed each step (the numbers stay
-    those of full recomputation). Stops early when every row has produced eos_id (or one of stop_ids).
-    """
+    """Yield next-token ids (B, 1) one step at a time; the arguments are those of generate(). Each step sees the last
+    context_size tokens: while the sequence fits, the KV cache makes a step cost one position; once the window slides
+    every position moves, so it is recomputed. Stops once every row has produced eos_id (or one of stop_ids)."""
     context_size = min(context_size or model.cfg["context_length"], model.cfg["context_length"])
     was_training = model.training
     model.eval()
@@ -350,12 +337,9 @@ def generate_stream(model, idx, max_new_tokens, context_size=None, temperature=0
 
 def generate(model, idx, max_new_tokens, context_size=None, temperature=0.0, top_k=None, top_p=None, eos_id=None,
              use_cache=True, generator=None, repetition_penalty=1.0):
-    """Extend idx (B, T) by up to max_new_tokens sampled tokens and return the longer (B, T + n) tensor.
-
-    temperature 0 = greedy; top_k keeps the k most likely tokens; top_p keeps the smallest set holding that much
-    probability (nucleus sampling); a prompt longer than context_size is cropped from the left for the model's view;
-    repetition_penalty > 1 discourages tokens already in the sequence (prompt included), 1 = off.
-    """
+    """Extend idx (B, T) by up to max_new_tokens sampled tokens -> (B, T + n). temperature 0 = greedy; top_k keeps the
+    k most likely tokens; top_p the smallest set holding that much probability (nucleus); a prompt longer than
+    context_size is cropped from the left; repetition_penalty > 1 discourages tokens already in the text."""
     new = list(generate_stream(model, idx, max_new_tokens, context_size, temperature, top_k, top_p, eos_id,
                                use_cache=use_cache, generator=generator, repetition_penalty=repetition_penalty))
     return torch.cat([idx, *new], dim=1) if new else idx
@@ -387,9 +371,8 @@ def save_checkpoint(path, model, kind="pretrain", **extra):
 
 
 def read_checkpoint(path, check=None):
-    """Load a .pth without unpickling code (weights_only=True), tensors memory-mapped. Returns a dict; a bare
-    state_dict comes back as {"model": state_dict, "config": None, "kind": None}. check(loaded object), when
-    given, may refuse the file before it is interpreted."""
+    """Load a .pth without unpickling code (weights_only=True), tensors memory-mapped -> dict; a bare state_dict
+    comes back as {"model": sd, "config": None, "kind": None}. check(loaded), if given, may refuse it first."""
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint at {path}")
     if os.path.getsize(path) == 0:
@@ -412,49 +395,21 @@ def read_checkpoint(path, check=None):
     raise CheckpointError(f"{path} is neither one of our checkpoints nor a state_dict")
 
 
-def shape_config(state_dict):
-    """What a GPTModel state_dict's tensors fix: vocab_size, context_length, emb_dim, n_layers, qkv_bias."""
+def infer_config(state_dict, n_heads=None):
+    """A config for a bare state_dict, read off its tensors' shapes (drop_rate 0). n_heads cannot be read off
+    shapes: it comes from the argument or from the standard GPT-2 sizes."""
     sd = clean_state_dict(state_dict)
     if getattr(sd.get("tok_emb.weight"), "dim", lambda: 0)() != 2 or "pos_emb.weight" not in sd:
         raise CheckpointError("the state_dict has no 2-D tok_emb.weight and pos_emb.weight: not a GPTModel")
     vocab, emb = sd["tok_emb.weight"].shape
-    return {"vocab_size": vocab, "context_length": sd["pos_emb.weight"].shape[0], "emb_dim": emb,
-            "n_layers": len({k.split(".")[1] for k in sd if k.startswith("trf_blocks.")}),
-            "qkv_bias": "trf_blocks.0.att.W_query.bias" in sd}
-
-
-def infer_config(state_dict, n_heads=None):
-    """A config for a bare state_dict (drop_rate 0). n_heads cannot be read off shapes: it comes from the argument
-    or from the standard GPT-2 sizes."""
-    cfg = shape_config(state_dict)
-    heads = n_heads or HEADS_FOR_WIDTH.get(cfg["emb_dim"])
-    if heads is None:
-        raise CheckpointError(f"cannot tell n_heads for emb_dim {cfg['emb_dim']} from a bare state_dict: pass n_heads "
+    heads = n_heads or HEADS_FOR_WIDTH.get(emb)
+    if heads is None or emb % heads:
+        raise CheckpointError(f"n_heads {heads} does not divide emb_dim {emb}: pick one that does" if heads else
+                              f"cannot tell n_heads for emb_dim {emb} from a bare state_dict: pass n_heads "
                               f"(generate.py --n_heads)")
-    if cfg["emb_dim"] % heads:
-        raise CheckpointError(f"n_heads {heads} does not divide emb_dim {cfg['emb_dim']}: pick one that does")
-    return {**cfg, "n_heads": heads, "drop_rate": 0.0, "tie_weights": False}
-
-
-def checkpoint_config(ckpt, source, overrides=None):
-    """The model config of a read_checkpoint() dict, checked against its tensors before anything is allocated."""
-    overrides = overrides or {}
-    if ckpt["config"] is None:
-        cfg = {**infer_config(ckpt["model"], overrides.get("n_heads")), **overrides}
-    elif not isinstance(ckpt["config"], dict):
-        raise CheckpointError(f"{source}: its config is a {type(ckpt['config']).__name__}, not a dict")
-    else:
-        cfg = {**ckpt["config"], **overrides}
-    try:
-        check_config(cfg)
-    except ValueError as e:
-        raise CheckpointError(f"{source}: {e}") from None
-    shapes = shape_config(ckpt["model"])
-    wrong = [f"{k} {cfg[k]} (tensors: {shapes[k]})" for k in ("vocab_size", "context_length", "emb_dim", "n_layers")
-             if cfg[k] != shapes[k]]
-    if wrong:
-        raise CheckpointError(f"{source}: its config contradicts its tensors: {', '.join(wrong)}")
-    return cfg
+    return {"vocab_size": vocab, "context_length": sd["pos_emb.weight"].shape[0], "emb_dim": emb, "n_heads": heads,
+            "n_layers": len({k.split(".")[1] for k in sd if k.startswith("trf_blocks.")}), "drop_rate": 0.0,
+            "qkv_bias": "trf_blocks.0.att.W_query.bias" in sd, "tie_weights": False}
 
 
 def empty_model(cfg, device="cpu"):
@@ -472,7 +427,8 @@ def load_state(model, state_dict, source="checkpoint"):
     sd = {k: v for k, v in clean_state_dict(state_dict).items() if not k.endswith("att.mask")}
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
-    wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape]
+    wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own
+             if k in sd and sd[k].shape != own[k].shape]
     parts = [f"{what} {', '.join(names[:4])}" + (f" (+{len(names) - 4} more)" if len(names) > 4 else "")
              for what, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if names]
     if parts:
@@ -484,7 +440,8 @@ def load_state(model, state_dict, source="checkpoint"):
 def load_model(path, device="cpu", cfg_overrides=None):
     """A GPTModel in eval mode from a .pth (ours, or a bare state_dict) -> (model, checkpoint dict).
     Call model.train() to train it further."""
-    ckpt = read_checkpoint(path)
-    model = empty_model(checkpoint_config(ckpt, path, cfg_overrides))
+    ckpt, overrides = read_checkpoint(path), cfg_overrides or {}
+    cfg = {**(ckpt["config"] or infer_config(ckpt["model"], overrides.get("n_heads"))), **overrides}
+    model = empty_model(cfg)
     load_state(model, ckpt["model"], path)
     return model.to(device).eval(), ckpt

@@ -277,8 +277,8 @@ def describe_device(device, dtype, asked="auto"):
     why = ""
     if asked == "auto":
         where = "GPU" if device.type == "cuda" else "CPU" if device.type == "cpu" else device.type
-        why = (f" (auto: this {where} multiplies bf16 natively; --dtype float32 to keep fp32)" if dtype is torch.bfloat16
-               else f" (auto: this {where} has no native bf16 matmuls)")
+        why = (f" (auto: this {where} multiplies bf16 natively; --dtype float32 to keep fp32)"
+               if dtype is torch.bfloat16 else f" (auto: this {where} has no native bf16 matmuls)")
     return f"device {device}, dtype {dtype_name(dtype)}{why}"
 
 

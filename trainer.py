@@ -34,7 +34,8 @@ from tqdm import tqdm
 
 from data import atomic_write, check_parent, remove_stale_tmp, save_pth, write_json
 from load_gpt2 import init_model
-from model import MODEL_CONFIGS, GPTModel, checkpoint_dict, clean_state_dict, count_parameters, load_state, read_checkpoint
+from model import (MODEL_CONFIGS, GPTModel, checkpoint_dict, clean_state_dict, count_parameters, load_state,
+                   read_checkpoint)
 from settings import UserError, autocast, keep_freed_memory
 
 TRAIN_STATE = "model_and_optimizer.pth"  # everything --resume needs
