@@ -157,17 +157,25 @@ def _typed(default):
 
 
 def setting_comments(source_file):
-    """name -> the comment of each `name=value,  # comment` line (keyword style, as in a dict(...) of settings)."""
+    """name -> the comment of each `name=value,  # comment` line (keyword style, as in a dict(...) of settings),
+    with the comment-only lines right below it that continue it."""
     try:
         with open(source_file, encoding="utf-8") as f:
             lines = f.read().splitlines()
     except (OSError, TypeError):
         return {}
-    found = {}
+    found, last = {}, None
     for line in lines:
         m = re.match(r"^\s+(\w+)=.*?#\s*(.+)$", line)
+        more = re.match(r"^\s+#\s*(.+)$", line)
         if m:
-            found.setdefault(m.group(1), m.group(2).strip())
+            last = m.group(1) if m.group(1) not in found else None
+            if last:
+                found[last] = m.group(2).strip()
+        elif more and last:
+            found[last] += " " + more.group(1).strip()
+        else:
+            last = None
     return found
 
 
