@@ -7,7 +7,7 @@ labelled CSVs, instructions, preferences), readers of text/CSV/JSON, verified do
 
     from data import token_cache, split_point, TokenWindows, RandomWindows
     tokens = token_cache("my_texts/").tokens        # tokenized once, memory-mapped on later runs
-    split = split_point(len(tokens), 0.9)
+    split = split_point(cache, 0.9)                 # = token_cache("my_texts/"); tokens = cache.tokens
     train = RandomWindows(tokens, max_length=1024, end=split, seed=epoch)
     val = TokenWindows(tokens, max_length=1024, stride=1024, start=split)
 """
@@ -170,11 +170,12 @@ def load_text(path):
 # ids with a JSON description beside it, memory-mapped on every later start; windows over the ids for training
 # ---------------------------------------------------------------------------------------------------------------
 
-CACHE_FORMAT = 1                              # bump when the token file or its metadata changes meaning
+CACHE_FORMAT = 2                              # bump when the token file or its metadata changes meaning
 CORPUS_SUFFIXES = (".txt", ".md", ".jsonl")   # what a --data folder is searched for
 READ_BYTES = 1 << 20                          # bytes read from a source file at a time
 PIECE_CHARS = 1 << 20                         # characters per tokenizer call (more only where no safe cut comes)
 TOKENIZER_THREADS = None                      # threads tokenizing at once; None = every core this process may use
+INDEX_TOKENS = 1 << 20                        # tokens between the (token, character) marks a file's entry keeps
 EOT_TEXT = "<|endoftext|>"                    # the separator between documents, as text
 GPT2_N_VOCAB = 50257
 
@@ -437,8 +438,9 @@ def _cached_or_built(data_path, root, files, bin_path, meta_path, text_field, pr
 
 
 def cache_meta(root, text_field, files):
-    """The metadata of a token cache. files: per source file its path, size, mtime_ns, and the offset and count
-    of its tokens (the <|endoftext|> before a file belongs to neither file)."""
+    """The metadata of a token cache. files: per source file its path, size, mtime_ns, the offset and count of
+    its tokens (the <|endoftext|> before a file belongs to neither file), its characters, and an index of
+    [token, character] marks within it, about every INDEX_TOKENS tokens (split_point starts counting there)."""
     return {"format": CACHE_FORMAT, "tokenizer": "gpt2", "n_vocab": GPT2_N_VOCAB, "separator_id": EOT_ID,
             "dtype": "uint16", "n_tokens": sum(f["n_tokens"] for f in files) + max(len(files) - 1, 0),
             "source": root, "text_field": text_field, "files": files}
@@ -537,16 +539,19 @@ def tokenize_files(root, files, out, text_field, progress, offset=0, after=False
     tokenizer = get_tokenizer()
     assert tokenizer.name == "gpt2" and tokenizer.n_vocab == GPT2_N_VOCAB < 2 ** 16
     threads = TOKENIZER_THREADS or cpu_count()
-    entries, waiting = [], deque()  # waiting: (entry, future of its piece's ids), in file order
+    entries, waiting = [], deque()  # waiting: (entry, characters, future of the piece's ids), in file order
     separator = np.array([EOT_ID], dtype=np.uint16)
     name = os.path.basename(root)
     start = time.time()
 
     def write_oldest():
-        entry, ids = waiting.popleft()
+        entry, chars, ids = waiting.popleft()
         ids = ids.result()
         if entry is not None:
+            if entry["n_tokens"] >= entry["index"][-1][0] + INDEX_TOKENS:  # a mark to start counting from
+                entry["index"].append([entry["n_tokens"], entry["n_chars"]])
             entry["n_tokens"] += len(ids)
+            entry["n_chars"] += chars
         out.write(ids.tobytes())
 
     with ThreadPoolExecutor(threads) as pool, tqdm(
@@ -554,15 +559,15 @@ def tokenize_files(root, files, out, text_field, progress, offset=0, after=False
             desc=f"tokenizing {name}", disable=not (progress and sys.stderr.isatty()), leave=False,
             file=sys.stderr) as bar:
         for f in files:
-            entry = dict(f, offset=None, n_tokens=0)
+            entry = dict(f, offset=None, n_tokens=0, n_chars=0, index=[[0, 0]])
             if after or entries:
-                waiting.append((None, pool.submit(lambda: separator)))
+                waiting.append((None, 0, pool.submit(lambda: separator)))
             entries.append(entry)
             path = os.path.join(root, f["path"]) if os.path.isdir(root) else root
             blocks = (jsonl_blocks(path, text_field, bar) if path.lower().endswith(".jsonl")
                       else text_file_blocks(path, bar))
             for piece in safe_pieces(blocks):
-                waiting.append((entry, pool.submit(piece_ids, tokenizer, piece)))
+                waiting.append((entry, len(piece), pool.submit(piece_ids, tokenizer, piece)))
                 while len(waiting) > 2 * threads:
                     write_oldest()
         while waiting:
@@ -621,9 +626,49 @@ def _exclusive_lock(path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def split_point(n_tokens, train_ratio):
-    """The token position where validation starts: train on [0, split), validate on [split, n_tokens)."""
-    return int(n_tokens * train_ratio)
+def split_point(cache, train_ratio):
+    """The token where validation starts: the one holding the character at train_ratio of the corpus's text (the
+    separators count as the 13 characters of "<|endoftext|>"). A one-file corpus then splits where the book splits
+    its text before tokenizing it, text[:int(train_ratio * len(text))]; train on [0, split), validate on the rest."""
+    files, tokens = cache.meta["files"], cache.tokens
+    sep = len(EOT_TEXT)
+    target = int(train_ratio * (sum(f["n_chars"] for f in files) + sep * (len(files) - 1)))
+    seen = 0  # characters before the current file
+    for i, f in enumerate(files):
+        if i:
+            seen += sep
+            if target < seen:
+                return f["offset"] - 1  # the separator before this file
+        if target < seen + f["n_chars"]:
+            token, chars = max((m for m in f["index"] if m[1] <= target - seen), key=lambda m: m[0])
+            return f["offset"] + token + _tokens_within(tokens[f["offset"] + token:], target - seen - chars)
+        seen += f["n_chars"]
+    return len(tokens)
+
+
+def _tokens_within(tokens, chars):
+    """How many tokens from the start of `tokens` end within its first `chars` characters."""
+    counts, done = _char_counts(), 0
+    for start in range(0, len(tokens), INDEX_TOKENS):
+        ends = np.cumsum(counts[np.asarray(tokens[start:start + INDEX_TOKENS])])
+        n = int(np.searchsorted(ends, chars - done, side="right"))
+        if n < len(ends):
+            return start + n
+        done += int(ends[-1])
+    return len(tokens)
+
+
+_CHAR_COUNTS = None
+
+
+def _char_counts():
+    """Characters of each GPT-2 token: its UTF-8 bytes that start a character (not 10xxxxxx continuation bytes)."""
+    global _CHAR_COUNTS
+    if _CHAR_COUNTS is None:
+        tokenizer = get_tokenizer()
+        _CHAR_COUNTS = np.array([sum(b & 0xC0 != 0x80 for b in tokenizer.decode_single_token_bytes(i))
+                                 for i in range(tokenizer.n_vocab)], dtype=np.int64)
+    return _CHAR_COUNTS
 
 
 class _TokenSpan(Dataset):

@@ -701,6 +701,23 @@ def split_data(records, cfg):
     return train, test, val
 
 
+def preference_loaders(train, val, test, cfg, max_len):
+    """({split: DataLoader in file order}, the shuffled training DataLoader) of preference pairs; the test split may
+    be empty, the others may not."""
+    collate = partial(preference_collate_fn, allowed_max_length=max_len)
+    loaders = {}
+    for split, records in (("train", train), ("val", val), ("test", test)):
+        dataset = PreferenceDataset(records, max_length=max_len)
+        report_cut(f"{split} split", dataset, max_len)
+        if len(dataset) == 0 and split != "test":
+            raise UserError(f"the {split} split has no usable record: raise --allowed_max_length or add records")
+        if len(dataset):
+            loaders[split] = DataLoader(dataset, cfg["batch_size"], shuffle=False, collate_fn=collate)
+    train_loader = DataLoader(loaders["train"].dataset, cfg["batch_size"], shuffle=True, drop_last=True,
+                              collate_fn=collate)
+    return loaders, train_loader
+
+
 def report_cut(name, dataset, max_length):
     if dataset.truncated or dataset.skipped:
         print(f"{name}: {dataset.truncated} records longer than {max_length} tokens are cut to it"
@@ -800,17 +817,7 @@ def run_dpo(cfg, device, dtype, run):
     reference_params = count_parameters(policy)
     reference = None if cfg["dry_run"] else copy.deepcopy(policy).to(device).eval().requires_grad_(False)
     max_len = min(cfg["allowed_max_length"], policy.cfg["context_length"])
-    collate = partial(preference_collate_fn, allowed_max_length=max_len)
-    loaders = {}
-    for split, records in (("train", train), ("val", val), ("test", test)):
-        dataset = PreferenceDataset(records, max_length=max_len)
-        report_cut(f"{split} split", dataset, max_len)
-        if len(dataset) == 0 and split != "test":
-            raise UserError(f"the {split} split has no usable record: raise --allowed_max_length or add records")
-        if len(dataset):
-            loaders[split] = DataLoader(dataset, cfg["batch_size"], shuffle=False, collate_fn=collate)
-    train_loader = DataLoader(loaders["train"].dataset, cfg["batch_size"], shuffle=True, drop_last=True,
-                              collate_fn=collate)
+    loaders, train_loader = preference_loaders(train, val, test, cfg, max_len)
     if cfg["trainable"] == "lora":
         add_adapters(policy, cfg)
     if cfg["dry_run"]:
@@ -872,17 +879,7 @@ def run_rm(cfg, device, dtype, run):
     train, test, val = split_data(load_preference_records(path), cfg)
     model = add_reward_head(build_policy(cfg, device))
     max_len = min(cfg["allowed_max_length"], model.cfg["context_length"])
-    collate = partial(preference_collate_fn, allowed_max_length=max_len)
-    loaders = {}
-    for split, records in (("train", train), ("val", val), ("test", test)):
-        dataset = PreferenceDataset(records, max_length=max_len)
-        report_cut(f"{split} split", dataset, max_len)
-        if len(dataset) == 0 and split != "test":
-            raise UserError(f"the {split} split has no usable record: raise --allowed_max_length or add records")
-        if len(dataset):
-            loaders[split] = DataLoader(dataset, cfg["batch_size"], shuffle=False, collate_fn=collate)
-    train_loader = DataLoader(loaders["train"].dataset, cfg["batch_size"], shuffle=True, drop_last=True,
-                              collate_fn=collate)
+    loaders, train_loader = preference_loaders(train, val, test, cfg, max_len)
     if cfg["trainable"] == "lora":
         add_adapters(model, cfg)
         model.out_head.requires_grad_(True)  # the new head always trains

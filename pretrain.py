@@ -42,7 +42,7 @@ DEFAULTS = dict(
     drop_rate=0.1,             # dropout probability; 0 = off
     qkv_bias=False,            # bias in the query/key/value projections
     tie_weights=False,         # output layer shares the token embedding (as GPT-2 does)
-    train_ratio=0.9,           # share of the tokens that trains (the first ones); the rest validates
+    train_ratio=0.9,           # share of the text that trains (the first ones, by characters); the rest validates
     windows="auto",            # sliding (every --stride tokens, reshuffled each epoch, as the book) | random (at
                                # random offsets, for corpora too big to shuffle) | auto (random above 10M windows)
     stride=0,                  # tokens between sliding window starts; 0 = context_length (no overlap)
@@ -78,20 +78,20 @@ def generate_and_print_sample(model, start_context, device, max_new_tokens=50, w
 
 
 
-def load_tokens(cfg):
-    """The corpus as token ids (a uint16 memory map), tokenized on the first run and read from the cache after."""
+def load_cache(cfg):
+    """The corpus as a token cache (ids in a uint16 memory map), tokenized on the first run, read from it after."""
     path = cfg["data"]
     with local_main_first():  # under torchrun one process per machine downloads, the others then find the file
         if path in DATA_FILES and not os.path.exists(path):
             path = fetch_data(path)
         cache = token_cache(path, cfg["cache_dir"] or None, cfg["text_field"], progress=not cfg["quiet"])
     print(f"data: {path}, {len(cache.tokens):,} tokens in {len(cache.meta['files'])} file(s), cached in {cache.path}")
-    return cache.tokens
+    return cache
 
 
-def make_loaders(tokens, cfg):
-    """Split the tokens by position (train_ratio) and window them into train and validation loaders."""
-    split, n = split_point(len(tokens), cfg["train_ratio"]), cfg["context_length"]
+def make_loaders(cache, cfg):
+    """Split the tokens at train_ratio of the text and window them into train and validation loaders."""
+    tokens, split, n = cache.tokens, split_point(cache, cfg["train_ratio"]), cfg["context_length"]
     stride = cfg["stride"] or n
     if split < n + 1:
         raise UserError(f"training text too short: need at least context_length+1 = {n + 1} tokens, got {split}; "
@@ -120,7 +120,7 @@ def main(argv=None):
     trains = not (cfg["dry_run"] or cfg["epochs"] == 0)  # the other two only print
     outputs = [os.path.join(cfg["out_dir"], "model.pth")]
     with RunFolder(cfg, outputs, command_line(__file__, argv)) if trains else contextlib.nullcontext() as run:
-        train_loader, val_loader = make_loaders(load_tokens(cfg), cfg)
+        train_loader, val_loader = make_loaders(load_cache(cfg), cfg)
         if cfg["dry_run"]:
             model_cfg = model_config(cfg) if cfg["init"] == "scratch" else build_model(cfg)[0].cfg
             return print_dry_run(model_cfg, cfg, len(train_loader), dtype, device)

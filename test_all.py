@@ -700,7 +700,8 @@ def test_single_file_gives_tiktokens_ids(tmp_path, verdict):
     assert meta["source"] == os.path.abspath(verdict) and meta["n_tokens"] == len(c.tokens)
     st = os.stat(verdict)
     assert meta["files"] == [{"path": "the-verdict.txt", "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-                              "offset": 0, "n_tokens": len(c.tokens)}]
+                              "offset": 0, "n_tokens": len(c.tokens), "n_chars": len(open(verdict).read()),
+                              "index": [[0, 0]]}]
 
 
 def test_folder_joins_documents_like_load_text(tmp_path):
@@ -1107,10 +1108,31 @@ def test_random_windows(tmp_path):
     assert torch.equal(tw[2][0], data.TokenWindows(tokens, 8, 8)[2][0])
 
 
+def test_the_split_falls_where_the_book_splits_the_text(tmp_path, verdict, monkeypatch):
+    c = cached(verdict, tmp_path)
+    text, tok = open(verdict).read(), data.get_tokenizer()
+    cut = int(0.9 * len(text))  # the book: train_data = text[:cut]
+    split = data.split_point(c, 0.9)
+    ids = c.tokens.tolist()
+    assert text[:cut].startswith(tok.decode(ids[:split])) and len(tok.decode(ids[:split + 1])) > cut
+    # the same over several files joined by <|endoftext|>, counting from the [token, character] marks
+    monkeypatch.setattr(data, "INDEX_TOKENS", 7)
+    monkeypatch.setattr(data, "PIECE_CHARS", 16)  # many pieces per file: a mark can go between them
+    rng = random.Random(1)
+    files = {f"{i}.txt": varied_text(rng, 40) for i in range(3)}
+    c = cached(make_corpus(tmp_path / "many", files), tmp_path / "many")
+    joined = "<|endoftext|>".join(files[k] for k in sorted(files))
+    assert all(len(f["index"]) > 1 for f in c.meta["files"])
+    ids = c.tokens.tolist()
+    for ratio in (0.1, 0.33, 0.5, 0.9, 0.99):
+        cut, split = int(ratio * len(joined)), data.split_point(c, ratio)
+        before = len(tok.decode(ids[:split]))
+        assert before <= cut < len(tok.decode(ids[:split + 1])), ratio
+
+
 def test_distributed_samplers_give_disjoint_windows(tmp_path):
     _, tokens = corpus_tokens(tmp_path)
-    split = data.split_point(len(tokens), 0.9)
-    assert split == int(len(tokens) * 0.9)
+    split = int(len(tokens) * 0.9)
     for ds in (data.RandomWindows(tokens, 8, 0, split, seed=1), data.TokenWindows(tokens, 8, 8, 0, split)):
         shares = [list(DistributedSampler(ds, num_replicas=2, rank=r, shuffle=True, seed=5, drop_last=True))
                   for r in range(2)]
@@ -1311,7 +1333,7 @@ def test_pretrain_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys, v
         assert word in text
     cfg = settings.get_config(pretrain.DEFAULTS, short_pretrain_flags(verdict) + ["--batch_size", "2"])
     model = M.GPTModel(trainer.model_config(cfg))
-    train_loader, _ = pretrain.make_loaders(data.token_cache(verdict).tokens, cfg)
+    train_loader, _ = pretrain.make_loaders(data.token_cache(verdict), cfg)
     assert got["total_params"] == got["trainable_params"] == M.count_parameters(model)
     assert got["tokens_per_step"] == 2 * 32 * 3
     assert got["steps_per_epoch"] == len(train_loader) // 3
