@@ -575,6 +575,22 @@ def test_load_model_returns_eval_mode(tmp_path):
     assert not model.training and torch.equal(model(idx), model(idx))
 
 
+def test_readme_snippet_runs_with_model_py_copied_alone(tmp_path):
+    """README's "Using model.py elsewhere" code, run in an empty folder that holds only model.py and a checkpoint."""
+    section = open(os.path.join(HERE, "README.md"), encoding="utf-8").read().split("### Using model.py elsewhere")[1]
+    snippet = section.split("```python\n", 1)[1].split("```", 1)[0]
+    shutil.copy(os.path.join(HERE, "model.py"), tmp_path / "model.py")
+    (tmp_path / "runs" / "pretrain").mkdir(parents=True)
+    M.save_checkpoint(str(tmp_path / "runs" / "pretrain" / "model.pth"), tiny_model(drop_rate=0.5))
+    check = ("\nimport sys\nours = {'data', 'settings', 'layers', 'trainer', 'load_gpt2', 'tiktoken', 'requests'}\n"
+             "print(tuple(out.shape), model.training, sorted(ours & set(sys.modules)))\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", snippet + check], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("\n")[-2] == "(1, 24) False []"
+
+
 # ===============================================================================================================
 # 2. Data: data.py
 # ===============================================================================================================
@@ -682,8 +698,8 @@ class Spy:
 def varied_text(rng, n):
     frags = ["the", " cat", "'s", "'ll", "'VE", "don't", "  ", "   ", "\n", "\n\n", "\r\n", "\t", " \n ", "\u00a0",
              "\u3000", "\u2028", "\x1c", "\x85", "\u200b", "123", " 4567", "3.14", "!!", "...", " (", ")", "-", "é",
-             "e\u0301", "中文", "。", "，", "한국어", "русский", "😀", "<|endoftext|>", "<|endof", "text|>", "|", "'",
-             " '", "\ufeff", "²", "Ⅻ", "_", "a1b2"]
+             "e\u0301", "中文", "。", "，", "한국어", "русский", "😀", "<|endoftext|>", "<|endof",
+             "text|>", "|", "'", " '", "\ufeff", "²", "Ⅻ", "_", "a1b2"]
     return "".join(rng.choice(frags) for _ in range(n))
 
 
@@ -2507,8 +2523,9 @@ def test_a_classifier_of_a_csv_is_not_named_spam(tmp_path):
     rows = [("ham", f"see you at {i} o'clock") for i in range(20)] + [("spam", f"WIN {i} cash now") for i in range(20)]
     path = tmp_path / "texts.csv"
     data.write_labelled_csv(str(path), [(t, label) for label, t in rows])
-    finetune_cls.main(["--csv", str(path), "--init", "scratch", "--trainable", "all", *tiny_flags(), "--max_length", "16",
-                       "--max_steps", "1", "--out_dir", str(tmp_path / "c"), "--eval_freq", "100"])
+    finetune_cls.main(["--csv", str(path), "--init", "scratch", "--trainable", "all", *tiny_flags(),
+                       "--max_length", "16", "--max_steps", "1", "--out_dir", str(tmp_path / "c"),
+                       "--eval_freq", "100"])
     assert (tmp_path / "c" / "classifier.pth").exists() and not (tmp_path / "c" / "spam_classifier.pth").exists()
 
 
@@ -2986,8 +3003,9 @@ def test_reward_model_runs_end_to_end_and_is_refused_as_a_language_model(verdict
     ckpt = M.read_checkpoint(result["checkpoint"])
     assert ckpt["kind"] == "reward" and ckpt["model"]["out_head.weight"].shape == (1, 32)
     assert 0 <= result["metrics"]["after"]["test"]["accuracy"] <= 1
+    pretrain_args = pre(verdict) + ["--init", result["checkpoint"], "--out_dir", str(tmp_path / "p")]
     for main, args in ((generate_script.main, ["--checkpoint", result["checkpoint"], "--device", "cpu"]),
-                       (pretrain.main, pre(verdict) + ["--init", result["checkpoint"], "--out_dir", str(tmp_path / "p")])):
+                       (pretrain.main, pretrain_args)):
         code, _, err = run_main(main, args)
         assert_one_error_line(code, err, "reward model")
 
@@ -4229,8 +4247,8 @@ def test_checkpoint_contents_are_checked_and_foreign_ones_named(tmp_path, ckpt, 
 def test_hugging_face_bin_is_named(verdict, tmp_path):
     folder = str(tmp_path / "hf")
     load_gpt2.export_hf(M.save_checkpoint(str(tmp_path / "lm.pth"), tiny_model()), folder)
-    torch.save({f"transformer.{k}": v for k, v in load_gpt2.read_safetensors(os.path.join(folder, "model.safetensors")).items()},
-               tmp_path / "pytorch_model.bin")
+    tensors = load_gpt2.read_safetensors(os.path.join(folder, "model.safetensors"))
+    torch.save({f"transformer.{k}": v for k, v in tensors.items()}, tmp_path / "pytorch_model.bin")
     code, _, err = run_main(pretrain.main, pre(verdict) + ["--init", str(tmp_path / "pytorch_model.bin"),
                                                   "--out_dir", str(tmp_path / "r")])
     assert_one_error_line(code, err, "Hugging Face's layout", "save_pretrained")
@@ -4239,7 +4257,8 @@ def test_hugging_face_bin_is_named(verdict, tmp_path):
 def test_deeply_nested_json_is_refused_before_parsing(tmp_path):
     deep = "[" * 100_000 + "]" * 100_000
     (tmp_path / "deep.json").write_text(deep)
-    code, _, err = run_main(finetune_chat.main, ["--data", str(tmp_path / "deep.json"), "--init", "scratch", *tiny_flags()])
+    code, _, err = run_main(finetune_chat.main,
+                            ["--data", str(tmp_path / "deep.json"), "--init", "scratch", *tiny_flags()])
     assert_one_error_line(code, err, "nests")
     header = ('{"a":' * 5000 + "1" + "}" * 5000).encode()
     raw = len(header).to_bytes(8, "little") + header
