@@ -578,7 +578,8 @@ def tokenize_files(root, files, out, text_field, progress, offset=0, after=False
         position += entry["n_tokens"] + 1
     if progress:
         mb, seconds = sum(f["size"] for f in files) / 1e6, time.time() - start
-        print(f"tokenized {mb:,.1f} MB of {name} into {position - 1 - offset:,} tokens in {seconds:.0f} s "
+        size = f"{mb:,.1f} MB" if mb >= 1 else f"{mb * 1000:,.1f} kB"
+        print(f"tokenized {size} of {name} into {position - 1 - offset:,} tokens in {seconds:.1f} s "
               f"({mb / max(seconds, 1e-9):.1f} MB/s)")
     return entries
 

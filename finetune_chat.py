@@ -20,6 +20,7 @@ import math
 import os
 import re
 import string
+import sys
 import time
 from collections import Counter
 from contextlib import nullcontext
@@ -292,10 +293,13 @@ def _cut_ids(ids, tokenizer, eot=False):
     return ids + [EOT_ID] * eot, text.rstrip()
 
 
-def answer_records(model, records, device, dtype, max_new_tokens):
-    """Greedy answers to each record's prompt, stopped at end-of-text or the next turn's header."""
+def answer_records(model, records, device, dtype, max_new_tokens, progress=True):
+    """Greedy answers to each record's prompt, stopped at end-of-text or the next turn's header; a progress bar
+    only on a terminal."""
     answers = []
-    for record in tqdm(records, desc="answering the test split", unit="record", leave=False):
+    bar = tqdm(records, desc="answering the test split", unit="record", leave=False,
+               disable=not (progress and sys.stderr.isatty()))
+    for record in bar:
         ids, _ = encode_segments(prompt_and_reference(record)[0])
         with autocast(device, dtype):
             answers.append(sample_replies(model, torch.tensor([ids], device=device), max_new_tokens)[0][1])
@@ -786,7 +790,7 @@ def run_sft(cfg, device, dtype, run):
                "train_seconds": round(train_time, 1), "test_records": len(test)}
     written = [ckpt_path, os.path.join(out_dir, TRAIN_STATE), os.path.join(out_dir, "log.csv")]
     if test and cfg["max_new_tokens"]:
-        answers = answer_records(model, test, device, dtype, cfg["max_new_tokens"])
+        answers = answer_records(model, test, device, dtype, cfg["max_new_tokens"], progress=not cfg["quiet"])
         references = [prompt_and_reference(r)[1] for r in test]
         metrics.update(score_responses(answers, references))
         metrics["perplexity"] = reference_perplexity(model, test, device, max_len, cfg["batch_size"], dtype)
