@@ -52,6 +52,7 @@ DEFAULTS = dict(
     int8=True,                 # int8 decode, prefill and file size; false = off
     compare="auto",            # auto | on | off: transformers' GPT-2 beside ours; auto = when it is installed
     json="",                   # also write the results as JSON to this path; "-" = stdout; "" = off
+    force=False,               # replace an existing --json file
     threads=0,                 # torch CPU threads; 0 = torch's default
     wait_idle=0.0,             # seconds each timed run may wait for other processes to leave the CPUs idle; 0 = off
     device="auto",             # auto | cpu | cuda | mps
@@ -623,7 +624,7 @@ def main(argv=None):
     device = pick_device(cfg["device"])
     if device.type == "cpu":
         keep_freed_memory()  # as the training scripts do (trainer.train_model); it applies to transformers too
-    check_output(cfg["json"] if cfg["json"] != "-" else "", "--json", can_force=False)  # before the long work
+    check_output(cfg["json"] if cfg["json"] != "-" else "", "--json", cfg["force"])  # before the long work
     if cfg["corpus"]:
         result = {"corpus": cfg["corpus"], "settings": cfg, "results": corpus_bench(cfg)}
         if cfg["json"] == "-":

@@ -112,12 +112,14 @@ def create_dataloader_v1(txt, batch_size=4, max_length=256, stride=128, shuffle=
                       num_workers=num_workers, generator=generator)
 
 
-def read_text_file(path):
-    """Read a UTF-8 text file, or raise a UserError that says what is wrong with it."""
+def read_text_file(path, flag="--data"):
+    """Read a UTF-8 text file, or raise a UserError that says what is wrong with it (naming flag, its setting)."""
     if not os.path.exists(path):
-        raise UserError(f"no file at {path}: check the path or pass --data")
+        raise UserError(f"no file at {path}: check {flag}")
     if os.path.isdir(path):
-        raise UserError(f"{path} is a folder, expected a file")
+        raise UserError(f"{flag} {path} is a folder: pass a text file")
+    if not os.path.isfile(path):
+        raise UserError(f"{flag} {path} is not a regular file (a pipe, socket or device): pass a text file")
     try:
         with open(path, "rb") as f:
             raw = f.read()
@@ -144,8 +146,8 @@ def encoding_problem(path, head):
     if b"\x00" not in head:
         return None
     # UTF-16 without a byte-order mark: mostly-ASCII text has a NUL in every other byte
-    for order, nul_half in (("utf-16le", head[1::2]), ("utf-16be", head[0::2])):
-        if len(head) >= 4 and nul_half.count(0) >= 0.9 * len(nul_half):
+    for order, nul_half, text_half in (("utf-16le", head[1::2], head[0::2]), ("utf-16be", head[0::2], head[1::2])):
+        if len(head) >= 4 and nul_half.count(0) >= 0.9 * len(nul_half) and text_half.count(0) < 0.5 * len(text_half):
             return (f"{path} looks like {order.upper()} without a byte-order mark (every other byte is NUL): "
                     f"convert it to UTF-8, e.g. `iconv -f {order} -t utf-8 {path} > converted.txt`")
     return f"{path} looks binary (it holds NUL bytes): pass a UTF-8 text file"
@@ -414,7 +416,7 @@ def token_cache(data_path, cache_dir=None, text_field="text", progress=True):
 
 def _cached_or_built(data_path, root, files, bin_path, meta_path, text_field, progress):
     """token_cache's work, under the lock that keeps other processes from building the same cache."""
-    os.makedirs(os.path.dirname(bin_path), exist_ok=True)
+    make_folder(os.path.dirname(bin_path), "the token cache (--cache_dir, or GPT2_DATA_DIR)")
     if all(f["size"] == 0 for f in files):
         raise UserError(f"{data_path} holds no text: add some")
     with _exclusive_lock(os.path.join(os.path.dirname(bin_path), ".lock")):  # one lock for the cache folder
@@ -782,6 +784,9 @@ def atomic_write(path, write, mode="wb"):
     try:
         if os.path.isdir(path):
             raise IsADirectoryError(errno.EISDIR, "is a folder", path)
+        if os.path.lexists(path) and not os.path.isfile(path):  # never swap a file in for a pipe or a device
+            raise UserError(f"could not write {path}: it is not a regular file (a pipe, a device or a broken "
+                            f"link): choose another path")
         os.makedirs(folder, exist_ok=True)
         with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": ""})) as f:
             write(f)
@@ -819,6 +824,15 @@ def _parent_is_file(path):
     while parent and not os.path.exists(parent):
         parent = os.path.dirname(parent)
     return bool(parent) and not os.path.isdir(parent)
+
+
+def make_folder(folder, what):
+    """os.makedirs(folder), with an OSError turned into a UserError that names what the folder is for."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the folder {folder} for {what}: {write_error_advice(folder, e)}") from None
+    return folder
 
 
 def check_parent(path, flag):
@@ -862,20 +876,28 @@ def _process_alive(pid):
     return True
 
 
-def check_output(path, flag, force=False, inputs=(), can_force=True):
-    """Refuse, before any work starts, an output path that cannot be written (below a regular file, or a folder),
-    or that would replace a checkpoint or one of the command's own inputs unless force. Returns path."""
+def check_output(path, flag, force=False, inputs=(), replaceable=False):
+    """Refuse, before any work starts, an output path that cannot be written (below a regular file, a folder, a
+    pipe or a device) or that holds a file already, unless force: the command's own input, a checkpoint, or any
+    other file (replaceable: the setting's default file, which every run rewrites, unless it holds a checkpoint).
+    Returns path."""
     if not path:
         return path
     check_parent(path, flag)
     if os.path.isdir(path):
         raise UserError(f"{flag} {path} is a folder: pass a file path")
-    if os.path.exists(path) and not force:
-        fix = "pass --force to replace it, or choose another path" if can_force else "choose another path"
-        if any(os.path.exists(i) and os.path.samefile(path, i) for i in inputs if i):
-            raise UserError(f"{flag} {path} is this command's own input: {fix}")
-        if is_checkpoint_file(path):
-            raise UserError(f"{flag} {path} already holds a checkpoint: {fix}")
+    if not os.path.lexists(path) or force and os.path.isfile(path):
+        return path
+    if not os.path.isfile(path):
+        raise UserError(f"{flag} {path} is not a regular file (a pipe, a device or a broken link): choose "
+                        f"another path")
+    fix = "pass --force to replace it, or choose another path"
+    if any(os.path.exists(i) and os.path.samefile(path, i) for i in inputs if i):
+        raise UserError(f"{flag} {path} is this command's own input: {fix}")
+    if is_checkpoint_file(path):
+        raise UserError(f"{flag} {path} already holds a checkpoint: {fix}")
+    if not replaceable:
+        raise UserError(f"{flag} {path} already exists: {fix}")
     return path
 
 
@@ -943,7 +965,7 @@ def download(url, path, sha256=None, retries=3, timeout=30, desc=None, progress=
     """Fetch url to path: streamed with a tqdm bar into path + '.part', resumed with an HTTP Range request when a
     partial file exists, checked against sha256, then renamed into place. Raises DownloadError naming the URL and
     the path where the file can be placed by hand."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    make_folder(os.path.dirname(os.path.abspath(path)), f"the download of {url}")
     part = path + ".part"
     by_hand = f"download {url} yourself and place it at {path}"
     last = None
@@ -1386,7 +1408,8 @@ def read_labelled_csv(path, text_column="Text", label_column="Label"):
     if not content.strip():
         raise UserError(f"{path} is empty: it needs a header line naming the {label_column!r} and {text_column!r} "
                         f"columns, then one example per row")
-    reader = csv.DictReader(io.StringIO(content, newline=""), delimiter="\t" if path.endswith(".tsv") else ",")
+    reader = csv.DictReader(io.StringIO(content, newline=""), delimiter="\t" if path.endswith(".tsv") else ",",
+                            strict=True)  # a quote never closed is an error, not the rest of the file in one text
     rows, skipped = [], []
     try:
         found = [c for c in (reader.fieldnames or []) if c is not None]
@@ -1405,7 +1428,9 @@ def read_labelled_csv(path, text_column="Text", label_column="Label"):
             rows.append((text, label))
     except csv.Error as e:
         fix = ("shorten that text (GPT-2 reads at most 1,024 tokens of it), or fix a quote that is never closed "
-               "and runs on into the lines after it" if "field larger" in str(e) else "check its quotes and delimiters")
+               "and runs on into the lines after it" if "field larger" in str(e) else
+               "a quote opened on an earlier line is never closed: close it" if "end of data" in str(e) else
+               "check its quotes and delimiters (a quoted field holds a quote as two quotes: \"\")")
         raise UserError(f"{path} line {reader.line_num} is not valid CSV ({e}): {fix}") from None
     if skipped:
         note(f"{path}: skipped {len(skipped)} row(s) with empty {text_column!r} (lines {few(skipped)})")

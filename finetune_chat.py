@@ -120,11 +120,11 @@ def resolve_settings(cfg):
 
 def check_settings(cfg):
     cfg = resolve_settings(cfg)
-    for k in ("epochs", "lr", "weight_decay"):
-        if not isinstance(cfg[k], (int, float)):
+    for k, default in METHOD_DEFAULTS[cfg["method"]].items():  # the settings left at None have no type of their own
+        if isinstance(default, int) and not isinstance(cfg[k], int):
+            raise UserError(f"--{k} must be a whole number, got {cfg[k]!r}")
+        if isinstance(default, float) and not isinstance(cfg[k], (int, float)):
             raise UserError(f"--{k} must be a number, got {cfg[k]!r}")
-    if not isinstance(cfg["epochs"], int):
-        raise UserError(f"--epochs must be a whole number, got {cfg['epochs']}")
     check_training(cfg)
     if cfg["epochs"] < 1:
         raise UserError(f"--epochs must be at least 1, got {cfg['epochs']}")
@@ -137,9 +137,6 @@ def check_settings(cfg):
                         f"share for validation: both in [0, 1) with a sum below 1")
     if cfg["allowed_max_length"] < 2:
         raise UserError(f"--allowed_max_length must be at least 2, got {cfg['allowed_max_length']}")
-    for k in ("beta", "max_new_tokens", "eval_freq"):
-        if not isinstance(cfg[k], (int, float)):
-            raise UserError(f"--{k} must be a number, got {cfg[k]!r}")
     if not cfg["beta"] > 0:
         raise UserError(f"--beta must be > 0, got {cfg['beta']}")
     if cfg["max_new_tokens"] < 0:
@@ -166,7 +163,7 @@ def check_rl_settings(cfg):
     if cfg["reward"] != "model" and (name not in REWARDS or not cfg["reward"].partition(":")[2]):
         raise UserError(f"--reward must be model or NAME:ARGUMENT with NAME one of {', '.join(REWARDS)} (e.g. "
                         f"contains:blue), got {cfg['reward']!r}")
-    if cfg["reward"].startswith("max_words:") and not cfg["reward"][10:].isdigit():
+    if cfg["reward"].startswith("max_words:") and not re.fullmatch(r"[0-9]+", cfg["reward"][10:]):
         raise UserError(f"--reward max_words:N needs a whole number N, got {cfg['reward']!r}")
     if cfg["fsdp"]:
         raise UserError("--fsdp is not available for grpo/rloo (each process samples answers of its own length, "

@@ -91,7 +91,7 @@ def parse_trainable(spec):
     raise UserError(f"--trainable must be head, last_block, last_n:K (K >= 1), all or lora, got {spec!r}")
 
 
-def check_cls_settings(cfg):
+def check_settings(cfg):
     # context_length 0 means "max_length" here, so the shared check (which wants it >= 1) skips it
     check_training({k: v for k, v in cfg.items() if k != "context_length"})
     for k in ("context_length", "max_length"):
@@ -112,6 +112,9 @@ def check_cls_settings(cfg):
     if cfg["quantize"] == "int8" and not (cfg["predict"] or cfg["predict_file"] or cfg["evaluate"]):
         raise UserError("--quantize int8 is for --predict, --predict_file and --evaluate (training needs float "
                         "weights); to write an int8 classifier use --save_int8 PATH")
+    if cfg["text_column"] == cfg["label_column"]:
+        raise UserError(f"--text_column and --label_column both name {cfg['text_column']!r}: the text and its label "
+                        f"must be two different columns")
     if cfg["csv"] and cfg["train_csv"]:
         raise UserError("--csv and --train_csv cannot be combined: one CSV to split, or ready-made splits")
     if not modes:
@@ -290,7 +293,7 @@ def classify_texts(model, ckpt, texts, device, dtype, batch_size=8):
 # ---------------------------------------------------------------------------------------------------------------
 
 def main(argv=None):
-    cfg = get_config(DEFAULTS, argv, __doc__, check=check_cls_settings)
+    cfg = get_config(DEFAULTS, argv, __doc__, check=check_settings)
     torch.manual_seed(cfg["seed"])
     device = setup_distributed(pick_device(cfg["device"]))  # under torchrun: join the group, take this GPU
     dtype = pick_dtype(cfg["dtype"], device)
@@ -326,9 +329,7 @@ def run_predict(cfg, checkpoint, device, dtype):
             raise UserError("--predict got only whitespace: pass the text to classify")
     else:
         path = cfg["predict_file"]
-        if not os.path.isfile(path):
-            raise UserError(f"no file at {path}: check --predict_file")
-        lines = read_text_file(path).splitlines()
+        lines = read_text_file(path, "--predict_file").splitlines()
         texts = [line for line in lines if line.strip()]
         if not texts:
             raise UserError(f"{path} has no non-empty lines: put one text per line")

@@ -11,14 +11,15 @@
 """
 import contextlib
 import io
+import math
 import os
 import re
 import sys
 
 import torch
 
-from data import (EOT_ID, NEXT_TURN_MARKERS, TEMPLATE_NAME, check_output, conversation_segments, cut_reply,
-                  encode_segments, get_tokenizer, read_text_file, save_pth, text_to_token_ids)
+from data import (EOT_ID, NEXT_TURN_MARKERS, TEMPLATE_NAME, atomic_write, check_output, conversation_segments,
+                  cut_reply, encode_segments, get_tokenizer, read_text_file, save_pth, text_to_token_ids)
 from layers import quantize_int8
 from load_gpt2 import init_model
 from model import KVCache, checkpoint_dict, count_parameters, generate_stream
@@ -69,6 +70,8 @@ def check_settings(cfg):
         raise UserError(f"--quantize must be none or int8, got {cfg['quantize']!r}")
     if cfg["n_heads"] < 0:
         raise UserError(f"--n_heads must be >= 1 (0 = from the width), got {cfg['n_heads']}")
+    if cfg["show_probs"] and cfg["probs_plot"] and plot_format(cfg["probs_plot"]) not in PLOT_FORMATS:
+        raise UserError(f"--probs_plot {cfg['probs_plot']} must end in one of .{', .'.join(PLOT_FORMATS)}")
     if cfg["save_int8"] and cfg["quantize"] != "int8":
         raise UserError("--save_int8 writes int8 weights: add --quantize int8")
     if cfg["num_beams"] > 1 and (cfg["stream"] or cfg["num_samples"] > 1 or cfg.get("chat")
@@ -79,10 +82,17 @@ def check_settings(cfg):
         raise UserError("--repetition_penalty is not available with --chat")
 
 
+PLOT_FORMATS = ("png", "pdf", "svg", "jpg", "jpeg")
+
+
+def plot_format(path):
+    return os.path.splitext(path)[1].lower().lstrip(".")
+
+
 def read_prompt(cfg, stdin=None):
     """The text to continue: --prompt, its `-` read from standard input, or the contents of --prompt_file."""
     if cfg["prompt_file"]:
-        text, source = read_text_file(cfg["prompt_file"]), cfg["prompt_file"]
+        text, source = read_text_file(cfg["prompt_file"], "--prompt_file"), cfg["prompt_file"]
     elif cfg["prompt"] == "-":
         raw, source = (stdin or sys.stdin.buffer).read(), "standard input"
         try:
@@ -126,8 +136,9 @@ def check_limits(cfg, model, device):
     need += 64 * cfg["max_new_tokens"]  # the growing sequence and its text, per new token
     free = available_memory(device)
     if free is not None and need > 0.8 * free:
-        raise UserError(f"--num_beams {cfg['num_beams']} with --max_new_tokens {cfg['max_new_tokens']} needs about "
-                        f"{need / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB free: lower them")
+        asked = f"--num_beams {cfg['num_beams']} with " if cfg["num_beams"] > 1 else ""
+        raise UserError(f"{asked}--max_new_tokens {cfg['max_new_tokens']} needs about {need / 2**30:.1f} GiB, more "
+                        f"than the {free / 2**30:.1f} GiB free: lower {'them' if asked else 'it'}")
 
 
 def load_for_sampling(cfg, device):
@@ -192,7 +203,7 @@ def show_next_token_probs(model, idx, tokenizer, plot_path, k=10):
         ax.set_ylabel("probability")
         ax.legend()
         fig.tight_layout()
-        fig.savefig(plot_path, dpi=120)
+        atomic_write(plot_path, lambda f: fig.savefig(f, dpi=120, format=plot_format(plot_path)))
         plt.close(fig)
         print(f"wrote {plot_path}")
 
@@ -254,7 +265,7 @@ def _beam_search(model, idx, max_new_tokens, num_beams, context_size, length_pen
             row, token = divmod(f, vocab)
             if token == eos_id:
                 done = torch.cat([seqs[row], seqs.new_tensor([token])])
-                _add_finished(finished, s / n_new ** length_penalty, done, num_beams)
+                _add_finished(finished, _beam_score(s, n_new, length_penalty), done, num_beams)
             else:
                 rows.append(row), tokens.append(token), kept.append(s)
         if not rows:
@@ -272,7 +283,7 @@ def _beam_search(model, idx, max_new_tokens, num_beams, context_size, length_pen
     else:
         for s, seq in zip(scores.tolist(), seqs):
             if s > float("-inf"):
-                _add_finished(finished, s / max(max_new_tokens, 1) ** length_penalty, seq, num_beams)
+                _add_finished(finished, _beam_score(s, max(max_new_tokens, 1), length_penalty), seq, num_beams)
     if not finished:  # max_new_tokens == 0
         return idx
     return finished[0][1][None]
@@ -289,8 +300,13 @@ def _best_possible(log_prob, n_done, max_new_tokens, length_penalty):
     the sum, so the best is at the shortest or the longest remaining length, whichever the penalty favours; at
     max_new_tokens the beam is complete and its score is final."""
     if n_done >= max_new_tokens:
-        return log_prob / n_done ** length_penalty
-    return max(log_prob / n ** length_penalty for n in (n_done + 1, max_new_tokens))
+        return _beam_score(log_prob, n_done, length_penalty)
+    return max(_beam_score(log_prob, n, length_penalty) for n in (n_done + 1, max_new_tokens))
+
+
+def _beam_score(log_prob, n, length_penalty):
+    """log_prob / n ** length_penalty, by way of logs so that no penalty overflows a float (the factor saturates)."""
+    return log_prob * math.exp(min(-length_penalty * math.log(n), 700.0))
 
 
 def _repeat_cache(cache, n, model, max_len):
@@ -489,7 +505,8 @@ def main(argv=None):
     source = cfg["init"] or cfg["checkpoint"]
     check_output(cfg["save_int8"], "--save_int8", cfg["force"], inputs=[source])
     if cfg["show_probs"]:
-        check_output(cfg["probs_plot"], "--probs_plot", cfg["force"], inputs=[source])
+        check_output(cfg["probs_plot"], "--probs_plot", cfg["force"], inputs=[source],
+                     replaceable=cfg["probs_plot"] == DEFAULTS["probs_plot"])  # its default file: every run redraws it
     prompt = read_prompt(cfg) if not cfg["chat"] else ""
     model, ckpt = load_for_sampling(cfg, device)
     check_limits(cfg, model, device)

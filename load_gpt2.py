@@ -22,7 +22,8 @@ import torch
 import torch.nn as nn
 
 from data import (ALPACA_INTRO, EOT_ID, RESPONSE_HEADER, TEMPLATE_NAME, DownloadError, atomic_write, check_output,
-                  check_parent, download, get_tokenizer, json_depth, parse_json, save_pth, sha256_of, write_json)
+                  check_parent, download, get_tokenizer, json_depth, make_folder, parse_json, save_pth, sha256_of,
+                  write_json)
 from layers import add_lora, is_int8_state_dict, merge_lora, quantize_int8
 from model import (GPT_CONFIG_124M, HEADS_FOR_WIDTH, CheckpointError, GPTModel, check_config, checkpoint_dict,
                    count_parameters, empty_model, infer_config, load_state, read_checkpoint)
@@ -992,7 +993,7 @@ def export_hf(pth_path, out_dir, force=False):
         max_length = model.cfg["context_length"]
     files = {"config.json": _json_bytes(config), **hf_side_files(model.cfg, ckpt, max_length, pth_path)}
     created = not os.path.isdir(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
+    make_folder(out_dir, "the export (--out)")
     try:
         write_safetensors(os.path.join(out_dir, "model.safetensors"), tensors, {"format": "pt"})
         for name, content in files.items():

@@ -9,6 +9,7 @@ ff.layers, norm1.scale, final_norm, out_head, ...), so its checkpoints load unch
 """
 import math
 import os
+import zipfile
 
 import torch
 import torch.nn as nn
@@ -95,9 +96,7 @@ class MultiHeadAttention(nn.Module):
     def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False):
         super().__init__()
         assert d_out % num_heads == 0, "d_out must be divisible by num_heads"
-        self.d_out = d_out
-        self.num_heads = num_heads
-        self.head_dim = d_out // num_heads
+        self.d_out, self.num_heads, self.head_dim = d_out, num_heads, d_out // num_heads
         self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
         self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
         self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
@@ -116,10 +115,7 @@ class MultiHeadAttention(nn.Module):
         v = self.W_value(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         if layer_cache is not None:
             k, v = layer_cache.append(k, v)  # (B, n_heads, past + T, head_dim)
-        if self.fused:
-            ctx = self._fused_attention(q, k, v)
-        else:
-            ctx = self._manual_attention(q, k, v)
+        ctx = self._fused_attention(q, k, v) if self.fused else self._manual_attention(q, k, v)
         # merge heads: (B, n_heads, T, head_dim) -> (B, T, d_out)
         ctx = ctx.transpose(1, 2).reshape(B, T, self.d_out)
         return self.out_proj(ctx)
@@ -166,8 +162,7 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x, layer_cache=None):
         x = x + self.drop_shortcut(self.att(self.norm1(x), layer_cache))
-        x = x + self.drop_shortcut(self.ff(self.norm2(x)))
-        return x
+        return x + self.drop_shortcut(self.ff(self.norm2(x)))
 
 
 class GPTModel(nn.Module):
@@ -221,8 +216,7 @@ class _LayerCache:
 
     def __init__(self, parent, shape, device, dtype):
         self.parent = parent
-        self.k = torch.empty(shape, device=device, dtype=dtype)  # (B, n_heads, max_len, head_dim)
-        self.v = torch.empty(shape, device=device, dtype=dtype)
+        self.k, self.v = (torch.empty(shape, device=device, dtype=dtype) for _ in range(2))  # (B, heads, len, hd)
 
     def append(self, k, v):
         start, end = self.parent.pos, self.parent.pos + k.shape[-2]
@@ -239,8 +233,7 @@ class KVCache:
         cfg = model.cfg
         self.max_len = max_len or cfg["context_length"]
         param = model.pos_emb.weight  # float even when the Linear layers hold int8 weights (quantize_int8)
-        head_dim = cfg["emb_dim"] // cfg["n_heads"]
-        shape = (batch_size, cfg["n_heads"], self.max_len, head_dim)
+        shape = (batch_size, cfg["n_heads"], self.max_len, cfg["emb_dim"] // cfg["n_heads"])  # per layer, k and v
         self.layers = [_LayerCache(self, shape, param.device, dtype or param.dtype) for _ in range(cfg["n_layers"])]
         self.pos = 0
         self.ids = torch.empty(batch_size, 0, dtype=torch.long, device=param.device)
@@ -274,7 +267,8 @@ def sample_next_token(logits, temperature=0.0, top_k=None, top_p=None, generator
         logits = apply_repetition_penalty(logits, prev_ids, repetition_penalty)
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits / temperature
+    # the largest logit shifted to 0 first (softmax is unchanged), so no temperature can overflow to inf - inf
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / max(temperature, torch.finfo(logits.dtype).tiny)
     if top_k:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -283,6 +277,7 @@ def sample_next_token(logits, temperature=0.0, top_k=None, top_p=None, generator
         probs = torch.softmax(sorted_logits, dim=-1)
         # drop a token when the tokens ranked above it already hold top_p of the mass (the first always stays)
         drop = probs.cumsum(dim=-1) - probs >= top_p
+        drop[:, 0] = False
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = torch.softmax(logits, dim=-1)
@@ -295,7 +290,8 @@ def apply_repetition_penalty(logits, prev_ids, penalty):
     if not penalty > 0:
         raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {penalty}")
     seen = logits.gather(-1, prev_ids)
-    seen = torch.where(seen > 0, seen / penalty, seen * penalty)
+    limit = torch.finfo(seen.dtype).max  # an extreme penalty saturates instead of reaching inf
+    seen = torch.where(seen > 0, seen / penalty, seen * penalty).clamp(-limit, limit)
     return logits.scatter(-1, prev_ids, seen)
 
 
@@ -377,6 +373,13 @@ def read_checkpoint(path, check=None):
         raise CheckpointError(f"no checkpoint at {path}")
     if os.path.getsize(path) == 0:
         raise CheckpointError(f"{path} is empty (0 bytes): the save was interrupted; delete it and rerun")
+    try:  # torch.load does not check each record's CRC-32: a damaged byte would load as a wrong weight
+        with zipfile.ZipFile(path) as z:
+            damaged = z.testzip()
+    except (zipfile.BadZipFile, OSError):  # not a zip (the old pickle format) or truncated: torch.load tells
+        damaged = None
+    if damaged:
+        raise CheckpointError(f"cannot read {path}: it is damaged ({damaged} fails its checksum); save it again")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # pickle refusals, truncated zips, files of other kinds

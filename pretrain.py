@@ -66,6 +66,8 @@ def check_settings(cfg):
     check_training(cfg)
     if cfg["model"] not in MODEL_CONFIGS:
         raise UserError(f"--model must be one of {', '.join(MODEL_CONFIGS)}, got {cfg['model']!r}")
+    if not cfg["data"].strip():
+        raise UserError("--data is empty: name a text file or a folder of .txt, .md and .jsonl files")
     if cfg["windows"] not in ("auto", "sliding", "random"):
         raise UserError(f"--windows must be auto, sliding or random, got {cfg['windows']!r}")
 

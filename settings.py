@@ -197,6 +197,9 @@ def get_config(defaults, argv=None, doc=None, check=None):
             kwargs.update(nargs="?", const=True, metavar="BOOL")
         parser.add_argument(f"--{name}", **kwargs)
     cfg = vars(parser.parse_args(argv))
+    for name, value in cfg.items():  # every seed: what torch.manual_seed and numpy take, with room for offsets
+        if (name == "seed" or name.endswith("_seed")) and not -1 <= value < 2**32:
+            parser.error(f"--{name} must be a whole number from -1 to {2**32 - 1}, got {value}")
     if check is not None:
         try:
             check(cfg)
@@ -224,6 +227,9 @@ def check_training(cfg):
         raise UserError(f"--lr must be > 0, got {cfg['lr']}")
     if "drop_rate" in cfg and not 0 <= cfg["drop_rate"] < 1:
         raise UserError(f"--drop_rate must be in [0, 1), got {cfg['drop_rate']}")
+    if cfg.get("lr_schedule") == "cosine" and cfg.get("min_lr", 0) > cfg["lr"]:
+        raise UserError(f"--min_lr {cfg['min_lr']} is above --lr {cfg['lr']}: the cosine schedule decays from --lr "
+                        f"down to --min_lr, so pass a --min_lr below --lr")
     if "train_ratio" in cfg and not 0 < cfg["train_ratio"] < 1:
         raise UserError(f"--train_ratio must be between 0 and 1, got {cfg['train_ratio']}")
     if cfg.get("lr_schedule", "constant") not in ("constant", "cosine"):

@@ -3554,7 +3554,7 @@ def tree_hashes(folder):
     for dirpath, _, files in os.walk(folder):
         for name in files:
             p = os.path.join(dirpath, name)
-            out[os.path.relpath(p, folder)] = sha(p)
+            out[os.path.relpath(p, folder)] = sha(p) if os.path.isfile(p) else "not a regular file"  # never open a pipe
     return out
 
 
@@ -3837,6 +3837,12 @@ def make_bad_inputs(w):
     sd["trf_blocks.0.att.W_query.weight"] = torch.zeros(16, 32)
     torch.save(sd, w / "wrong_shape.pth")  # a bare state_dict with one tensor of the wrong shape
     (w / "garbage.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+    damaged = bytearray(raw)
+    damaged[len(raw) // 2:len(raw) // 2 + 32] = bytes(32)  # inside a tensor: only the zip's checksums tell
+    (w / "damaged.pth").write_bytes(bytes(damaged))
+    (w / "nul.txt").write_bytes(bytes(4096))
+    (w / "unterm.csv").write_text('Text,Label\nhello,ham\n"win cash now,spam\n' + "more,ham\n" * 30)
+    os.mkfifo(w / "pipe.txt")  # opening it for reading would wait for a writer forever
     # earlier outputs of runs that the bad runs must not touch
     for name in ("pre", "noopt", "wide"):
         (w / "runs" / name).mkdir(parents=True)
@@ -3896,6 +3902,15 @@ def bad_input_cases():
         ("pretrain.py", P + ["--resume", "--out_dir", "runs/empty_run"], "--resume"),
         ("pretrain.py", P + ["--resume", "--out_dir", "runs/noopt"], "optimizer"),
         ("pretrain.py", P + ["--resume", "--out_dir", "runs/wide"], "does not fit"),
+        ("pretrain.py", P + ["--data", "nul.txt"], "binary"),
+        ("pretrain.py", P + ["--data", ""], "--data is empty"),
+        ("pretrain.py", P + ["--init", "damaged.pth"], "damaged"),
+        ("pretrain.py", P + ["--cache_dir", "afile"], "regular file"),
+        ("pretrain.py", P + ["--cache_dir", "afile/cache"], "regular file"),
+        ("pretrain.py", P + ["--lr", "1e-4", "--min_lr", "5", "--lr_schedule", "cosine"], "--min_lr"),
+        ("pretrain.py", P + ["--seed", str(2**64)], "--seed"),
+        ("pretrain.py", P + ["--data", "good.txt", "--init", "runs/pre/model.pth", "--out_dir", "runs/pre",
+                             "--overwrite"], "--init input"),
         # generate.py
         ("generate.py", G + ["--checkpoint", "missing.pth"], "no checkpoint"),
         ("generate.py", G + ["--checkpoint", "zero.pth"], "empty"),
@@ -3914,6 +3929,13 @@ def bad_input_cases():
         ("generate.py", G + ["--num_beams", "0"], "--num_beams"),
         ("generate.py", G + ["--tempreature", "0.5"], "--tempreature"),
         ("generate.py", G + ["--init", "missing.safetensors"], "missing.safetensors"),
+        ("generate.py", G + ["--checkpoint", "damaged.pth"], "damaged"),
+        ("generate.py", G + ["--prompt_file", "pipe.txt"], "not a regular file"),
+        ("generate.py", G + ["--prompt_file", "missing.txt"], "--prompt_file"),
+        ("generate.py", G + ["--quantize", "int8", "--save_int8", "pipe.txt"], "not a regular file"),
+        ("generate.py", G + ["--quantize", "int8", "--save_int8", "good.txt"], "already exists"),
+        ("generate.py", G + ["--show_probs", "--probs_plot", "probs.csv"], ".png"),
+        ("generate.py", G + ["--seed", "-5"], "--seed"),
         # finetune_cls.py
         ("finetune_cls.py", C + ["--csv", "missing.csv"], "no CSV file"),
         ("finetune_cls.py", C + ["--csv", "empty.csv"], "empty"),
@@ -3936,6 +3958,12 @@ def bad_input_cases():
         ("finetune_cls.py", ["--predict_file", "missing.txt", "--checkpoint", "cls.pth"], "no file"),
         ("finetune_cls.py", ["--predict_file", "empty.txt", "--checkpoint", "cls.pth"], "no non-empty lines"),
         ("finetune_cls.py", ["--predict_file", "binary.txt", "--checkpoint", "cls.pth"], "binary"),
+        ("finetune_cls.py", ["--predict_file", "emptydir", "--checkpoint", "cls.pth"], "is a folder"),
+        ("finetune_cls.py", ["--predict_file", "pipe.txt", "--checkpoint", "cls.pth"], "not a regular file"),
+        ("finetune_cls.py", ["--save_int8", "ok.csv", "--checkpoint", "cls.pth"], "already exists"),
+        ("finetune_cls.py", C + ["--csv", "unterm.csv"], "never closed"),
+        ("finetune_cls.py", C + ["--text_column", "Label"], "two different columns"),
+        ("finetune_cls.py", C + ["--checkpoint", "ok.csv"], "--csv input"),
         # finetune_chat.py
         ("finetune_chat.py", H + ["--data", "missing.json"], "missing.json"),
         ("finetune_chat.py", H + ["--data", "chat_object.json"], "list"),
@@ -3953,6 +3981,9 @@ def bad_input_cases():
         ("finetune_chat.py", H + ["--train_ratio", "0.95", "--test_ratio", "0.1"], "--train_ratio"),
         ("finetune_chat.py", H + ["--out_dir", "afile/sub"], "afile/sub"),
         ("finetune_chat.py", H + ["--init", "zero.pth"], "empty"),
+        ("finetune_chat.py", H + ["--max_new_tokens", "2.5"], "whole number"),
+        ("finetune_chat.py", H + ["--split_seed", "-2"], "--split_seed"),
+        ("finetune_chat.py", H + ["--init", "damaged.pth"], "damaged"),
         # load_gpt2.py
         ("load_gpt2.py", L + ["--model", "gpt5"], "unknown model"),
         ("load_gpt2.py", L + ["--model", "garbage.safetensors"], "not valid JSON"),
@@ -3968,6 +3999,8 @@ def bad_input_cases():
         ("bench.py", B + ["--repeats", "0"], "--repeats"),
         ("bench.py", B + ["--bf16", "maybe"], "--bf16"),
         ("bench.py", B + ["--context_length", "8", "--prompt_tokens", "16"], "fit"),
+        ("bench.py", B + ["--json", "good.txt"], "already exists"),
+        ("bench.py", B + ["--json", "pipe.txt"], "not a regular file"),
     ]
 
 
@@ -4114,6 +4147,163 @@ def test_every_float_flag_refuses_nan_and_inf(name, capsys):
             assert "expected a finite number" in capsys.readouterr().err, (flag, value)
 
 
+def seed_flags(module):
+    return [k for k in module.DEFAULTS if k == "seed" or k.endswith("_seed")]
+
+
+@pytest.mark.parametrize("name", [n for n in SCRIPTS if seed_flags(SCRIPTS[n])])
+def test_every_seed_flag_refuses_values_torch_cannot_take(name, capsys):
+    module = SCRIPTS[name]
+    for flag in seed_flags(module):
+        for value in (str(2**64), str(2**63 - 1), str(2**32), "-2"):
+            with pytest.raises(SystemExit) as e:
+                settings.get_config(module.DEFAULTS, [f"--{flag}={value}"])
+            assert e.value.code == 2 and f"--{flag} must be a whole number" in capsys.readouterr().err
+        for value in (-1, 0, 2**32 - 1):
+            assert settings.get_config(module.DEFAULTS, [f"--{flag}={value}"])[flag] == value
+
+
+def test_sampling_survives_extreme_settings():
+    """Any temperature, top_p and repetition penalty the flags accept gives valid token ids; a vanishing
+    temperature is greedy."""
+    torch.manual_seed(0)
+    logits = torch.randn(3, 50) * 30
+    prev = torch.randint(0, 50, (3, 10))
+    greedy = logits.argmax(-1, keepdim=True)
+    for t in (1e-300, 5e-324, 1e-45, 1e-30):
+        assert torch.equal(M.sample_next_token(logits, t), greedy)
+    for kwargs in (dict(temperature=1.0, top_p=5e-324), dict(temperature=1e300), dict(temperature=1.0, top_k=1),
+                   dict(temperature=0.7, repetition_penalty=1e-300), dict(temperature=0.7, repetition_penalty=1e300),
+                   dict(temperature=1e-300, repetition_penalty=1e-300, top_p=1e-300, top_k=3),
+                   dict(temperature=0.0, repetition_penalty=1e-300)):
+        ids = M.sample_next_token(logits, prev_ids=prev, **kwargs)
+        assert ids.shape == (3, 1) and bool(((ids >= 0) & (ids < 50)).all()), kwargs
+    assert torch.equal(M.sample_next_token(logits, 1.0, top_p=1e-300), greedy)  # the top token always stays
+
+
+@pytest.mark.parametrize("length_penalty", [1e308, -1e308, 1e3, -1e3])
+def test_beam_search_takes_any_length_penalty(length_penalty):
+    out = generate_script.generate_beam(tiny_model(), torch.tensor([[1, 2, 3]]), 4, 3, length_penalty=length_penalty,
+                                        eos_id=5)
+    assert out.shape[0] == 1 and 3 < out.shape[1] <= 7 and torch.equal(out[0, :3], torch.tensor([1, 2, 3]))
+
+
+def test_chat_settings_left_at_none_keep_their_type(capsys):
+    """finetune_chat's settings whose default is None (filled in per method) refuse a value of the wrong type."""
+    nones = [k for k, v in finetune_chat.DEFAULTS.items() if v is None]
+    assert set(nones) >= {"epochs", "lr", "max_new_tokens", "eval_freq"}
+    for method in finetune_chat.METHOD_DEFAULTS:
+        for k in nones:
+            default = finetune_chat.METHOD_DEFAULTS[method][k]
+            value = "2.5" if isinstance(default, int) else "abc" if isinstance(default, float) else None
+            if value is None:
+                continue
+            with pytest.raises(SystemExit) as e:
+                settings.get_config(finetune_chat.DEFAULTS, ["--method", method, f"--{k}", value],
+                                    check=finetune_chat.check_settings)
+            assert e.value.code == 2 and f"--{k} must be" in capsys.readouterr().err, (method, k)
+    for reward in ("max_words:²", "max_words:٣", "max_words:-1", "max_words:1.5"):
+        with pytest.raises(SystemExit):
+            settings.get_config(finetune_chat.DEFAULTS, ["--method", "grpo", "--reward", reward],
+                                check=finetune_chat.check_settings)
+        assert "whole number" in capsys.readouterr().err, reward
+
+
+@pytest.mark.parametrize("name", ["pretrain", "finetune_cls", "finetune_chat"])
+def test_every_training_script_refuses_a_floor_above_the_peak_lr(name, capsys):
+    module = SCRIPTS[name]
+    with pytest.raises(SystemExit) as e:
+        settings.get_config(module.DEFAULTS, ["--lr", "1e-4", "--min_lr", "5", "--lr_schedule", "cosine"],
+                            check=module.check_settings)
+    assert e.value.code == 2 and "--min_lr 5.0 is above --lr" in capsys.readouterr().err
+    settings.get_config(module.DEFAULTS, ["--lr", "1e-5", "--min_lr", "1e-4"], check=module.check_settings)
+
+
+def test_a_damaged_checkpoint_is_refused_wherever_it_is_read(tmp_path, verdict):
+    """A few bytes changed inside a tensor: torch.load alone would load the wrong weights without a word."""
+    path = M.save_checkpoint(str(tmp_path / "m.pth"), tiny_model())
+    raw = bytearray(open(path, "rb").read())
+    middle = len(raw) // 2
+    raw[middle:middle + 64] = bytes(64)
+    (tmp_path / "bad.pth").write_bytes(bytes(raw))
+    with pytest.raises(M.CheckpointError, match="checksum"):
+        M.read_checkpoint(str(tmp_path / "bad.pth"))
+    assert M.read_checkpoint(path)["kind"] == "pretrain"
+    for main, args in ((generate_script.main, ["--checkpoint", str(tmp_path / "bad.pth"), "--device", "cpu"]),
+                       (pretrain.main, pre(verdict) + ["--init", str(tmp_path / "bad.pth"),
+                                                       "--out_dir", str(tmp_path / "r")]),
+                       (load_gpt2.main, ["--export", str(tmp_path / "bad.pth"), "--out", str(tmp_path / "hf")])):
+        code, _, err = run_main(main, args)
+        assert_one_error_line(code, err, "damaged")
+    assert not (tmp_path / "r").exists() and not (tmp_path / "hf").exists()
+
+
+def test_a_run_never_writes_over_its_own_input(tmp_path, verdict):
+    """Every input setting pointed at a file the run would write into --out_dir: refused, the input kept, even
+    with --overwrite."""
+    out = tmp_path / "run"
+    out.mkdir()
+    write_random_sms_csv(out / "train.csv", 40)
+    write_random_sms_csv(out / "mine.csv", 40)
+    shutil.copy(verdict, out / "log.csv")
+    M.save_checkpoint(str(out / "model.pth"), tiny_model())
+    cases = [
+        (finetune_cls.main, cls_flags(csv=str(out / "train.csv"), out_dir=str(out), max_steps=1), "--csv"),
+        (finetune_cls.main, cls_flags(csv=str(out / "mine.csv"), checkpoint=str(out / "mine.csv"), out_dir=str(out),
+                                      max_steps=1), "--csv"),
+        (pretrain.main, pre(str(out / "log.csv")) + ["--out_dir", str(out)], "--data"),
+        (pretrain.main, pre(verdict) + ["--init", str(out / "model.pth"), "--out_dir", str(out)], "--init"),
+    ]
+    before = tree_hashes(out)
+    for main, args, flag in cases:
+        for extra in ([], ["--overwrite"]):
+            code, _, err = run_main(main, args + extra)
+            assert_one_error_line(code, err, f"{flag} input", "--out_dir")
+            assert tree_hashes(out) == before
+
+
+def test_every_folder_a_script_creates_refuses_a_file_in_its_way(tmp_path, verdict):
+    (tmp_path / "afile").write_text("a file, not a folder")
+    lm = M.save_checkpoint(str(tmp_path / "lm.pth"), tiny_model())
+    for main, args in (
+            (pretrain.main, pre(verdict) + ["--cache_dir", str(tmp_path / "afile"), "--out_dir", str(tmp_path / "r")]),
+            (pretrain.main, pre(verdict) + ["--cache_dir", str(tmp_path / "afile" / "c"),
+                                            "--out_dir", str(tmp_path / "r")]),
+            (pretrain.main, pre(verdict) + ["--out_dir", str(tmp_path / "afile" / "r")]),
+            (load_gpt2.main, ["--export", lm, "--out", str(tmp_path / "afile")]),
+            (load_gpt2.main, ["--export", lm, "--out", str(tmp_path / "afile" / "hf")])):
+        code, _, err = run_main(main, args)
+        line = assert_one_error_line(code, err, str(tmp_path / "afile"))
+        assert "regular file" in line or "is a file, not a folder" in line, line
+    assert (tmp_path / "afile").read_text() == "a file, not a folder"
+
+
+def test_resume_of_a_run_that_saved_nothing_points_to_overwrite(tmp_path, verdict):
+    """A run stopped before its first save leaves settings and a log: --resume names the way out."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "settings.json").write_text("{}")
+    (out / "log.csv").write_text("step,train_loss\n")
+    code, _, err = run_main(pretrain.main, pre(verdict) + ["--out_dir", str(out), "--resume"])
+    assert_one_error_line(code, err, "--resume", "--overwrite")
+    assert run_main(pretrain.main, pre(verdict) + ["--out_dir", str(out), "--overwrite", "--max_steps", "1"])[0] == 0
+
+
+def test_probs_plot_redraws_its_default_file_and_refuses_other_formats(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    monkeypatch.chdir(tmp_path)
+    lm = M.save_checkpoint(str(tmp_path / "lm.pth"), tiny_model())
+    for _ in range(2):
+        code, out, err = run_main(generate_script.main, ["--checkpoint", lm, "--show_probs", "--device", "cpu"])
+        assert code == 0, err
+        assert (tmp_path / "temperature-plot.png").read_bytes()[:4] == b"\x89PNG"
+    for name in ("plot.csv", "plot", "plot.pth"):
+        code, _, err = run_main(generate_script.main, ["--checkpoint", lm, "--show_probs", "--device", "cpu",
+                                                       "--probs_plot", name])
+        assert_one_error_line(code, err, "--probs_plot", ".png")
+        assert not (tmp_path / name).exists()
+
+
 @pytest.fixture
 def outputs_world(tmp_path):
     """A folder with a file, a language model, a classifier and their hashes."""
@@ -4140,12 +4330,19 @@ OUTPUT_FLAGS = [  # script, args before the output path, the flag, what the outp
 @pytest.mark.parametrize("script,args,flag", OUTPUT_FLAGS, ids=[f"{s}{f}" for s, _, f in OUTPUT_FLAGS])
 def test_every_output_flag_refuses_a_path_below_a_file_and_an_existing_checkpoint(outputs_world, script, args,
                                                                                   flag, monkeypatch):
+    """Also any other existing file (unless --force), and a pipe or a device, which are never opened."""
     w, lm = outputs_world
     monkeypatch.chdir(w)
     if script == "load_gpt2":
         load_gpt2.export_hf("lm.pth", "lm_hf")
+    ext = {"--probs_plot": ".png", "--json": ".json"}.get(flag, ".pth")
+    shutil.copy(w / "other.pth", w / f"ckpt{ext}")
+    (w / f"notes{ext}").write_text("the user's own file")
+    os.mkfifo(w / f"pipe{ext}")
     before = tree_hashes(w)
-    for target, words in (("afile/out.pth", "regular file"), ("other.pth", "already holds a checkpoint")):
+    for target, words in ((f"afile/out{ext}", "regular file"), (f"ckpt{ext}", "already holds a checkpoint"),
+                          (f"notes{ext}", "already exists"), (f"pipe{ext}", "not a regular file"),
+                          ("/dev/null", "/dev/null")):
         start = time.time()
         code, _, err = run_main(SCRIPTS[script].main, args + [flag, target])
         assert_one_error_line(code, err, flag, words)

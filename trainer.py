@@ -41,6 +41,7 @@ from settings import UserError, autocast, keep_freed_memory
 TRAIN_STATE = "model_and_optimizer.pth"  # everything --resume needs
 BEST = "best.pth"                        # the model at its lowest validation loss (--save_best)
 RUN_FILES = (TRAIN_STATE, BEST, "log.csv", "loss-plot.png", "settings.json")
+INPUT_SETTINGS = ("data", "csv", "train_csv", "val_csv", "test_csv", "init", "reward_model")  # files a run reads
 
 # ---------------------------------------------------------------------------------------------------------------
 # Losses and evaluation (the book's chapter 5 functions)
@@ -176,6 +177,12 @@ class RunFolder:
                 raise UserError(f"{path} is a folder where the run writes a file: move it away or pass another "
                                 f"--out_dir")
             check_parent(path, "output")
+            for name in INPUT_SETTINGS:
+                source = self.cfg.get(name)
+                if isinstance(source, str) and os.path.isfile(source) and os.path.isfile(path) \
+                        and os.path.samefile(source, path):
+                    raise UserError(f"{path} is the --{name} input and also a file this run writes: keep your input "
+                                    f"elsewhere, or pass another --out_dir")
         self.logger = open_logger(self.cfg.get("logger", "none"), out_dir, self.cfg)  # a missing package fails now
         self._created = not os.path.exists(out_dir)
         try:
@@ -689,8 +696,9 @@ def _train(model, train_loader, cfg, loss_fn, eval_fn, device, dtype, kind, extr
     def diverged(what, at):
         kept = (f"the last good checkpoint is {state_path} (step {saved_step}): --resume continues from it"
                 if saved_step is not None else "nothing was saved")
-        raise UserError(f"training diverged at step {at}: {what}; the learning rate ({cfg['lr']:g}) is likely too "
-                        f"high for this model and data: lower --lr or set --grad_clip 1.0; {kept}")
+        decay = f" or the weight decay ({cfg['weight_decay']:g})" if cfg.get("weight_decay", 0) >= 1 else ""
+        raise UserError(f"training diverged at step {at}: {what}; the learning rate ({cfg['lr']:g}){decay} is likely "
+                        f"too high for this model and data: lower it or set --grad_clip 1.0; {kept}")
 
     def check_weights():
         """Every process checks its weights (its shard under FSDP) before anything is saved."""
@@ -824,7 +832,8 @@ def _train(model, train_loader, cfg, loss_fn, eval_fn, device, dtype, kind, extr
 def read_train_state(path, world, fsdp):
     """The resumable state in path, checked to fit this run's process layout."""
     if not os.path.exists(path):
-        raise UserError(f"--resume: no {path} to continue from; run without --resume to start")
+        raise UserError(f"--resume: no {path} to continue from: run without --resume to start (with --overwrite "
+                        f"where the folder holds the files of a run that stopped before it saved one)")
     ckpt = read_checkpoint(path)
     missing = [k for k in ("optimizer", "step", "epoch", "batch_pos", "tokens_seen", "rng") if k not in ckpt]
     if missing:
