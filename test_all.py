@@ -4363,11 +4363,17 @@ def test_an_output_onto_its_own_input_needs_force(outputs_world, monkeypatch):
     assert layers.is_int8_state_dict(M.read_checkpoint("lm.pth")["model"])
 
 
-def test_a_folder_where_a_run_writes_a_file_is_refused_before_work(verdict, tmp_path):
+def test_a_folder_or_pipe_where_a_run_writes_a_file_is_refused_before_work(verdict, tmp_path):
     out = tmp_path / "run"
     (out / "log.csv").mkdir(parents=True)
     code, _, err = run_main(pretrain.main, pre(verdict) + ["--out_dir", str(out), "--max_steps", "1"])
     assert_one_error_line(code, err, "log.csv", "is a folder")
+    out = tmp_path / "run2"
+    out.mkdir()
+    os.mkfifo(out / "model.pth")
+    code, _, err = run_main(pretrain.main, pre(verdict) + ["--out_dir", str(out), "--max_steps", "1"])
+    assert_one_error_line(code, err, "model.pth", "pipe")
+    assert not (out / "log.csv").exists()
 
 
 def test_divergence_is_never_saved_and_names_the_checkpoint_that_resumes(verdict, tmp_path):

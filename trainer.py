@@ -173,9 +173,9 @@ class RunFolder:
         if os.path.exists(out_dir) and not os.path.isdir(out_dir):
             raise UserError(f"--out_dir {out_dir} is a file: pass a folder")
         for path in self.outputs:
-            if os.path.isdir(path):
-                raise UserError(f"{path} is a folder where the run writes a file: move it away or pass another "
-                                f"--out_dir")
+            if os.path.isdir(path) or os.path.lexists(path) and not os.path.isfile(path):
+                raise UserError(f"{path} is a folder, pipe or device where the run writes a file: move it away or "
+                                f"pass another --out_dir")
             check_parent(path, "output")
             for name in INPUT_SETTINGS:
                 source = self.cfg.get(name)
