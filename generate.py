@@ -23,7 +23,7 @@ from data import (EOT_ID, NEXT_TURN_MARKERS, TEMPLATE_NAME, atomic_write, check_
 from layers import quantize_int8
 from load_gpt2 import init_model
 from model import KVCache, checkpoint_dict, count_parameters, generate_stream
-from settings import UserError, autocast, describe_device, entry, get_config, pick_device, pick_dtype
+from settings import UserError, autocast, describe_device, entry, get_config, pick_device, pick_dtype, pyplot
 
 DEFAULTS = dict(
     checkpoint="runs/pretrain/model.pth",  # what to sample from (pretrain.py writes it)
@@ -189,11 +189,8 @@ def show_next_token_probs(model, idx, tokenizer, plot_path, k=10):
     for i in top:
         print(f"{tokenizer.decode([i])!r:>16} " + " ".join(f"{probs[t][i].item():8.4f}" for t in temps))
     if plot_path:
-        try:  # optional dependency
-            import matplotlib
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
+        plt = pyplot(plot_path)
+        if plt is None:
             return
         fig, ax = plt.subplots(figsize=(6, 3))
         x = torch.arange(len(top))

@@ -64,6 +64,23 @@ def note(message):
     print(f"note: {message}", file=sys.stderr)
 
 
+_told = set()
+
+
+def pyplot(what):
+    """matplotlib.pyplot (headless), or None with a note, once per process, that `what` is skipped without it."""
+    try:  # optional dependency
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        return plt
+    except ImportError:
+        if what not in _told:
+            _told.add(what)
+            note(f"matplotlib is not installed, so no {what}: `pip install matplotlib` to get it")
+        return None
+
+
 def few(names, n=4):
     """'a, b, c, d (+3 more)': the first n of names for a message; 'nothing' when there are none."""
     names = [str(x) for x in names]

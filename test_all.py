@@ -69,6 +69,8 @@ SHARED_DATA = os.path.join(os.environ.get("GPT2_SHARED_DIR", os.path.join(HERE, 
 TIKTOKEN_CACHE = os.path.join(SHARED_DATA, "..", "tiktoken-cache")  # tiktoken's GPT-2 files, for working offline
 if os.path.isdir(TIKTOKEN_CACHE):
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", TIKTOKEN_CACHE)
+if os.environ.get("TIKTOKEN_CACHE_DIR"):  # README's command gives a relative path; tests that chdir still find it
+    os.environ["TIKTOKEN_CACHE_DIR"] = os.path.abspath(os.environ["TIKTOKEN_CACHE_DIR"])
 LONG = os.environ.get("GPT2_LONG_TESTS") == "1"
 
 # Tiny models on a busy 2-core machine: one thread spares every small matmul a wait for the other core
@@ -4361,6 +4363,20 @@ def test_an_output_onto_its_own_input_needs_force(outputs_world, monkeypatch):
     assert run_main(generate_script.main, ["--checkpoint", "lm.pth", "--quantize", "int8", "--device", "cpu",
                                     "--save_int8", "lm.pth", "--force"])[0] == 0
     assert layers.is_int8_state_dict(M.read_checkpoint("lm.pth")["model"])
+
+
+def test_without_matplotlib_runs_say_once_that_they_skip_plots(verdict, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    monkeypatch.setattr(settings, "_told", set())
+    out = tmp_path / "run"
+    code, _, err = run_main(pretrain.main, pre(verdict) + ["--out_dir", str(out), "--max_steps", "2",
+                                                           "--eval_freq", "1"])
+    assert code == 0 and err.count("matplotlib is not installed") == 1, err
+    assert (out / "log.csv").exists() and not (out / "loss-plot.png").exists()
+    lm = M.save_checkpoint(str(tmp_path / "lm.pth"), tiny_model())
+    code, _, err = run_main(generate_script.main, ["--checkpoint", lm, "--show_probs", "--device", "cpu",
+                                                   "--probs_plot", str(tmp_path / "p.png")])
+    assert code == 0 and "no " + str(tmp_path / "p.png") in err and not (tmp_path / "p.png").exists()
 
 
 def test_a_folder_or_pipe_where_a_run_writes_a_file_is_refused_before_work(verdict, tmp_path):

@@ -36,7 +36,7 @@ from data import atomic_write, check_parent, remove_stale_tmp, save_pth, write_j
 from load_gpt2 import init_model
 from model import (MODEL_CONFIGS, GPTModel, checkpoint_dict, clean_state_dict, count_parameters, load_state,
                    read_checkpoint)
-from settings import UserError, autocast, keep_freed_memory
+from settings import UserError, autocast, keep_freed_memory, pyplot
 
 TRAIN_STATE = "model_and_optimizer.pth"  # everything --resume needs
 BEST = "best.pth"                        # the model at its lowest validation loss (--save_best)
@@ -272,11 +272,8 @@ def write_log(path, rows):
 
 def plot_losses(rows, steps_per_epoch, path, keys=("train_loss", "val_loss"), ylabel="loss"):
     """Loss against epochs, with tokens seen on a second x-axis (needs matplotlib; skipped without it)."""
-    try:  # optional dependency
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot("plots")
+    if plt is None:
         return None
     rows = [r for r in rows if all(k in r for k in keys)]
     if not rows:
