@@ -564,8 +564,9 @@ def run_child(body, *args, watch=None):
         time.sleep(0.02)
     err = proc.communicate()[1]
     if proc.returncode:
-        last = err.strip().splitlines()[-1] if err.strip() else f"exit code {proc.returncode}"
-        raise UserError(f"a --corpus measurement failed: {last}")
+        told = [ln for ln in err.splitlines() if ln.strip() and ln.split()[0] not in ("SECONDS", "PEAK_KIB", "TOKENS")]
+        why = told[-1].removeprefix("error: ") if told else f"exit code {proc.returncode}"  # the child's own reason
+        raise UserError(f"a --corpus measurement failed: {why}")
     report = {k: float(v) for k, v in (ln.split()[:2] for ln in err.splitlines() if ln.split()[:1] and
                                        ln.split()[0] in ("SECONDS", "PEAK_KIB", "TOKENS"))}
     return report, seen, err

@@ -308,6 +308,9 @@ def record_text(line, path, line_no, text_field):
     except json.JSONDecodeError as e:
         raise UserError(f"{where} is not valid JSON ({e.msg}, column {e.colno}): fix or delete that line (a .jsonl "
                         f"file holds one JSON object per line)") from None
+    except RecursionError:  # the parser's own limit, cheaper than measuring every line's depth first
+        raise UserError(f"{where} nests its JSON too deeply to read: fix or delete that line (a record is an "
+                        f"object with a {text_field!r} text field)") from None
     if not isinstance(record, dict):
         raise UserError(f"{where} is a JSON {type(record).__name__}, expected an object with a {text_field!r} "
                         f"field")
@@ -463,10 +466,9 @@ def committed_meta(bin_path, meta_path, root, text_field):
     fixed = {k: v for k, v in cache_meta(root, text_field, []).items() if k not in ("n_tokens", "files")}
     if not isinstance(meta, dict) or any(meta.get(k) != v for k, v in fixed.items()):
         return None  # another format, tokenizer, source or text field
-    try:
-        consistent = meta["n_tokens"] == cache_meta(root, text_field, meta["files"])["n_tokens"]
-    except (KeyError, TypeError):
-        consistent = False
+    files = meta.get("files")
+    consistent = (type(meta.get("n_tokens")) is int and isinstance(files, list) and all(map(_cached_entry_ok, files))
+                  and meta["n_tokens"] == cache_meta(root, text_field, files)["n_tokens"])
     if not consistent:
         note(f"the token cache {meta_path} does not add up: building it again")
         return None
@@ -476,6 +478,14 @@ def committed_meta(bin_path, meta_path, root, text_field):
     if size > 2 * meta["n_tokens"]:
         os.truncate(bin_path, 2 * meta["n_tokens"])
     return meta
+
+
+def _cached_entry_ok(f):
+    """Whether one file's entry in the metadata has every field, of the right type (it may have been edited)."""
+    return (isinstance(f, dict) and isinstance(f.get("path"), str)
+            and all(type(f.get(k)) is int for k in ("size", "mtime_ns", "offset", "n_tokens", "n_chars"))
+            and isinstance(f.get("index"), list)
+            and all(isinstance(m, list) and len(m) == 2 and all(type(x) is int for x in m) for m in f["index"]))
 
 
 def changed_files(cached, files):

@@ -38,8 +38,8 @@ from data import (DATA_FILES, EOT_ID, TEMPLATE_NAME, InstructionDataset, Prefere
 from layers import add_lora, merge_lora
 from load_gpt2 import load_classifier
 from model import checkpoint_dict, count_parameters, generate_stream
-from settings import (UserError, autocast, changed_settings, check_training, describe_device, entry, get_config,
-                      pick_device, pick_dtype, training_settings)
+from settings import (UserError, autocast, available_memory, changed_settings, check_training, describe_device, entry,
+                      get_config, pick_device, pick_dtype, training_settings)
 from trainer import (TRAIN_STATE, RunFolder, build_model, calc_loss_batch, command_line, describe_distributed,
                      evaluate_model, is_main_process, last_token_logits, local_main_first, print_dry_run,
                      process_rank, save_model, setup_distributed, train_model, world_size)
@@ -930,6 +930,19 @@ def prompt_ids_of(records, max_len):
     return [p for p in prompts if len(p) < max_len]
 
 
+def check_rollout_memory(model_cfg, cfg, longest, device):
+    """Refuse, before any work, a step of rollouts that cannot fit in memory: the KV cache of every answer while
+    sampling, and the logits (with their log-softmax and gradient) of a minibatch of them while learning."""
+    rows, seq = cfg["group_size"] * cfg["prompts_per_step"], min(longest, model_cfg["context_length"])
+    kv = 2 * model_cfg["n_layers"] * rows * seq * model_cfg["emb_dim"] * 4
+    need = kv + 3 * -(-rows // cfg["minibatches"]) * seq * model_cfg["vocab_size"] * 4
+    free = available_memory(device)
+    if free is not None and need > 0.8 * free:
+        raise UserError(f"--group_size {cfg['group_size']} x --prompts_per_step {cfg['prompts_per_step']} = {rows} "
+                        f"answers a step need about {need / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB "
+                        f"free: lower them, or raise --minibatches")
+
+
 def run_rl(cfg, device, dtype, run):
     """Online policy optimization (GRPO or RLOO) of the SFT model against a reward, with a KL penalty to it."""
     path = resolve_data(cfg)
@@ -943,6 +956,7 @@ def run_rl(cfg, device, dtype, run):
         raise UserError(f"{len(prompts['train'])} training prompts fit the context with --max_new_tokens "
                         f"{cfg['max_new_tokens']}, fewer than --prompts_per_step {cfg['prompts_per_step']} per "
                         f"process: add records or lower --prompts_per_step / --max_new_tokens")
+    check_rollout_memory(policy.cfg, cfg, max(map(len, prompts["train"])) + cfg["max_new_tokens"], device)
     train_loader = DataLoader(units, batch_size=1, shuffle=False, collate_fn=lambda items: items[0])
     if cfg["dry_run"]:
         return print_dry_run(policy.cfg, cfg, len(train_loader), dtype, device, context_length=max_len,

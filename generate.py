@@ -23,7 +23,8 @@ from data import (EOT_ID, NEXT_TURN_MARKERS, TEMPLATE_NAME, atomic_write, check_
 from layers import quantize_int8
 from load_gpt2 import init_model
 from model import KVCache, checkpoint_dict, count_parameters, generate_stream
-from settings import UserError, autocast, describe_device, entry, get_config, pick_device, pick_dtype, pyplot
+from settings import (UserError, autocast, available_memory, describe_device, entry, get_config, pick_device,
+                      pick_dtype, pyplot)
 
 DEFAULTS = dict(
     checkpoint="runs/pretrain/model.pth",  # what to sample from (pretrain.py writes it)
@@ -94,7 +95,11 @@ def read_prompt(cfg, stdin=None):
     if cfg["prompt_file"]:
         text, source = read_text_file(cfg["prompt_file"], "--prompt_file"), cfg["prompt_file"]
     elif cfg["prompt"] == "-":
-        raw, source = (stdin or sys.stdin.buffer).read(), "standard input"
+        stdin = stdin or getattr(sys.stdin, "buffer", sys.stdin)
+        if stdin is None:  # started with standard input closed (`<&-`)
+            raise UserError("--prompt - reads standard input, which is closed: pipe the prompt in, or pass "
+                            "--prompt TEXT or --prompt_file PATH")
+        raw, source = stdin.read(), "standard input"
         try:
             text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
         except UnicodeDecodeError as e:
@@ -107,24 +112,10 @@ def read_prompt(cfg, stdin=None):
 
 
 def beam_memory(model, num_beams, max_new_tokens):
-    """Bytes beam search holds at its peak: a KV cache row per beam over the context, and (num_beams, vocab)
-    float64 scores, twice."""
+    """Bytes beam search holds at its peak: a KV cache row per beam over the context, and per (beam, vocabulary
+    entry) the float32 logits and log-probabilities and two float64 score tables."""
     c = model.cfg
-    return 2 * c["n_layers"] * num_beams * c["context_length"] * c["emb_dim"] * 4 + 2 * num_beams * c["vocab_size"] * 8
-
-
-def available_memory(device):
-    """Bytes that can still be allocated on device (None where it cannot be told)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return 2 * c["n_layers"] * num_beams * c["context_length"] * c["emb_dim"] * 4 + num_beams * c["vocab_size"] * 24
 
 
 def check_limits(cfg, model, device):
@@ -431,7 +422,7 @@ def chat(model, ckpt, cfg, device, dtype, stdin=None, out=None):
     Returns the turns as dicts of user,
     reply, prompt (the text the model saw) and reused (prompt tokens taken from the cache).
     """
-    stdin, out = stdin or sys.stdin, out or sys.stdout
+    stdin, out = stdin or sys.stdin or io.StringIO(), out or sys.stdout  # a closed stdin: the input has ended
     interactive = stdin.isatty()
     source = cfg["init"] or cfg["checkpoint"]
     if ckpt.get("kind") != "chat":
@@ -456,13 +447,16 @@ def chat(model, ckpt, cfg, device, dtype, stdin=None, out=None):
         text = line.strip()
         if not text:
             continue
-        if re.fullmatch(r"/\w+", text):  # a command: a lone /word (a message may still start with /)
-            if text == "/exit":
+        command = text.split()[0]
+        if command in ("/exit", "/reset", "/help") or re.fullmatch(r"/\w+", text):  # a message may start with /
+            if command != text:
+                print(f"({command} takes no arguments: ignored them)", file=sys.stderr)
+            if command == "/exit":
                 break
-            if text == "/reset":
+            if command == "/reset":
                 messages = []
                 print("(conversation cleared)", file=sys.stderr)
-            elif text == "/help":
+            elif command == "/help":
                 print(CHAT_HELP, file=sys.stderr)
             else:
                 print(f"unknown command {text}: /help lists the commands", file=sys.stderr)

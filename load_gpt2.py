@@ -288,7 +288,9 @@ def _find_files(path):
     if os.path.isdir(path):
         st = os.path.join(path, "model.safetensors")
         if not os.path.isfile(st):
-            raise CheckpointError(f"folder {path} holds no model.safetensors: pass the file, or a folder with one")
+            broken = " (only a broken link to one)" if os.path.islink(st) else ""
+            raise CheckpointError(f"folder {path} holds no model.safetensors{broken}: pass the file, or a folder "
+                                  f"with one")
         folder = path
     elif os.path.isfile(path):
         st, folder = path, os.path.dirname(path)
@@ -380,8 +382,11 @@ def load_hf_classifier(path, drop_rate=0.0):
         hf = json.load(f)
     C, d = score.shape
     id2label = hf.get("id2label") or {}
-    if set(id2label) != {str(i) for i in range(C)}:
-        raise CheckpointError(f"{cj_path}: id2label must name classes 0..{C - 1} (score.weight has {C} rows)")
+    if C < 2:
+        raise CheckpointError(f"{cj_path}: score.weight has {C} row(s), a classifier needs at least 2 classes")
+    if not isinstance(id2label, dict) or set(id2label) != {str(i) for i in range(C)}:
+        raise CheckpointError(f"{cj_path}: id2label must map each class 0..{C - 1} to its name (score.weight has "
+                              f"{C} rows)")
     model.out_head = nn.Linear(d, C)  # unties it from tok_emb
     with torch.no_grad():
         model.out_head.weight.copy_(score)
@@ -1033,7 +1038,8 @@ def main(argv=None):
     if not cfg["out"] and not cfg["force"] and os.path.isfile(out) and _converted_from(out) == name:
         print(f"{out} already holds {name}, converted earlier: nothing to do (--force converts it again)")
         return out
-    check_output(out, "--out", cfg["force"], inputs=[name])  # before any download
+    folder_files = [os.path.join(name, f) for f in ("model.safetensors", "config.json")] if os.path.isdir(name) else []
+    check_output(out, "--out", cfg["force"], inputs=[name, *folder_files])  # before any download
     folder = ensure_downloaded(name, cfg["models_dir"], cfg["hub_url"] or None, cfg["verify"]) \
         if name in PRETRAINED else name
     if is_hf_classifier(folder):  # GPT2ForSequenceClassification: a classifier .pth for finetune_cls.py

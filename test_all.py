@@ -4211,6 +4211,133 @@ def test_chat_settings_left_at_none_keep_their_type(capsys):
         assert "whole number" in capsys.readouterr().err, reward
 
 
+def chat_records_file(path, n=24):
+    rows = [{"instruction": f"Say {w}", "input": "", "output": w, "chosen": w, "rejected": w + " no"}
+            for w in ("yes", "no", "maybe", "ok") * (n // 4)]
+    path.write_text(json.dumps(rows))
+    return str(path)
+
+
+def resume_cases(tmp_path, verdict):
+    """(script main, the first run's args, a run-defining change) for each training script."""
+    csv_path = write_random_sms_csv(tmp_path / "texts.csv", 40)
+    chats = chat_records_file(tmp_path / "chats.json")
+    return [
+        (pretrain.main, pre(verdict) + ["--max_steps", "1", "--save_every", "1"], ["--tie_weights"]),
+        (pretrain.main, pre(verdict) + ["--max_steps", "1", "--save_every", "1"], ["--batch_size", "1"]),
+        (finetune_cls.main, cls_flags(csv=csv_path, max_steps=1, save_every=1), ["--trainable", "last_n:1"]),
+        (finetune_chat.main, chat_flags(data=chats, max_steps=1, save_every=1, max_new_tokens=0),
+         ["--method", "dpo"]),
+    ]
+
+
+def test_resume_refuses_settings_that_make_another_run(tmp_path, verdict):
+    """A --resume that changes what the run is (model, method, trainable layers, batch, data order) is refused
+    in one line naming the setting, the folder unchanged; steps may still change."""
+    for i, (main, args, change) in enumerate(resume_cases(tmp_path, verdict)):
+        out = str(tmp_path / f"run{i}")
+        assert run_main(main, args + ["--out_dir", out])[0] == 0
+        before = tree_hashes(out)
+        code, _, err = run_main(main, args + ["--out_dir", out, "--resume", "--max_steps", "2"] + change)
+        assert_one_error_line(code, err, "--resume", change[0], "--overwrite")
+        assert tree_hashes(out) == before
+    code, _, err = run_main(pretrain.main, pre(verdict) + ["--max_steps", "2", "--out_dir", str(tmp_path / "run0"),
+                                                           "--resume", "--eval_iters", "2"])
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("env", [{"WORLD_SIZE": "abc"}, {"LOCAL_RANK": "x"}, {"WORLD_SIZE": "-1"},
+                                 {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}])
+def test_torchrun_variables_set_wrongly_are_one_line(env, tmp_path, verdict, monkeypatch):
+    for k in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    code, _, err = run_main(pretrain.main, pre(verdict) + ["--out_dir", str(tmp_path / "r")])
+    assert_one_error_line(code, err, "torchrun")
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_closed_standard_input_is_the_end_of_input(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", None)  # what Python gives a process started with `<&-`
+    lm = M.save_checkpoint(str(tmp_path / "lm.pth"), tiny_model(), kind="chat", template="alpaca")
+    code, _, err = run_main(generate_script.main, ["--checkpoint", lm, "--device", "cpu", "--prompt", "-"])
+    assert_one_error_line(code, err, "standard input", "closed")
+    code, out, err = run_main(generate_script.main, ["--checkpoint", lm, "--device", "cpu", "--chat"])
+    assert code == 0 and "Traceback" not in err and out == ""
+
+
+def test_chat_commands_with_arguments_are_commands(tmp_path):
+    model = tiny_model(context_length=128)
+    cfg = {**generate_script.DEFAULTS, "checkpoint": "m.pth", "max_new_tokens": 3, "chat": True}
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        turns = generate_script.chat(model, {"kind": "chat"}, cfg, torch.device("cpu"), None,
+                                     stdin=io.StringIO("hello\n/reset now\nagain\n/exit 3\nnever sent\n"),
+                                     out=io.StringIO())
+    assert [t["user"] for t in turns] == ["hello", "again"]
+    assert "(conversation cleared)" in err.getvalue() and "/exit takes no arguments" in err.getvalue()
+
+
+@pytest.mark.parametrize("name", ["meta", "xpu", "cuda:x", "cpu:0", "", "CPU", "cuda:99"])
+def test_only_the_devices_we_support_are_taken(name):
+    with pytest.raises(settings.UserError, match="--device|device"):
+        settings.pick_device(name)
+
+
+def test_rollouts_that_cannot_fit_in_memory_are_refused_before_work(tmp_path, monkeypatch):
+    init = toy_policy(tmp_path / "toy.pth")
+    args = rl_args(str(tmp_path / "rl"), 1, init)
+    args[args.index("--group_size") + 1] = "1000000"
+    code, _, err = run_main(finetune_chat.main, args)
+    assert_one_error_line(code, err, "--group_size", "GiB")
+    assert not (tmp_path / "rl").exists()
+
+
+def test_a_deeply_nested_jsonl_line_is_one_line_in_training_and_bench(tmp_path, verdict):
+    corpus = tmp_path / "deep"
+    corpus.mkdir()
+    (corpus / "a.jsonl").write_text('{"text": "fine"}\n' + "[" * 100_000 + "]" * 100_000 + "\n")
+    code, _, err = run_main(pretrain.main, pre(str(corpus)) + ["--out_dir", str(tmp_path / "r")])
+    assert_one_error_line(code, err, "a.jsonl line 2", "nests")
+    code, _, err = run_main(bench.main, ["--corpus", str(corpus), "--corpus_steps", "1", "--device", "cpu"])
+    assert_one_error_line(code, err, "--corpus measurement failed", "nests")
+
+
+def test_a_hand_edited_token_cache_is_rebuilt(tmp_path, verdict):
+    cache_dir = str(tmp_path / "cache")
+    first = data.token_cache(str(verdict), cache_dir, progress=False)
+    tokens, meta_path = np.array(first.tokens), first.path[:-4] + ".json"
+    edits = [lambda m: m.update(n_tokens=float(m["n_tokens"])), lambda m: m["files"][0].pop("path"),
+             lambda m: m["files"][0].update(index=[["a", 1]]), lambda m: m.update(files={"x": 1})]
+    for edit in edits:
+        meta = read_json(meta_path)
+        edit(meta)
+        with open(meta_path, "w") as f:
+            json.dump(meta, f)
+        again = data.token_cache(str(verdict), cache_dir, progress=False)
+        assert np.array_equal(np.array(again.tokens), tokens) and read_json(meta_path)["n_tokens"] == len(tokens)
+
+
+def test_a_hand_edited_classifier_folder_is_refused(tmp_path):
+    folder = load_gpt2.export_hf(save_classifier(tmp_path / "cls.pth", biased_classifier()), str(tmp_path / "hf"))
+    config = read_json(os.path.join(folder, "config.json"))
+    for edit, words in (({"id2label": "012"}, "id2label"), ({"id2label": ["ham", "spam", "eggs"]}, "id2label"),
+                        ({"id2label": {"0": "a"}}, "id2label")):
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump({**config, **edit}, f)
+        code, _, err = run_main(load_gpt2.main, ["--model", folder, "--out", str(tmp_path / "back.pth")])
+        assert_one_error_line(code, err, words)
+    tensors = load_gpt2.read_safetensors(os.path.join(folder, "model.safetensors"))
+    load_gpt2.write_safetensors(os.path.join(folder, "model.safetensors"),
+                                {**tensors, "score.weight": tensors["score.weight"][:0]}, {"format": "pt"})
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump({**config, "id2label": {}, "num_labels": 0}, f)
+    code, _, err = run_main(load_gpt2.main, ["--model", folder, "--out", str(tmp_path / "back.pth")])
+    assert_one_error_line(code, err, "at least 2 classes")
+    assert not (tmp_path / "back.pth").exists()
+
+
 @pytest.mark.parametrize("name", ["pretrain", "finetune_cls", "finetune_chat"])
 def test_every_training_script_refuses_a_floor_above_the_peak_lr(name, capsys):
     module = SCRIPTS[name]

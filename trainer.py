@@ -36,12 +36,19 @@ from data import atomic_write, check_parent, remove_stale_tmp, save_pth, write_j
 from load_gpt2 import init_model
 from model import (MODEL_CONFIGS, GPTModel, checkpoint_dict, clean_state_dict, count_parameters, load_state,
                    read_checkpoint)
-from settings import UserError, autocast, keep_freed_memory, pyplot
+from settings import UserError, autocast, few, keep_freed_memory, pyplot
 
 TRAIN_STATE = "model_and_optimizer.pth"  # everything --resume needs
 BEST = "best.pth"                        # the model at its lowest validation loss (--save_best)
 RUN_FILES = (TRAIN_STATE, BEST, "log.csv", "loss-plot.png", "settings.json")
 INPUT_SETTINGS = ("data", "csv", "train_csv", "val_csv", "test_csv", "init", "reward_model")  # files a run reads
+# what a run is: --resume with another value of these would continue one run as another (its optimizer, data order
+# or loss would no longer fit); steps, evaluation, saving, logging and the device may change
+RUN_SETTINGS = ("method", "model", "context_length", "emb_dim", "n_heads", "n_layers", "drop_rate", "qkv_bias",
+                "tie_weights", "trainable", "lora_rank", "lora_alpha", "batch_size", "grad_accum_steps", "stride",
+                "windows", "train_ratio", "test_ratio", "split_seed", "seed", "max_length", "balance",
+                "allowed_max_length", "mask_instruction", "text_field", "text_column", "label_column", "reward",
+                "group_size", "prompts_per_step", "fsdp")
 
 # ---------------------------------------------------------------------------------------------------------------
 # Losses and evaluation (the book's chapter 5 functions)
@@ -209,7 +216,22 @@ class RunFolder:
             self.__exit__(None, None, None)
             raise UserError(f"{out_dir} already holds a run ({', '.join(held[:3])}): pass --resume to continue it, "
                             f"--overwrite to start over, or another --out_dir")
+        if self.cfg.get("resume"):
+            self._check_same_run()
         return self
+
+    def _check_same_run(self):
+        """Refuse a --resume whose run-defining settings differ from those the run began with (settings.json)."""
+        earlier = _read_json(self.path("settings.json"))
+        began = earlier.get("settings") if isinstance(earlier, dict) else None
+        if not isinstance(began, dict) or earlier.get("processes", 1) != world_size():
+            return  # no readable record, or another process count: the checkpoint's own checks say so
+        changed = [f"--{k} {began[k]} (now {self.cfg[k]})" for k in RUN_SETTINGS
+                   if k in began and k in self.cfg and began[k] != self.cfg[k]]
+        if changed:
+            self.__exit__(None, None, None)
+            raise UserError(f"--resume: this run began with {few(changed, 3)}: pass the same settings to continue "
+                            f"it (see {self.path('settings.json')}), or --overwrite to start over")
 
     def started(self):
         """The first step is done: drop the earlier run's files (with --overwrite) and write settings.json."""
@@ -403,6 +425,15 @@ class _StopRequest:
 _devnull = None
 
 
+def torchrun_env(name):
+    """torchrun's WORLD_SIZE, RANK or LOCAL_RANK as a number (1, 0, 0 where unset), refused when it is not one."""
+    value = os.environ.get(name, "1" if name == "WORLD_SIZE" else "0")
+    if not value.strip().isascii() or not value.strip().isdigit():
+        raise UserError(f"the environment variable {name}={value!r} is not a whole number >= 0: unset it (one "
+                        f"process), or start the script with torchrun, which sets it")
+    return int(value)
+
+
 def setup_distributed(device):
     """Join torchrun's process group and return the device this process trains on; one process: returns device.
 
@@ -411,24 +442,28 @@ def setup_distributed(device):
     appears once; errors still reach stderr. Call it at the top of main, before the model is built.
     """
     global _devnull
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if torchrun_env("WORLD_SIZE") <= 1:
         return device
     if not dist.is_available():
         raise UserError("this torch build has no torch.distributed: run one process (python, not torchrun)")
     if device.type == "mps":
         raise UserError("torchrun with --device mps is not supported: use --device cpu or cuda")
     if device.type == "cuda":
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        local_rank = torchrun_env("LOCAL_RANK")
         if local_rank >= torch.cuda.device_count():
             raise UserError(f"process LOCAL_RANK={local_rank} has no GPU of its own ({torch.cuda.device_count()} "
                             f"visible): lower --nproc_per_node to the number of GPUs")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)  # so that .to("cuda") elsewhere lands on this process's GPU
     if not dist.is_initialized():
-        if device.type == "cuda":
-            dist.init_process_group("nccl", device_id=device)
-        else:
-            dist.init_process_group("gloo")
+        try:
+            if device.type == "cuda":
+                dist.init_process_group("nccl", device_id=device)
+            else:
+                dist.init_process_group("gloo")
+        except (ValueError, RuntimeError) as e:  # e.g. WORLD_SIZE set by hand without MASTER_ADDR / RANK
+            raise UserError(f"cannot join the process group ({str(e).splitlines()[0]}): start several processes "
+                            f"with torchrun, or unset WORLD_SIZE for one") from None
         atexit.register(_leave_process_group)
     if dist.get_rank() != 0:
         _devnull = _devnull or open(os.devnull, "w")
@@ -480,7 +515,7 @@ def any_process(flag):
 def local_main_first():
     """Run the body in the first process of each machine (LOCAL_RANK 0) before the others: downloads and caches get
     written once, then found by the rest. Every process must enter it."""
-    first = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    first = torchrun_env("LOCAL_RANK") == 0
     if _distributed() and not first:
         dist.barrier()
     yield
@@ -634,7 +669,7 @@ def _train(model, train_loader, cfg, loss_fn, eval_fn, device, dtype, kind, extr
     state_path = run.path(TRAIN_STATE)
     accum = cfg.get("grad_accum_steps", 1)
     world, rank, fsdp = world_size(), process_rank(), bool(cfg.get("fsdp"))
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _distributed():
+    if torchrun_env("WORLD_SIZE") > 1 and not _distributed():
         raise RuntimeError("started by torchrun, but the script did not call setup_distributed() before training")
     if fsdp and world == 1:
         raise UserError("--fsdp shards the model across processes: start with "
@@ -675,7 +710,12 @@ def _train(model, train_loader, cfg, loss_fn, eval_fn, device, dtype, kind, extr
             _load_fsdp_train_state(model, optimizer, ckpt)
         else:
             load_state(model, ckpt["model"], state_path)
-            optimizer.load_state_dict(ckpt["optimizer"])
+            try:
+                optimizer.load_state_dict(ckpt["optimizer"])
+            except (ValueError, KeyError, RuntimeError) as e:
+                raise UserError(f"{state_path}: its optimizer state does not fit this run's trainable parameters "
+                                f"({str(e).splitlines()[0]}): resume with the settings the run began with, or "
+                                f"--overwrite to start over") from None
         set_rng_state(ckpt["rng_per_process"][rank] if world > 1 else ckpt["rng"], device)
         if hasattr(loss_fn, "load_state_dict"):  # a loss that carries state between steps (online RL's rollouts)
             loss_fn.load_state_dict(ckpt["loss_state"][rank] if world > 1 else ckpt["loss_state"])
