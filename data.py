@@ -888,22 +888,25 @@ def _process_alive(pid):
 
 def check_output(path, flag, force=False, inputs=(), replaceable=False):
     """Refuse, before any work starts, an output path that cannot be written (below a regular file, a folder, a
-    pipe or a device) or that holds a file already, unless force: the command's own input, a checkpoint, or any
-    other file (replaceable: the setting's default file, which every run rewrites, unless it holds a checkpoint).
-    Returns path."""
+    pipe or a device), that is one of the command's own inputs, or that holds a file already unless force (a
+    checkpoint, or any other file; replaceable: the setting's default file, which every run rewrites, unless it
+    holds a checkpoint). Returns path."""
     if not path:
         return path
     check_parent(path, flag)
     if os.path.isdir(path):
         raise UserError(f"{flag} {path} is a folder: pass a file path")
-    if not os.path.lexists(path) or force and os.path.isfile(path):
+    if not os.path.lexists(path):
         return path
     if not os.path.isfile(path):
         raise UserError(f"{flag} {path} is not a regular file (a pipe, a device or a broken link): choose "
                         f"another path")
-    fix = "pass --force to replace it, or choose another path"
     if any(os.path.exists(i) and os.path.samefile(path, i) for i in inputs if i):
-        raise UserError(f"{flag} {path} is this command's own input: {fix}")
+        raise UserError(f"{flag} {path} is this command's own input, which it never writes over: choose another "
+                        f"path")
+    if force:
+        return path
+    fix = "pass --force to replace it, or choose another path"
     if is_checkpoint_file(path):
         raise UserError(f"{flag} {path} already holds a checkpoint: {fix}")
     if not replaceable:

@@ -4479,17 +4479,22 @@ def test_every_output_flag_refuses_a_path_below_a_file_and_an_existing_checkpoin
         assert tree_hashes(w) == before
 
 
-def test_an_output_onto_its_own_input_needs_force(outputs_world, monkeypatch):
+def test_an_output_never_replaces_its_own_input(outputs_world, monkeypatch):
+    """Not even with --force: the input of every output flag, a file given directly or inside a folder."""
     w, lm = outputs_world
     monkeypatch.chdir(w)
+    load_gpt2.export_hf("lm.pth", "lm_hf")
     before = tree_hashes(w)
-    code, _, err = run_main(generate_script.main, ["--checkpoint", "lm.pth", "--quantize", "int8", "--device", "cpu",
-                                            "--save_int8", "lm.pth"])
-    assert_one_error_line(code, err, "own input", "--force")
-    assert tree_hashes(w) == before
-    assert run_main(generate_script.main, ["--checkpoint", "lm.pth", "--quantize", "int8", "--device", "cpu",
-                                    "--save_int8", "lm.pth", "--force"])[0] == 0
-    assert layers.is_int8_state_dict(M.read_checkpoint("lm.pth")["model"])
+    for force in ([], ["--force"]):
+        for main, args in (
+                (generate_script.main, ["--checkpoint", "lm.pth", "--quantize", "int8", "--device", "cpu",
+                                        "--save_int8", "lm.pth"]),
+                (finetune_cls.main, ["--checkpoint", "cls.pth", "--device", "cpu", "--save_int8", "cls.pth"]),
+                (load_gpt2.main, ["--model", "lm_hf", "--out", "lm_hf/model.safetensors"]),
+                (load_gpt2.main, ["--model", "lm_hf/model.safetensors", "--out", "lm_hf/model.safetensors"])):
+            code, _, err = run_main(main, args + force)
+            assert_one_error_line(code, err, "own input", "another path")
+            assert tree_hashes(w) == before
 
 
 def test_without_matplotlib_runs_say_once_that_they_skip_plots(verdict, tmp_path, monkeypatch):
