@@ -17,6 +17,7 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import signal
 import sys
@@ -179,15 +180,14 @@ class RunFolder:
         out_dir = self.out_dir
         if os.path.exists(out_dir) and not os.path.isdir(out_dir):
             raise UserError(f"--out_dir {out_dir} is a file: pass a folder")
+        inputs = {k: v for k in INPUT_SETTINGS if isinstance(v := self.cfg.get(k), str) and os.path.isfile(v)}
         for path in self.outputs:
             if os.path.isdir(path) or os.path.lexists(path) and not os.path.isfile(path):
                 raise UserError(f"{path} is a folder, pipe or device where the run writes a file: move it away or "
                                 f"pass another --out_dir")
             check_parent(path, "output")
-            for name in INPUT_SETTINGS:
-                source = self.cfg.get(name)
-                if isinstance(source, str) and os.path.isfile(source) and os.path.isfile(path) \
-                        and os.path.samefile(source, path):
+            for name, source in inputs.items():
+                if os.path.isfile(path) and os.path.samefile(source, path):
                     raise UserError(f"{path} is the --{name} input and also a file this run writes: keep your input "
                                     f"elsewhere, or pass another --out_dir")
         self.logger = open_logger(self.cfg.get("logger", "none"), out_dir, self.cfg)  # a missing package fails now
@@ -428,7 +428,7 @@ _devnull = None
 def torchrun_env(name):
     """torchrun's WORLD_SIZE, RANK or LOCAL_RANK as a number (1, 0, 0 where unset), refused when it is not one."""
     value = os.environ.get(name, "1" if name == "WORLD_SIZE" else "0")
-    if not value.strip().isascii() or not value.strip().isdigit():
+    if not re.fullmatch(r"\s*[0-9]+\s*", value):
         raise UserError(f"the environment variable {name}={value!r} is not a whole number >= 0: unset it (one "
                         f"process), or start the script with torchrun, which sets it")
     return int(value)
