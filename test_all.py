@@ -22,6 +22,7 @@ Markers: `slow` (over ~5 s each on 2 cores; the default run includes them, `-m "
 (TIKTOKEN_CACHE_DIR, and a local HTTP server on 127.0.0.1 for downloads): tests that need them are skipped when that
 folder is absent, and the Hugging Face round trips when transformers is not installed.
 """
+import atexit
 import contextlib
 import csv
 import ctypes
@@ -42,6 +43,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import zipfile
@@ -249,9 +251,14 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", MPLBACKEND="Agg
            TIKTOKEN_CACHE_DIR=os.path.abspath(os.environ.get("TIKTOKEN_CACHE_DIR", TIKTOKEN_CACHE)))
 
 
-def run_script(script, *args, cwd=HERE, env=None, timeout=300):
-    """Run an entry script as a user would, with ENV and `env` on top; returns CompletedProcess with text output."""
-    return subprocess.run([sys.executable, os.path.join(HERE, script), *args], cwd=cwd, capture_output=True,
+SCRATCH = tempfile.mkdtemp(prefix="gpt2-tests-")  # where scripts run unless told: never in the user's checkout,
+atexit.register(shutil.rmtree, SCRATCH, True)      # whose runs/ may hold the user's own run
+
+
+def run_script(script, *args, cwd=None, env=None, timeout=300):
+    """Run an entry script as a user would, with ENV and `env` on top, in cwd (else a scratch folder); returns
+    CompletedProcess with text output."""
+    return subprocess.run([sys.executable, os.path.join(HERE, script), *args], cwd=cwd or SCRATCH, capture_output=True,
                           text=True, timeout=timeout, env={**ENV, "PYTHONPATH": HERE, **(env or {})})
 
 
