@@ -22,7 +22,6 @@ Markers: `slow` (over ~5 s each on 2 cores; the default run includes them, `-m "
 (TIKTOKEN_CACHE_DIR, and a local HTTP server on 127.0.0.1 for downloads): tests that need them are skipped when that
 folder is absent, and the Hugging Face round trips when transformers is not installed.
 """
-import atexit
 import contextlib
 import csv
 import ctypes
@@ -43,7 +42,6 @@ import socket
 import struct
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import zipfile
@@ -169,8 +167,10 @@ def chat_flags(**overrides):
 
 
 @pytest.fixture(autouse=True)
-def data_dir_in_tmp(tmp_path, monkeypatch):
-    """Downloads and token caches of in-process runs go to the test's own folder, not the checkout's data/."""
+def in_tmp(tmp_path, monkeypatch):
+    """Every test runs in its own folder: the default outputs of in-process runs (runs/chat, ...), their downloads
+    and token caches land there, never in the checkout, whose runs/ and data/ may hold the user's own."""
+    monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(data, "DATA_DIR", str(tmp_path / "data"))
 
 
@@ -251,14 +251,10 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", MPLBACKEND="Agg
            TIKTOKEN_CACHE_DIR=os.path.abspath(os.environ.get("TIKTOKEN_CACHE_DIR", TIKTOKEN_CACHE)))
 
 
-SCRATCH = tempfile.mkdtemp(prefix="gpt2-tests-")  # where scripts run unless told: never in the user's checkout,
-atexit.register(shutil.rmtree, SCRATCH, True)      # whose runs/ may hold the user's own run
-
-
 def run_script(script, *args, cwd=None, env=None, timeout=300):
-    """Run an entry script as a user would, with ENV and `env` on top, in cwd (else a scratch folder); returns
-    CompletedProcess with text output."""
-    return subprocess.run([sys.executable, os.path.join(HERE, script), *args], cwd=cwd or SCRATCH, capture_output=True,
+    """Run an entry script as a user would, with ENV and `env` on top, in cwd (else the test's own folder: see
+    in_tmp); returns CompletedProcess with text output."""
+    return subprocess.run([sys.executable, os.path.join(HERE, script), *args], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout, env={**ENV, "PYTHONPATH": HERE, **(env or {})})
 
 
