@@ -624,7 +624,7 @@ def main(argv=None):
         torch.set_num_threads(cfg["threads"])
     device = pick_device(cfg["device"])
     if device.type == "cpu":
-        keep_freed_memory()  # as the training scripts do (trainer.train_model); it applies to transformers too
+        keep_freed_memory()  # as the training scripts do (trainer.wrap_model); it applies to transformers too
     check_output(cfg["json"] if cfg["json"] != "-" else "", "--json", cfg["force"])  # before the long work
     if cfg["corpus"]:
         result = {"corpus": cfg["corpus"], "settings": cfg, "results": corpus_bench(cfg)}

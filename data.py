@@ -862,6 +862,16 @@ def write_json(path, obj):
     return atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, ensure_ascii=False) + "\n"), "w")
 
 
+def append_text(path, text):
+    """Append text (UTF-8) to the file at path, created when missing; a link at path is refused, never followed."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        with os.fdopen(os.open(path, flags, 0o644), "a", encoding="utf-8") as f:
+            f.write(text)
+    except OSError as e:
+        raise UserError(f"cannot append to {path}: {write_error_advice(path, e)}") from None
+
+
 def remove_stale_tmp(folder):
     """Delete the temporary files atomic_write left in folder when its process was killed (their PID is gone)."""
     if not os.path.isdir(folder):

@@ -16,6 +16,7 @@ the prompts alone. The prompt template is the book's Alpaca one (data.format_inp
 generate.py --chat.
 """
 import copy
+from copy import deepcopy
 import math
 import os
 import re
@@ -37,12 +38,15 @@ from data import (DATA_FILES, EOT_ID, TEMPLATE_NAME, InstructionDataset, Prefere
                   load_preference_records, load_records, preference_collate_fn, split_records, write_json)
 from layers import add_lora, merge_lora
 from load_gpt2 import load_classifier
-from model import checkpoint_dict, count_parameters, generate_stream
+from model import count_parameters, generate_stream
 from settings import (UserError, autocast, available_memory, changed_settings, check_training, describe_device, entry,
                       get_config, pick_device, pick_dtype, training_settings)
-from trainer import (TRAIN_STATE, RunFolder, build_model, calc_loss_batch, command_line, describe_distributed,
-                     evaluate_model, is_main_process, last_token_logits, local_main_first, print_dry_run,
-                     process_rank, save_model, setup_distributed, train_model, world_size)
+from trainer import (BEST, POSITION, STOP, TRAIN_STATE, DivergenceGuard, Progress, RunFolder, StepLog, any_process,
+                     batches_per_epoch, build_model, calc_loss_batch, calc_loss_loader, catch_signals, clip_gradients,
+                     command_line, count_steps, describe_distributed, evaluate_model, finished, grad_sync, is_best,
+                     is_main_process, last_token_logits, loader_batches, local_main_first, lr_at_step, make_optimizer,
+                     plot_losses, print_dry_run, process_rank, save_best, save_model, save_train_state,
+                     setup_distributed, start_position, world_size, wrap_model)
 
 DEFAULTS = dict(
     method="sft",              # sft (learn the outputs) | dpo (prefer chosen over rejected; from SFT) | rm (a reward
@@ -102,6 +106,12 @@ METHOD_DEFAULTS = {
     "rloo": dict(_RL, out_dir="runs/chat-rloo"),
 }
 RL_METHODS = ("grpo", "rloo")
+# what this run is: --resume with another value of one of these would continue it as another run
+RUN_SETTINGS = ("method", "model", "context_length", "emb_dim", "n_heads", "n_layers", "drop_rate", "trainable",
+                "lora_rank", "lora_alpha", "batch_size", "grad_accum_steps", "seed", "train_ratio", "test_ratio",
+                "split_seed", "allowed_max_length", "mask_instruction", "reward", "group_size", "prompts_per_step",
+                "fsdp")
+INPUTS = ("data", "init", "reward_model")  # settings that name files the run reads (never written over)
 # output names of the book's chapter 7 for OpenAI's sizes
 BOOK_NAMES = {"gpt2": "gpt2-small124M", "gpt2-medium": "gpt2-medium355M", "gpt2-large": "gpt2-large774M",
               "gpt2-xl": "gpt2-xl1558M"}
@@ -350,7 +360,7 @@ def evaluate_dpo(policy, reference, loader, beta, device, num_batches=None, dtyp
     policy.eval()
     losses, chosen, rejected = [], [], []
     for i, batch in enumerate(loader):
-        if num_batches is not None and i >= num_batches:
+        if num_batches is not None and i >= num_batches or STOP:  # a stop request ends it at once
             break
         with autocast(device, dtype):
             loss, c, r, ref_logp = dpo_batch_loss(policy, reference, batch, beta, device,
@@ -361,6 +371,8 @@ def evaluate_dpo(policy, reference, loader, beta, device, num_batches=None, dtyp
         chosen.append(c.float())
         rejected.append(r.float())
     policy.train(was_training)
+    if not chosen:  # stopped before the first batch
+        return dict.fromkeys(("loss", "reward_margin", "reward_acc", "chosen_reward", "rejected_reward"), math.nan)
     chosen, rejected = torch.cat(chosen), torch.cat(rejected)
     return {"loss": sum(losses) / len(chosen), "reward_margin": (chosen - rejected).mean().item(),
             "reward_acc": (chosen > rejected).float().mean().item(), "chosen_reward": chosen.mean().item(),
@@ -408,13 +420,15 @@ def evaluate_reward_model(reward_model, loader, device, num_batches=None, dtype=
     reward_model.eval()
     chosen, rejected = [], []
     for i, batch in enumerate(loader):
-        if num_batches is not None and i >= num_batches:
+        if num_batches is not None and i >= num_batches or STOP:  # a stop request ends it at once
             break
         with autocast(device, dtype):
             c, r = reward_pair_scores(reward_model, batch, device)
         chosen.append(c)
         rejected.append(r)
     reward_model.train(was_training)
+    if not chosen:  # stopped before the first batch
+        return dict.fromkeys(("loss", "accuracy", "margin"), math.nan)
     chosen, rejected = torch.cat(chosen), torch.cat(rejected)
     return {"loss": bradley_terry_loss(chosen, rejected).item(), "accuracy": (chosen > rejected).float().mean().item(),
             "margin": (chosen - rejected).mean().item()}
@@ -530,6 +544,9 @@ def rollout(policy, reference, prompts, reward_fn, cfg, generator, device, dtype
     samples = []
     policy.eval()
     for prompt in prompts:
+        if STOP:  # a stop request: leave at once, the caller saves
+            policy.train()
+            return None
         with autocast(device, dtype):
             replies = sample_replies(policy, torch.tensor([prompt], device=device), cfg["max_new_tokens"],
                                      cfg["group_size"], cfg["temperature"], generator=generator)
@@ -547,82 +564,6 @@ def rollout(policy, reference, prompts, reward_fn, cfg, generator, device, dtype
     return {"ids": ids, "mask": mask, "rewards": rewards, "old_logp": old_logp, "ref_logp": ref_logp,
             "advantages": group_advantages(rewards, cfg["group_size"], cfg["method"]),
             "reply_tokens": mask.sum(1).float()}
-
-
-class PromptUnits(torch.utils.data.Dataset):
-    """The training loop's items for policy optimization: item k is one update, on minibatch m of pass e over the
-    rollouts of batch r of prompts. Each process (rank p of `world`) gets items k*world + p from the loop and
-    samples from prompts of its own; a new shuffle of the prompts each epoch, from the seed."""
-
-    def __init__(self, prompts, cfg, world=1):
-        self.prompts, self.cfg, self.world = prompts, cfg, world
-        self.per_rollout = cfg["ppo_epochs"] * cfg["minibatches"]
-        self.rollouts = len(prompts) // (cfg["prompts_per_step"] * world)
-        self.set_epoch(0)
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-        self.order = torch.randperm(len(self.prompts), generator=torch.Generator().manual_seed(
-            self.cfg["seed"] * 1000 + epoch)).tolist()
-
-    def __len__(self):
-        return self.rollouts * self.per_rollout * self.world
-
-    def __getitem__(self, i):
-        unit, rank = divmod(i, self.world)
-        r, k = divmod(unit, self.per_rollout)
-        n = self.cfg["prompts_per_step"]
-        first = (r * self.world + rank) * n
-        prompts = [self.prompts[j] for j in self.order[first:first + n]]
-        return {"prompts": prompts, "epoch": self.epoch, "rollout": r, "minibatch": k % self.cfg["minibatches"]}
-
-
-class PolicyOptimization:
-    """The training loop's loss for GRPO / RLOO (trainer.train_model calls it once per optimizer step).
-
-    At the first update of each batch of prompts it samples and scores a fresh set of rollouts with the current
-    policy (which, then, is the policy that samples); every update computes the PPO-clip loss with the KL penalty
-    on one minibatch of them. The rollouts and the step's statistics are its state, saved with the checkpoint, so
-    a resumed run continues with the very rollouts it was using. Sampling draws from a generator seeded by (seed,
-    epoch, rollout, rank), never from the global random stream.
-    """
-
-    def __init__(self, reference, reward_fn, cfg, device, dtype, rank=0):
-        self.reference, self.reward_fn, self.cfg = reference, reward_fn, cfg
-        self.device, self.dtype, self.rank = device, dtype, rank
-        self.key, self.rollouts, self.stats = None, None, {}
-
-    def __call__(self, model, unit):
-        policy = unwrap(model)
-        key = [unit["epoch"], unit["rollout"]]
-        if key != self.key or self.rollouts is None:
-            seed = ((self.cfg["seed"] * 1000 + unit["epoch"]) * 100_003 + unit["rollout"]) * 1009 + self.rank
-            gen = torch.Generator(device=self.device).manual_seed(seed)
-            self.rollouts = rollout(policy, self.reference, unit["prompts"], self.reward_fn, self.cfg, gen,
-                                    self.device, self.dtype)
-            self.key = key
-        part = self.minibatch(unit["minibatch"])
-        logp, entropy = token_logprobs(model, part["ids"].to(self.device))
-        mask = part["mask"].to(self.device)
-        loss, stats = policy_loss(logp, part["old_logp"].to(self.device), part["ref_logp"].to(self.device),
-                                  part["advantages"].to(self.device), mask, self.cfg["clip"], self.cfg["beta"])
-        r = self.rollouts
-        self.stats = {"reward": r["rewards"].mean().item(), **stats,
-                      "reply_len": r["reply_tokens"].mean().item(),
-                      "entropy": ((entropy * mask).sum() / mask.sum().clamp(min=1)).item(), "rl_loss": loss.item()}
-        unit["n_tokens"] = int(part["ids"].numel())  # what the training loop counts as this step's tokens
-        return loss
-
-    def minibatch(self, m):
-        n = self.rollouts["ids"].shape[0]
-        rows = slice(m * n // self.cfg["minibatches"], (m + 1) * n // self.cfg["minibatches"])
-        return {k: v[rows] for k, v in self.rollouts.items()}
-
-    def state_dict(self):
-        return {"key": self.key, "rollouts": self.rollouts, "stats": self.stats}
-
-    def load_state_dict(self, state):
-        self.key, self.rollouts, self.stats = state["key"], state["rollouts"], state["stats"]
 
 
 def unwrap(model):
@@ -650,6 +591,264 @@ def evaluate_policy(policy, reference, prompts, reward_fn, cfg, device, dtype):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# The training loops: supervised (sft, dpo, rm) and online (grpo, rloo)
+# ---------------------------------------------------------------------------------------------------------------
+
+METRICS = {"sft": ("loss",), "dpo": ("loss", "reward_margin", "reward_acc"), "rm": ("loss", "accuracy", "margin")}
+PLOTS = {"sft": [("loss-plot.png", ("train_loss", "val_loss"), "loss")],
+         "dpo": [("loss-plot.png", ("train_loss", "val_loss"), "DPO loss")],
+         "rm": [("loss-plot.png", ("train_loss", "val_loss"), "Bradley-Terry loss"),
+                ("accuracy-plot.png", ("train_accuracy", "val_accuracy"), "pairwise accuracy")],
+         "rl": [("reward-plot.png", ("reward",), "mean reward of the rollouts"),
+                ("kl-plot.png", ("kl",), "KL to the SFT model, per token")]}
+
+
+def get_lr(step, total_steps, cfg):
+    """The learning rate of optimizer step `step`: --lr, after --warmup_steps, cosine-decayed with --lr_schedule."""
+    return lr_at_step(step, total_steps, cfg["lr"], cfg["lr_schedule"], cfg["warmup_steps"], cfg["min_lr"])
+
+
+def batch_loss(model, batch, cfg, device, reference=None):
+    """The method's loss on one batch: next-token cross-entropy (sft), the DPO loss against the frozen reference
+    (dpo), or the Bradley-Terry loss of the chosen answer's reward over the rejected one's (rm)."""
+    if cfg["method"] == "dpo":
+        return dpo_batch_loss(model, reference, batch, cfg["beta"], device)[0]
+    if cfg["method"] == "rm":
+        return bradley_terry_loss(*reward_pair_scores(model, batch, device))
+    return calc_loss_batch(batch[0], batch[1], model, device)
+
+
+def split_scores(model, loaders, splits, cfg, device, dtype, num_batches=None, reference=None, ref_cache=None):
+    """{split: {metric: value}} on the first num_batches batches (all when None) of each split there is, in eval
+    mode: the loss (sft), DPO's loss, reward margin and accuracy (dpo), or the reward model's (rm)."""
+    was_training = model.training
+    model.eval()
+    scores = {}
+    for split in (s for s in splits if s in loaders):
+        if cfg["method"] == "dpo":
+            scores[split] = evaluate_dpo(model, reference, loaders[split], cfg["beta"], device, num_batches, dtype,
+                                         ref_cache[split])
+        elif cfg["method"] == "rm":
+            scores[split] = evaluate_reward_model(model, loaders[split], device, num_batches, dtype)
+        else:
+            scores[split] = {"loss": calc_loss_loader(loaders[split], model, device, num_batches, dtype,
+                                                      progress=not cfg["quiet"])}
+    model.train(was_training)
+    return scores
+
+
+def evaluate(model, loaders, cfg, device, dtype, where, reference=None, ref_cache=None):
+    """The metrics logged every --eval_freq steps (train_loss, val_loss and the method's others), printed after
+    `where`."""
+    scores = split_scores(model, loaders, ("train", "val"), cfg, device, dtype, cfg["eval_iters"], reference,
+                          ref_cache)
+    if STOP:  # cut short by a stop request: nothing to log
+        return {}
+    row = {f"{split}_{k}": round(scores[split][k], 5) for split in ("train", "val") for k in METRICS[cfg["method"]]}
+    tqdm.write(f"{where}: " + " ".join(f"{k} {v:.3f}" for k, v in row.items()))
+    return row
+
+
+def train_supervised(model, train_loader, loaders, cfg, device, dtype, run, kind, extra, reference=None,
+                     ref_cache=None):
+    """The supervised loop of sft, dpo and rm: every step its learning rate, micro-batches of forward, the method's
+    loss and backward, clipping, the optimizer step and a row in log.csv; an evaluation every --eval_freq steps.
+    Saves what --resume needs at --save_every, at the end and on a signal. Returns the rows of log.csv."""
+    accum, world, rank = cfg["grad_accum_steps"], world_size(), process_rank()
+    batches = batches_per_epoch(train_loader, world)
+    steps_per_epoch, total_steps = count_steps(batches, accum, cfg["epochs"], cfg["max_steps"])
+    fwd_model, step_model = wrap_model(model, device, dtype, cfg["fsdp"], cfg["compile"])
+    optimizer = make_optimizer(model, cfg["lr"], cfg["weight_decay"], device)
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype is torch.float16)
+    state_path = run.path(TRAIN_STATE)
+    start = start_position(state_path, model, optimizer, device, batches, cfg["resume"], cfg["seed"], cfg["fsdp"])
+    step, epoch, batch_pos, tokens_seen = (start[k] for k in POSITION)
+    log = StepLog(run.path("log.csv"), step if cfg["resume"] else None, run.logger)
+    guard = DivergenceGuard(state_path, cfg["lr"], cfg["weight_decay"], step if cfg["resume"] else None)
+
+    def save():  # every process calls it (gathering shards and random states needs them all)
+        guard.weights(model, step)
+        position = dict(zip(POSITION, (step, epoch, batch_pos, tokens_seen)), batches_per_epoch=batches)
+        save_train_state(state_path, model, optimizer, device, position, kind, cfg, **extra)
+        guard.saved(step)
+
+    if finished(step, total_steps, cfg["out_dir"]):
+        return log.rows
+    progress = Progress(total_steps, step, cfg["quiet"])
+    data = loader_batches(train_loader, epoch, batch_pos, cfg["seed"], rank, world)
+    with catch_signals() as stop:
+        while step < total_steps:
+            t0 = time.perf_counter()
+            lr = get_lr(step, total_steps, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum, step_tokens = 0.0, 0
+            for i in range(accum):
+                batch = next(data)
+                with grad_sync(step_model, last=i == accum - 1):
+                    with autocast(device, dtype):
+                        loss = batch_loss(step_model, batch, cfg, device, reference)
+                    guard.loss(loss, step + 1)
+                    scaler.scale(loss / accum).backward()
+                loss_sum, step_tokens = loss_sum + loss.item() / accum, step_tokens + batch_tokens(batch) * world
+            norm = clip_gradients(model, optimizer, scaler, cfg["grad_clip"])
+            guard.grad_norm(norm, loss_sum, step + 1, scaler)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step, batch_pos, tokens_seen = step + 1, batch_pos + accum, tokens_seen + step_tokens
+            guard.step_done(step)
+            progress.add(step_tokens, time.perf_counter() - t0)
+            progress.update(step, loss_sum, lr)
+            run.started()
+            row = {"step": step, "epoch": round(step / steps_per_epoch, 3), "tokens_seen": tokens_seen,
+                   "loss": round(loss_sum, 5), "lr": lr, "grad_norm": round(norm, 5),
+                   "tokens_per_s": round(progress.tokens_per_s(), 1)}
+            if batch_pos + accum > batches:  # the epoch is done
+                epoch, batch_pos = epoch + 1, 0
+                data = loader_batches(train_loader, epoch, 0, cfg["seed"], rank, world)
+            if step == 1 or step % cfg["eval_freq"] == 0 or step == total_steps:
+                where = f"ep {(step - 1) // steps_per_epoch + 1} (step {step:06d})"  # the epoch the step was in
+                row.update(evaluate(fwd_model, loaders, cfg, device, dtype, where, reference, ref_cache))
+                progress.resume_clock()
+            log.append(row)
+            if any_process(bool(stop)):  # every process stops at the same step
+                save()
+                progress.close()
+                stop.leave(f"at step {step}: saved {state_path}; continue with --resume")
+            if "val_loss" in row:
+                for name, keys, ylabel in PLOTS[cfg["method"]]:
+                    plot_losses(log.rows, steps_per_epoch, run.path(name), keys, ylabel)
+                if cfg["save_best"] and is_best(log.rows):  # best.pth: the model at its lowest validation loss
+                    save_best(run.path(BEST), finished_model(model, cfg, copy=True), kind, log.rows, **extra)
+            if cfg["save_every"] and step % cfg["save_every"] == 0 and step < total_steps:
+                save()
+    progress.close()
+    save()
+    return log.rows
+
+
+def batch_tokens(batch):
+    """Tokens in a batch: the element count of its first tensor (inputs, or the chosen answers of a pair)."""
+    first = batch[0] if isinstance(batch, (list, tuple)) else next(iter(batch.values()))
+    return first.numel() if torch.is_tensor(first) else 0
+
+
+def step_prompts(prompts, cfg, epoch, r, rank=0, world=1):
+    """The prompts of batch r of rollouts in `epoch` for process `rank` of `world`: --prompts_per_step of them, from
+    a shuffle of all the prompts drawn from (seed, epoch); every process takes prompts of its own."""
+    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(cfg["seed"] * 1000 + epoch))
+    n = cfg["prompts_per_step"]
+    first = (r * world + rank) * n
+    return [prompts[j] for j in order[first:first + n].tolist()]
+
+
+def rollouts_for(policy, reference, prompts, reward_fn, cfg, epoch, r, device, dtype):
+    """This process's rollouts for batch r of prompts in `epoch`, sampled from a generator seeded by (seed, epoch,
+    r, rank), never from the global random stream; None when a stop request came while sampling."""
+    rank, world = process_rank(), world_size()
+    seed = ((cfg["seed"] * 1000 + epoch) * 100_003 + r) * 1009 + rank
+    return rollout(policy, reference, step_prompts(prompts, cfg, epoch, r, rank, world), reward_fn, cfg,
+                   torch.Generator(device=device).manual_seed(seed), device, dtype)
+
+
+def ppo_step(model, rollouts, m, cfg, device):
+    """The PPO-clip loss with the KL penalty on minibatch m of the rollouts -> (loss, its statistics, tokens)."""
+    n = rollouts["ids"].shape[0]
+    rows = slice(m * n // cfg["minibatches"], (m + 1) * n // cfg["minibatches"])
+    part = {k: v[rows].to(device) for k, v in rollouts.items()}
+    logp, entropy = token_logprobs(model, part["ids"])
+    loss, stats = policy_loss(logp, part["old_logp"], part["ref_logp"], part["advantages"], part["mask"],
+                              cfg["clip"], cfg["beta"])
+    stats = {"reward": rollouts["rewards"].mean().item(), **stats, "reply_len": rollouts["reply_tokens"].mean().item(),
+             "entropy": ((entropy * part["mask"]).sum() / part["mask"].sum().clamp(min=1)).item(),
+             "rl_loss": loss.item()}
+    return loss, stats, int(part["ids"].numel())
+
+
+def train_policy(policy, reference, prompts, reward_fn, cfg, device, dtype, run, extra):
+    """Online policy optimization (grpo, rloo): for each batch of prompts, rollouts (answers sampled and scored), then
+    --ppo_epochs passes of --minibatches PPO-clip updates on them with the KL penalty to the frozen reference; a
+    row in log.csv per optimizer step. The rollouts in use are saved with the state, so a resume continues them."""
+    accum, world = cfg["grad_accum_steps"], world_size()
+    per_rollout = cfg["ppo_epochs"] * cfg["minibatches"]  # updates on each batch of rollouts
+    units = len(prompts) // (cfg["prompts_per_step"] * world) * per_rollout  # updates per epoch
+    steps_per_epoch, total_steps = count_steps(units, accum, cfg["epochs"], cfg["max_steps"])
+    fwd_model, step_model = wrap_model(policy, device, dtype, cfg["fsdp"], cfg["compile"])
+    optimizer = make_optimizer(policy, cfg["lr"], cfg["weight_decay"], device)
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype is torch.float16)
+    state_path = run.path(TRAIN_STATE)
+    start = start_position(state_path, policy, optimizer, device, units, cfg["resume"], cfg["seed"], cfg["fsdp"])
+    step, epoch, unit, tokens_seen = (start[k] for k in POSITION)
+    saved = start["process_state"] or {}  # the batch of rollouts in use when the state was saved
+    key, rollouts, stats = saved.get("key"), saved.get("rollouts"), {}
+    log = StepLog(run.path("log.csv"), step if cfg["resume"] else None, run.logger)
+    guard = DivergenceGuard(state_path, cfg["lr"], cfg["weight_decay"], step if cfg["resume"] else None)
+
+    def save():  # every process calls it (gathering shards and random states needs them all)
+        guard.weights(policy, step)
+        position = dict(zip(POSITION, (step, epoch, unit, tokens_seen)), batches_per_epoch=units)
+        save_train_state(state_path, policy, optimizer, device, position, "chat", cfg,
+                         {"key": key, "rollouts": rollouts, "stats": stats}, **extra)
+        guard.saved(step)
+
+    if finished(step, total_steps, cfg["out_dir"]):
+        return log.rows
+    progress = Progress(total_steps, step, cfg["quiet"])
+    with catch_signals() as stop:
+        while step < total_steps:
+            t0 = time.perf_counter()
+            lr = get_lr(step, total_steps, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum, step_tokens = 0.0, 0
+            for i in range(accum):
+                r, k = divmod(unit + i, per_rollout)
+                if key != [epoch, r] or rollouts is None:  # a new batch of prompts: sample and score
+                    new = rollouts_for(unwrap(fwd_model), reference, prompts, reward_fn, cfg, epoch, r, device, dtype)
+                    if new is None:  # a stop request while sampling: this step starts over after --resume
+                        break
+                    key, rollouts = [epoch, r], new
+                with grad_sync(step_model, last=i == accum - 1):
+                    with autocast(device, dtype):
+                        loss, stats, n_tokens = ppo_step(step_model, rollouts, k % cfg["minibatches"], cfg, device)
+                    guard.loss(loss, step + 1)
+                    scaler.scale(loss / accum).backward()
+                loss_sum, step_tokens = loss_sum + loss.item() / accum, step_tokens + n_tokens * world
+            if any_process(bool(stop)):  # every process stops at the same step, before it is taken
+                optimizer.zero_grad(set_to_none=True)
+                save()
+                progress.close()
+                stop.leave(f"at step {step}: saved {state_path}; continue with --resume")
+            norm = clip_gradients(policy, optimizer, scaler, cfg["grad_clip"])
+            guard.grad_norm(norm, loss_sum, step + 1, scaler)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step, unit, tokens_seen = step + 1, unit + accum, tokens_seen + step_tokens
+            guard.step_done(step)
+            progress.add(step_tokens, time.perf_counter() - t0)
+            progress.update(step, loss_sum, lr)
+            run.started()
+            row = {"step": step, "epoch": round(step / steps_per_epoch, 3), "tokens_seen": tokens_seen,
+                   "loss": round(loss_sum, 5), "lr": lr, "grad_norm": round(norm, 5),
+                   "tokens_per_s": round(progress.tokens_per_s(), 1), **stats}
+            if unit + accum > units:  # every prompt was used: a new epoch reshuffles them
+                epoch, unit = epoch + 1, 0
+            log.append(row)
+            if step == 1 or step % cfg["eval_freq"] == 0 or step == total_steps:
+                tqdm.write(f"ep {(step - 1) // steps_per_epoch + 1} (step {step:06d}): " + " ".join(
+                    f"{k} {v:.3f}" for k, v in stats.items()))
+                for name, keys, ylabel in PLOTS["rl"]:
+                    plot_losses(log.rows, steps_per_epoch, run.path(name), keys, ylabel)
+            if cfg["save_every"] and step % cfg["save_every"] == 0 and step < total_steps:
+                save()
+    progress.close()
+    save()
+    return log.rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # The runs
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -665,7 +864,7 @@ def resolve_data(cfg):
 def build_policy(cfg, device):
     """The model training starts from: a scratch model or the one --init names."""
     if cfg["dry_run"] or (cfg["fsdp"] and world_size() > 1):
-        # with --fsdp the whole model stays in CPU memory; train_model moves only this process's shard to the GPU
+        # with --fsdp the whole model stays in CPU memory; wrap_model moves only this process's shard to the GPU
         device = torch.device("cpu")
     model, info = build_model(cfg, device)
     if cfg["method"] == "dpo" and info["kind"] not in ("chat", None):
@@ -687,9 +886,12 @@ def add_adapters(model, cfg):
     return add_lora(model, cfg["lora_rank"], cfg["lora_alpha"])
 
 
-def finished_model(model, cfg):
-    """The model to save: LoRA adapters merged into plain linear layers."""
-    return merge_lora(model) if cfg["trainable"] == "lora" else model
+def finished_model(model, cfg, copy=False):
+    """The model to save: LoRA adapters merged into plain linear layers (of a copy, with copy=True, so that training
+    goes on with the adapters)."""
+    if cfg["trainable"] != "lora":
+        return model
+    return merge_lora(deepcopy(model) if copy else model)
 
 
 def split_data(records, cfg):
@@ -730,15 +932,6 @@ def startup_line(cfg, device, dtype, model, counts):
     print(f"{count_parameters(model):,} parameters ({trainable:,} trainable), {counts}; settings: {cfg['changed']}")
 
 
-def best_checkpoint_of(cfg, **extra):
-    """What --save_best keeps: the model as the run will save it (LoRA adapters merged into a copy)."""
-    def best(model):
-        if cfg["trainable"] == "lora":
-            model = merge_lora(copy.deepcopy(model))
-        return checkpoint_dict(model, "chat", template=TEMPLATE_NAME, method=cfg["method"], **extra)
-    return best
-
-
 def run_sft(cfg, device, dtype, run):
     path = resolve_data(cfg)
     train, test, val = split_data(load_records(path), cfg)
@@ -762,17 +955,11 @@ def run_sft(cfg, device, dtype, run):
     startup_line(cfg, device, dtype, model, f"{len(train)} train / {len(test)} test / {len(val)} val records "
                                             f"from {path}")
 
-    def eval_fn(m):
-        train_loss, val_loss = evaluate_model(m, eval_train, val_loader, device, cfg["eval_iters"], dtype,
-                                              progress=not cfg["quiet"])
-        return {"train_loss": train_loss, "val_loss": val_loss}
-
     start = time.time()
-    rows = train_model(model, train_loader, cfg, device=device, dtype=dtype, kind="chat", run=run,
-                       extra={"template": TEMPLATE_NAME, "method": "sft"},
-                       loss_fn=lambda m, b: calc_loss_batch(b[0], b[1], m, device), eval_fn=eval_fn,
-                       best_checkpoint=best_checkpoint_of(cfg))
-    if run.finished:
+    loaders = {"train": eval_train, "val": val_loader}
+    rows = train_supervised(model, train_loader, loaders, cfg, device, dtype, run, "chat",
+                            {"template": TEMPLATE_NAME, "method": "sft"})
+    if not run.is_started:  # --resume of a finished run
         return {"rows": rows}
     train_time = time.time() - start
     model = finished_model(model, cfg)
@@ -830,28 +1017,20 @@ def run_dpo(cfg, device, dtype, run):
 
     ref_cache = {split: {} for split in loaders}
 
-    def evaluate(m, splits=("train", "val", "test"), num_batches=None):
-        """DPO scores per split, over the first num_batches batches of each (all when None)."""
-        return {split: evaluate_dpo(m, reference, loaders[split], cfg["beta"], device, num_batches, dtype,
-                                    ref_cache[split])
-                for split in splits if split in loaders}
-
-    def eval_fn(m):
-        scores = evaluate(m, ("train", "val"), cfg["eval_iters"])
-        return {f"{split}_{k}": scores[split][k] for k in ("loss", "reward_margin", "reward_acc")
-                for split in ("train", "val")}
+    def evaluate(m):
+        """DPO scores on every split, whole."""
+        return split_scores(m, loaders, ("train", "val", "test"), cfg, device, dtype, None, reference, ref_cache)
 
     # before training the policy equals the reference; under --fsdp the policy is whole on the CPU until
-    # train_model shards it, so its twin, already on this device, is scored instead
+    # train shards it, so its twin, already on this device, is scored instead
     before = evaluate(reference if cfg["fsdp"] and world_size() > 1 else policy)
     print("before: " + ", ".join(f"{split} loss {v['loss']:.3f} margin {v['reward_margin']:.3f}"
                                  for split, v in before.items()))
     start = time.time()
-    rows = train_model(policy, train_loader, cfg, device=device, dtype=dtype, kind="chat", run=run,
-                       extra={"template": TEMPLATE_NAME, "method": "dpo", "beta": cfg["beta"]},
-                       loss_fn=lambda m, b: dpo_batch_loss(m, reference, b, cfg["beta"], device)[0],
-                       eval_fn=eval_fn, best_checkpoint=best_checkpoint_of(cfg, beta=cfg["beta"]))
-    if run.finished:
+    extra = {"template": TEMPLATE_NAME, "method": "dpo", "beta": cfg["beta"]}
+    rows = train_supervised(policy, train_loader, loaders, cfg, device, dtype, run, "chat", extra, reference,
+                            ref_cache)
+    if not run.is_started:  # --resume of a finished run
         return {"rows": rows}
     train_time = time.time() - start
     after = evaluate(policy)
@@ -890,26 +1069,15 @@ def run_rm(cfg, device, dtype, run):
     startup_line(cfg, device, dtype, model, f"{len(train)} train / {len(test)} test / {len(val)} val preference "
                                             f"pairs from {path}")
 
-    def evaluate(m, splits, num_batches=None):
-        return {split: evaluate_reward_model(m, loaders[split], device, num_batches, dtype)
-                for split in splits if split in loaders}
-
-    def eval_fn(m):
-        scores = evaluate(m, ("train", "val"), cfg["eval_iters"])
-        return {f"{split}_{k}": scores[split][k] for split in ("train", "val") for k in ("loss", "accuracy", "margin")}
-
-    before = evaluate(model, ("val",))
+    before = split_scores(model, loaders, ("val",), cfg, device, dtype)
     start = time.time()
     extra = {"template": TEMPLATE_NAME, "method": "rm", "class_names": ["reward"], "max_length": max_len,
              "pad_id": EOT_ID}
-    rows = train_model(model, train_loader, cfg, device=device, dtype=dtype, kind="reward", run=run, extra=extra,
-                       loss_fn=lambda m, b: bradley_terry_loss(*reward_pair_scores(m, b, device)), eval_fn=eval_fn,
-                       plots=(("loss-plot.png", ("train_loss", "val_loss"), "Bradley-Terry loss"),
-                              ("accuracy-plot.png", ("train_accuracy", "val_accuracy"), "pairwise accuracy")))
-    if run.finished:
+    rows = train_supervised(model, train_loader, loaders, cfg, device, dtype, run, "reward", extra)
+    if not run.is_started:  # --resume of a finished run
         return {"rows": rows}
     train_time = time.time() - start
-    after = evaluate(model, ("val", "test"))
+    after = split_scores(model, loaders, ("val", "test"), cfg, device, dtype)
     model = finished_model(model, cfg)
     ckpt_path = save_model(output_path(cfg), model, kind="reward", **extra, step=rows[-1]["step"],
                            accuracy={split: v["accuracy"] for split, v in after.items()})
@@ -951,15 +1119,16 @@ def run_rl(cfg, device, dtype, run):
     policy = build_policy(cfg, device)
     max_len = policy.cfg["context_length"] - cfg["max_new_tokens"]
     prompts = {"train": prompt_ids_of(train, max_len), "val": prompt_ids_of(val, max_len)}
-    units = PromptUnits(prompts["train"], cfg, world_size())
-    if len(units) == 0:
+    # updates in an epoch, over every process: each batch of rollouts gets ppo_epochs x minibatches of them
+    units = len(prompts["train"]) // (cfg["prompts_per_step"] * world_size()) * world_size() * cfg["ppo_epochs"] * \
+        cfg["minibatches"]
+    if units == 0:
         raise UserError(f"{len(prompts['train'])} training prompts fit the context with --max_new_tokens "
                         f"{cfg['max_new_tokens']}, fewer than --prompts_per_step {cfg['prompts_per_step']} per "
                         f"process: add records or lower --prompts_per_step / --max_new_tokens")
     check_rollout_memory(policy.cfg, cfg, max(map(len, prompts["train"])) + cfg["max_new_tokens"], device)
-    train_loader = DataLoader(units, batch_size=1, shuffle=False, collate_fn=lambda items: items[0])
     if cfg["dry_run"]:
-        return print_dry_run(policy.cfg, cfg, len(train_loader), dtype, device, context_length=max_len,
+        return print_dry_run(policy.cfg, cfg, units, dtype, device, context_length=max_len,
                              total_params=2 * count_parameters(policy), trainable_params=count_parameters(policy))
     reference = copy.deepcopy(policy).to(device).eval().requires_grad_(False)  # the frozen SFT model
     reward_fn = reward_function(cfg, device, dtype)
@@ -970,14 +1139,10 @@ def run_rl(cfg, device, dtype, run):
     held_out = prompts["val"][:cfg["eval_iters"] * cfg["prompts_per_step"]]
     before = evaluate_policy(policy, reference, held_out, reward_fn, cfg, device, dtype)
     print("before: " + ", ".join(f"{k} {v:.3f}" for k, v in before.items()))
-    loss = PolicyOptimization(reference, reward_fn, cfg, device, dtype, process_rank())
     start = time.time()
-    rows = train_model(policy, train_loader, cfg, device=device, dtype=dtype, kind="chat", run=run,
-                       extra={"template": TEMPLATE_NAME, "method": cfg["method"], "beta": cfg["beta"]},
-                       loss_fn=loss, eval_fn=lambda m: dict(loss.stats), best_checkpoint=best_checkpoint_of(cfg),
-                       plots=(("reward-plot.png", ("reward",), "mean reward of the rollouts"),
-                              ("kl-plot.png", ("kl",), "KL to the SFT model, per token")))
-    if run.finished:
+    rows = train_policy(policy, reference, prompts["train"], reward_fn, cfg, device, dtype, run,
+                        {"template": TEMPLATE_NAME, "method": cfg["method"], "beta": cfg["beta"]})
+    if not run.is_started:  # --resume of a finished run
         return {"rows": rows}
     train_time = time.time() - start
     after = evaluate_policy(policy, reference, held_out, reward_fn, cfg, device, dtype)
@@ -1006,7 +1171,8 @@ def main(argv=None):
                                      ("metrics.json", "instruction-data-with-response.json", "accuracy-plot.png",
                                       "reward-plot.png", "kl-plot.png")]
     run_method = {"sft": run_sft, "dpo": run_dpo, "rm": run_rm, "grpo": run_rl, "rloo": run_rl}[cfg["method"]]
-    with RunFolder(cfg, outputs, command_line(__file__, argv)) if not cfg["dry_run"] else nullcontext() as run:
+    folder = RunFolder(cfg, outputs, command_line(__file__, argv), RUN_SETTINGS, INPUTS) if not cfg["dry_run"] else None
+    with folder or nullcontext() as run:
         return run_method(cfg, device, dtype, run)
 
 

@@ -13,6 +13,7 @@ messages) and split 70/10/20; every split made here is written to OUT_DIR as tra
 The classifier reads its answer off the last real token of each text (padding, id 50256, comes after it).
 """
 import contextlib
+import math
 import os
 import re
 import sys
@@ -33,8 +34,12 @@ from load_gpt2 import load_classifier
 from model import checkpoint_dict, count_parameters
 from settings import (UserError, autocast, changed_settings, check_training, describe_device, entry, get_config, note,
                       pick_device, pick_dtype, training_settings)
-from trainer import (RunFolder, build_model, command_line, describe_distributed, is_main_process, last_token_logits,
-                     local_main_first, print_dry_run, save_model, setup_distributed, train_model, world_size)
+from trainer import (BEST, POSITION, STOP, TRAIN_STATE, DivergenceGuard, Progress, RunFolder, StepLog, any_process,
+                     batches_per_epoch, build_model, catch_signals, clip_gradients, command_line, count_steps,
+                     describe_distributed, finished, grad_sync, is_main_process, last_token_logits, loader_batches,
+                     local_main_first, lr_at_step, make_optimizer, plot_losses, print_dry_run, process_rank,
+                     save_best, save_model, save_train_state, setup_distributed, start_position, world_size,
+                     wrap_model)
 
 DEFAULTS = dict(
     csv="",                    # one labelled CSV, balanced and split 70/10/20 here; "" = the SMS Spam Collection
@@ -77,6 +82,12 @@ DEFAULTS = dict(
 CLASSIFIER = "spam_classifier.pth"  # trained on the SMS Spam Collection
 CSV_CLASSIFIER = "classifier.pth"   # trained on a CSV of the user's
 # what a classifier checkpoint stores beside the weights, so that it can be used alone
+# what this run is: --resume with another value of one of these would continue it as another run
+RUN_SETTINGS = ("model", "context_length", "emb_dim", "n_heads", "n_layers", "drop_rate", "trainable", "lora_rank",
+                "lora_alpha", "batch_size", "grad_accum_steps", "seed", "max_length", "balance", "text_column",
+                "label_column", "fsdp")
+INPUTS = ("csv", "train_csv", "val_csv", "test_csv", "init")  # settings that name files the run reads
+ACCURACIES = ("train_acc", "val_acc")  # what accuracy-plot.png shows
 CLS_KEYS = ("class_names", "max_length", "pad_id", "text_column", "label_column", "trainable", "lora", "step",
             "accuracy")
 
@@ -166,14 +177,18 @@ def predict_loader(model, loader, device, num_batches=None):
     """Run the classifier over (the first num_batches batches of) loader -> (logits (N, C) float32, labels (N,))."""
     logits, labels = [], []
     for i, (ids, y, lengths) in enumerate(loader):
-        if num_batches is not None and i >= num_batches:
+        if num_batches is not None and i >= num_batches or STOP:  # a stop request ends it at once
             break
         logits.append(last_token_logits(model, ids.to(device), lengths.to(device)).float().cpu())
         labels.append(y)
+    if not logits:  # stopped before the first batch
+        return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)
     return torch.cat(logits), torch.cat(labels)
 
 
 def loss_and_accuracy(logits, labels):
+    if len(labels) == 0:
+        return math.nan, math.nan
     return F.cross_entropy(logits, labels).item(), (logits.argmax(-1) == labels).float().mean().item()
 
 
@@ -388,21 +403,131 @@ def run_save_int8(checkpoint, out):
 
 
 SPLITS = ("train.csv", "validation.csv", "test.csv")
-PLOTS = (("loss-plot.png", ("train_loss", "val_loss"), "loss"),
-         ("accuracy-plot.png", ("train_acc", "val_acc"), "accuracy"))
 
 
 def run_training(cfg, checkpoint, device, dtype, command=""):
     outputs = [checkpoint] + [os.path.join(cfg["out_dir"], name) for name in
                               ("metrics.json", "accuracy-plot.png", *(SPLITS if not cfg["train_csv"] else ()))]
-    with RunFolder(cfg, outputs, command) if not cfg["dry_run"] else contextlib.nullcontext() as run:
+    folder = RunFolder(cfg, outputs, command, RUN_SETTINGS, INPUTS) if not cfg["dry_run"] else None
+    with folder or contextlib.nullcontext() as run:
         return train_classifier(cfg, checkpoint, device, dtype, run)
+
+
+def get_lr(step, total_steps, cfg):
+    """The learning rate of optimizer step `step`: --lr, after --warmup_steps, cosine-decayed with --lr_schedule."""
+    return lr_at_step(step, total_steps, cfg["lr"], cfg["lr_schedule"], cfg["warmup_steps"], cfg["min_lr"])
+
+
+def evaluate(model, eval_loaders, cfg, device, dtype, where, epoch_end=False):
+    """Loss and accuracy on the first --eval_iters batches of the training and validation splits, printed after
+    `where`; at an epoch's end (what the book prints then) logged as epoch_train_loss and so on."""
+    was_training = model.training
+    model.eval()
+    metrics = {}
+    with autocast(device, dtype):
+        for split in ("train", "val"):
+            loss, acc = loss_and_accuracy(*predict_loader(model, eval_loaders[split], device, cfg["eval_iters"]))
+            metrics.update({f"{split}_loss": round(loss, 5), f"{split}_acc": round(acc, 5)})
+    model.train(was_training)
+    if STOP:  # cut short by a stop request: nothing to log
+        return {}
+    m = metrics
+    if epoch_end:
+        tqdm.write(f"{where}: train loss {m['train_loss']:.3f}, val loss {m['val_loss']:.3f}, train acc "
+                   f"{100 * m['train_acc']:.2f}%, val acc {100 * m['val_acc']:.2f}%")
+        return {f"epoch_{k}": v for k, v in metrics.items()}
+    tqdm.write(f"{where}: " + " ".join(f"{k} {m[k]:.3f}" for k in ("train_loss", "val_loss", "train_acc", "val_acc")))
+    return metrics
+
+
+def epoch_metrics(rows):
+    """metrics.json's per-epoch entries, from the log rows of the steps that ended an epoch."""
+    return [{"epoch": round(r["epoch"]), **{k[len("epoch_"):]: r[k] for k in r if k.startswith("epoch_")}}
+            for r in rows if "epoch_val_acc" in r]
+
+
+def train(model, train_loader, eval_loaders, cfg, device, dtype, run, extra):
+    """The book's train_classifier_simple with resume, signals and several processes: every step its learning rate,
+    micro-batches of forward, loss and backward, clipping, the optimizer step and a row in log.csv; losses and
+    accuracies every --eval_freq steps, and on the whole splits after each epoch. Returns the rows of log.csv."""
+    accum, world, rank = cfg["grad_accum_steps"], world_size(), process_rank()
+    batches = batches_per_epoch(train_loader, world)
+    steps_per_epoch, total_steps = count_steps(batches, accum, cfg["epochs"], cfg["max_steps"])
+    fwd_model, step_model = wrap_model(model, device, dtype, cfg["fsdp"], cfg["compile"])
+    optimizer = make_optimizer(model, cfg["lr"], cfg["weight_decay"], device)
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype is torch.float16)
+    state_path = run.path(TRAIN_STATE)
+    start = start_position(state_path, model, optimizer, device, batches, cfg["resume"], cfg["seed"], cfg["fsdp"])
+    step, epoch, batch_pos, tokens_seen = (start[k] for k in POSITION)
+    log = StepLog(run.path("log.csv"), step if cfg["resume"] else None, run.logger)
+    guard = DivergenceGuard(state_path, cfg["lr"], cfg["weight_decay"], step if cfg["resume"] else None)
+
+    def save():  # every process calls it (gathering shards and random states needs them all)
+        guard.weights(model, step)
+        position = dict(zip(POSITION, (step, epoch, batch_pos, tokens_seen)), batches_per_epoch=batches)
+        save_train_state(state_path, model, optimizer, device, position, "cls", cfg, **extra)
+        guard.saved(step)
+
+    if finished(step, total_steps, cfg["out_dir"]):
+        return log.rows
+    progress = Progress(total_steps, step, cfg["quiet"])
+    data = loader_batches(train_loader, epoch, batch_pos, cfg["seed"], rank, world)
+    with catch_signals() as stop:
+        while step < total_steps:
+            t0 = time.perf_counter()
+            lr = get_lr(step, total_steps, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum, step_tokens = 0.0, 0
+            for i in range(accum):
+                batch = next(data)
+                with grad_sync(step_model, last=i == accum - 1):
+                    with autocast(device, dtype):
+                        loss = calc_loss_batch(batch, step_model, device)
+                    guard.loss(loss, step + 1)
+                    scaler.scale(loss / accum).backward()
+                loss_sum, step_tokens = loss_sum + loss.item() / accum, step_tokens + batch[0].numel() * world
+            norm = clip_gradients(model, optimizer, scaler, cfg["grad_clip"])
+            guard.grad_norm(norm, loss_sum, step + 1, scaler)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step, batch_pos, tokens_seen = step + 1, batch_pos + accum, tokens_seen + step_tokens
+            guard.step_done(step)
+            progress.add(step_tokens, time.perf_counter() - t0)
+            progress.update(step, loss_sum, lr)
+            run.started()
+            row = {"step": step, "epoch": round(step / steps_per_epoch, 3), "tokens_seen": tokens_seen,
+                   "loss": round(loss_sum, 5), "lr": lr, "grad_norm": round(norm, 5),
+                   "tokens_per_s": round(progress.tokens_per_s(), 1)}
+            if batch_pos + accum > batches:  # the epoch is done: the book reports both splits whole here
+                epoch, batch_pos = epoch + 1, 0
+                data = loader_batches(train_loader, epoch, 0, cfg["seed"], rank, world)
+                row.update(evaluate(fwd_model, eval_loaders, cfg, device, dtype, f"epoch {epoch}", epoch_end=True))
+            if step == 1 or step % cfg["eval_freq"] == 0 or step == total_steps:
+                where = f"ep {(step - 1) // steps_per_epoch + 1} (step {step:06d})"  # the epoch the step was in
+                row.update(evaluate(fwd_model, eval_loaders, cfg, device, dtype, where))
+            progress.resume_clock()
+            log.append(row)
+            if any_process(bool(stop)):  # every process stops at the same step
+                save()
+                progress.close()
+                stop.leave(f"at step {step}: saved {state_path}; continue with --resume")
+            if "val_loss" in row:
+                plot_losses(log.rows, steps_per_epoch, run.path("loss-plot.png"))
+                plot_losses(log.rows, steps_per_epoch, run.path("accuracy-plot.png"), ACCURACIES, "accuracy")
+                if cfg["save_best"]:  # best.pth: the model at its lowest validation loss so far
+                    save_best(run.path(BEST), model, "cls", log.rows, **extra)
+            if cfg["save_every"] and step % cfg["save_every"] == 0 and step < total_steps:
+                save()
+    progress.close()
+    save()
+    return log.rows
 
 
 def train_classifier(cfg, checkpoint, device, dtype, run):
     train_rows, val_rows, test_rows = splits = load_splits(cfg)
     class_names = check_two_classes(train_rows, "the training split")
-
     train_texts, train_labels = [t for t, _ in train_rows], label_ids(train_rows, class_names, "the training split")
     train_ds = ClassificationDataset(train_texts, train_labels, max_length=cfg["max_length"] or None)
     model, _ = build_model(cfg, context_length=cfg["context_length"] or train_ds.max_length, qkv_bias=False,
@@ -433,30 +558,12 @@ def train_classifier(cfg, checkpoint, device, dtype, run):
         return print_dry_run(model.cfg, cfg, len(train_loader), dtype, device, total_params=count_parameters(model),
                              trainable_params=count_parameters(model, True), context_length=max_length,
                              trainable_layers=blocks, out_dim=len(class_names))
-    # with --fsdp the whole model stays in CPU memory; train_model moves only this process's shard to the GPU
+    # with --fsdp the whole model stays in CPU memory; wrap_model moves only this process's shard to the GPU
     model.to(torch.device("cpu") if cfg["fsdp"] and world_size() > 1 else device)
     print(f"{count_parameters(model):,} parameters, {count_parameters(model, trainable_only=True):,} trainable "
           f"(--trainable {cfg['trainable']}); {len(class_names)} classes ({', '.join(class_names)}), max_length "
           f"{max_length}; {len(train_ds)} train / {len(val_ds)} val / {len(test_ds)} test texts; "
           f"settings: {changed_settings(cfg, DEFAULTS)}")
-
-    def eval_fn(m):
-        """Loss and accuracy on the first eval_iters batches of the training and validation splits."""
-        train_loss, train_acc = loss_and_accuracy(*predict_loader(m, eval_loaders["train"], device,
-                                                                  cfg["eval_iters"]))
-        val_loss, val_acc = loss_and_accuracy(*predict_loader(m, eval_loaders["val"], device, cfg["eval_iters"]))
-        return {"train_loss": train_loss, "val_loss": val_loss, "train_acc": train_acc, "val_acc": val_acc}
-
-    epochs = []
-
-    def on_epoch_end(m, epoch):
-        m.eval()
-        with torch.no_grad(), autocast(device, dtype):
-            metrics = eval_fn(m)
-        m.train()
-        epochs.append({"epoch": epoch, **{k: round(v, 5) for k, v in metrics.items()}})
-        tqdm.write(f"epoch {epoch}: train loss {metrics['train_loss']:.3f}, val loss {metrics['val_loss']:.3f}, "
-                   f"train acc {100 * metrics['train_acc']:.2f}%, val acc {100 * metrics['val_acc']:.2f}%")
 
     extra = {"class_names": class_names, "max_length": max_length, "pad_id": EOT_ID,
              "text_column": cfg["text_column"], "label_column": cfg["label_column"], "trainable": cfg["trainable"],
@@ -465,10 +572,8 @@ def train_classifier(cfg, checkpoint, device, dtype, run):
     start = time.time()
     rows = []
     if cfg["epochs"]:
-        rows = train_model(model, train_loader, cfg, loss_fn=lambda m, b: calc_loss_batch(b, m, device),
-                           eval_fn=eval_fn, device=device, dtype=dtype, kind="cls", extra=extra, run=run,
-                           on_epoch_end=on_epoch_end, plots=PLOTS)
-        if run.finished:
+        rows = train(model, train_loader, eval_loaders, cfg, device, dtype, run, extra)
+        if not run.is_started:  # --resume of a finished run
             return {}
     run.started()  # --epochs 0 writes its metrics and splits too
     train_time = time.time() - start
@@ -481,7 +586,7 @@ def train_classifier(cfg, checkpoint, device, dtype, run):
         print(format_metrics(name, results[name], class_names))
     summary = {"class_names": class_names, "max_length": max_length, "train_time_s": round(train_time, 1),
                "parameters": count_parameters(model), "trainable_parameters": count_parameters(model, True),
-               "settings": cfg, "epochs": epochs, **results}
+               "settings": cfg, "epochs": epoch_metrics(rows), **results}
     written = [run.path("metrics.json")]
     if is_main_process():
         write_json(written[0], summary)

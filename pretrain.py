@@ -7,10 +7,12 @@
     torchrun --nproc_per_node 4 pretrain.py              # 4 GPUs (or CPU processes) with DDP; add --fsdp to shard
 
 It follows the book's chapter 5 (gpt_train.py): load the text, split it, window it into batches, train with
-evaluation every few steps and a sample after each epoch, plot the losses. The loop itself is trainer.train_model,
-which the fine-tuning scripts share.
+evaluation every few steps and a sample after each epoch, plot the losses. The training loop is `train` below,
+the book's train_model_simple with what long runs need (resume, signals, several processes); trainer.py holds the
+small helpers it calls, one job each.
 """
 import contextlib
+import math
 import os
 import time
 
@@ -21,11 +23,14 @@ from tqdm import tqdm
 from data import (DATA_FILES, RandomWindows, TokenWindows, fetch_data, split_point, text_to_token_ids, token_cache,
                   token_ids_to_text)
 from model import MODEL_CONFIGS, count_parameters, generate
-from settings import (UserError, changed_settings, check_training, describe_device, entry, get_config,
+from settings import (UserError, autocast, changed_settings, check_training, describe_device, entry, get_config,
                       pick_device, pick_dtype, training_settings)
-from trainer import (TRAIN_STATE, RunFolder, build_model, calc_loss_batch, command_line, describe_distributed,
-                     evaluate_model, local_main_first, model_config, print_dry_run, save_model, setup_distributed,
-                     train_model, world_size)
+from trainer import (BEST, POSITION, STOP, TRAIN_STATE, DivergenceGuard, Progress, RunFolder, StepLog, any_process,
+                     batches_per_epoch, build_model, calc_loss_batch, catch_signals, clip_gradients, command_line,
+                     count_steps, describe_distributed, evaluate_model, finished, grad_sync, loader_batches,
+                     local_main_first, make_optimizer, model_config, plot_losses, print_dry_run, process_rank,
+                     save_best, save_model, save_train_state, setup_distributed, start_position, world_size,
+                     wrap_model)
 
 DEFAULTS = dict(
     data="the-verdict.txt",    # a text file, or a folder of .txt/.md/.jsonl files (searched recursively);
@@ -59,6 +64,10 @@ DEFAULTS = dict(
 )
 
 
+# what this run is: --resume with another value of one of these would continue it as another run
+RUN_SETTINGS = ("model", "context_length", "emb_dim", "n_heads", "n_layers", "drop_rate", "qkv_bias", "tie_weights",
+                "batch_size", "grad_accum_steps", "stride", "windows", "train_ratio", "seed", "text_field", "fsdp")
+INPUTS = ("data", "init")  # settings that name files the run reads (never written over)
 MAX_SHUFFLED = 10_000_000  # windows: more, and --windows auto draws random offsets instead of a permutation
 
 
@@ -121,12 +130,13 @@ def main(argv=None):
     print(describe_device(device, dtype, cfg["dtype"]) + describe_distributed(cfg))
     trains = not (cfg["dry_run"] or cfg["epochs"] == 0)  # the other two only print
     outputs = [os.path.join(cfg["out_dir"], "model.pth")]
-    with RunFolder(cfg, outputs, command_line(__file__, argv)) if trains else contextlib.nullcontext() as run:
+    folder = RunFolder(cfg, outputs, command_line(__file__, argv), RUN_SETTINGS, INPUTS) if trains else None
+    with folder or contextlib.nullcontext() as run:
         train_loader, val_loader = make_loaders(load_cache(cfg), cfg)
         if cfg["dry_run"]:
             model_cfg = model_config(cfg) if cfg["init"] == "scratch" else build_model(cfg)[0].cfg
             return print_dry_run(model_cfg, cfg, len(train_loader), dtype, device)
-        # with --fsdp the whole model stays in CPU memory; train_model moves only this process's shard to the GPU
+        # with --fsdp the whole model stays in CPU memory; wrap_model moves only this process's shard to the GPU
         model, _ = build_model(cfg, torch.device("cpu") if cfg["fsdp"] and world_size() > 1 else device)
         if cfg["context_length"] > model.cfg["context_length"]:
             raise UserError(f"--context_length {cfg['context_length']} exceeds the model's "
@@ -140,29 +150,120 @@ def main(argv=None):
         return pretrain(model, train_loader, val_loader, cfg, device, dtype, run)
 
 
+def get_lr(step, total_steps, cfg):
+    """Learning rate of optimizer step `step` (0-based): a linear warmup over --warmup_steps, then --lr (constant)
+    or a cosine decay from --lr down to --min_lr at the last step."""
+    lr, warmup = cfg["lr"], cfg["warmup_steps"]
+    if warmup and step < warmup:
+        return lr * (step + 1) / warmup
+    if cfg["lr_schedule"] == "cosine":
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return cfg["min_lr"] + 0.5 * (lr - cfg["min_lr"]) * (1 + math.cos(math.pi * min(1.0, progress)))
+    return lr
+
+
+def evaluate(model, eval_loaders, cfg, device, where):
+    """Losses on the first --eval_iters batches of each split, printed after `where`; in float32 whatever --dtype
+    says: a few batches, so exact losses cost little and runs in different dtypes report comparable numbers."""
+    train_loss, val_loss = evaluate_model(model, *eval_loaders, device, cfg["eval_iters"], progress=True)
+    if STOP:  # cut short by a stop request: nothing to log
+        return {}
+    tqdm.write(f"{where}: train_loss {train_loss:.3f} val_loss {val_loss:.3f}")
+    return {"train_loss": round(train_loss, 5), "val_loss": round(val_loss, 5)}
+
+
+def sample(model, cfg, device):
+    """The book's sample after each epoch: --sample_tokens greedy tokens after --sample_prompt."""
+    if cfg["sample_prompt"] and cfg["sample_tokens"] and not cfg["quiet"]:
+        generate_and_print_sample(model, cfg["sample_prompt"], device, cfg["sample_tokens"], write=tqdm.write)
+
+
+def train(model, train_loader, eval_loaders, cfg, device, dtype, run):
+    """Train for --epochs (or exactly --max_steps optimizer steps), a row in log.csv per step, an evaluation every
+    --eval_freq steps, a sample per epoch; saves what --resume needs at --save_every, the end and on a signal."""
+    accum, world, rank = cfg["grad_accum_steps"], world_size(), process_rank()
+    batches = batches_per_epoch(train_loader, world)
+    steps_per_epoch, total_steps = count_steps(batches, accum, cfg["epochs"], cfg["max_steps"])
+    fwd_model, step_model = wrap_model(model, device, dtype, cfg["fsdp"], cfg["compile"])
+    optimizer = make_optimizer(model, cfg["lr"], cfg["weight_decay"], device)
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype is torch.float16)
+    state_path = run.path(TRAIN_STATE)
+    start = start_position(state_path, model, optimizer, device, batches, cfg["resume"], cfg["seed"], cfg["fsdp"])
+    step, epoch, batch_pos, tokens_seen = (start[k] for k in POSITION)
+    log = StepLog(run.path("log.csv"), step if cfg["resume"] else None, run.logger)
+    guard = DivergenceGuard(state_path, cfg["lr"], cfg["weight_decay"], step if cfg["resume"] else None)
+
+    def save():  # every process calls it (gathering shards and random states needs them all)
+        guard.weights(model, step)
+        save_train_state(state_path, model, optimizer, device, dict(zip(POSITION, (step, epoch, batch_pos,
+                         tokens_seen)), batches_per_epoch=batches), "pretrain", cfg)
+        guard.saved(step)
+
+    if finished(step, total_steps, cfg["out_dir"]):
+        return log.rows
+    progress = Progress(total_steps, step, cfg["quiet"])
+    data = loader_batches(train_loader, epoch, batch_pos, cfg["seed"], rank, world)
+    with catch_signals() as stop:
+        while step < total_steps:
+            t0 = time.perf_counter()
+            lr = get_lr(step, total_steps, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum, step_tokens = 0.0, 0
+            for i in range(accum):
+                x, y = next(data)
+                with grad_sync(step_model, last=i == accum - 1):
+                    with autocast(device, dtype):
+                        loss = calc_loss_batch(x, y, step_model, device)
+                    guard.loss(loss, step + 1)
+                    scaler.scale(loss / accum).backward()
+                loss_sum, step_tokens = loss_sum + loss.item() / accum, step_tokens + x.numel() * world
+            norm = clip_gradients(model, optimizer, scaler, cfg["grad_clip"])
+            guard.grad_norm(norm, loss_sum, step + 1, scaler)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step, batch_pos, tokens_seen = step + 1, batch_pos + accum, tokens_seen + step_tokens
+            guard.step_done(step)
+            progress.add(step_tokens, time.perf_counter() - t0)
+            progress.update(step, loss_sum, lr)
+            run.started()
+            row = {"step": step, "epoch": round(step / steps_per_epoch, 3), "tokens_seen": tokens_seen,
+                   "loss": round(loss_sum, 5), "lr": lr, "grad_norm": round(norm, 5),
+                   "tokens_per_s": round(progress.tokens_per_s(), 1)}
+            if batch_pos + accum > batches:  # the epoch is done: the book prints a sample here
+                epoch, batch_pos = epoch + 1, 0
+                data = loader_batches(train_loader, epoch, 0, cfg["seed"], rank, world)
+                sample(model, cfg, device)
+            if step == 1 or step % cfg["eval_freq"] == 0 or step == total_steps:
+                where = f"ep {(step - 1) // steps_per_epoch + 1} (step {step:06d})"  # the epoch the step was in
+                row.update(evaluate(fwd_model, eval_loaders, cfg, device, where))
+                progress.resume_clock()
+            log.append(row)
+            if any_process(bool(stop)):  # every process stops at the same step
+                save()
+                progress.close()
+                stop.leave(f"at step {step}: saved {state_path}; continue with --resume")
+            if "val_loss" in row:
+                plot_losses(log.rows, steps_per_epoch, run.path("loss-plot.png"))
+                if cfg["save_best"]:  # best.pth: the model at its lowest validation loss so far
+                    save_best(run.path(BEST), model, "pretrain", log.rows)
+            if cfg["save_every"] and step % cfg["save_every"] == 0 and step < total_steps:
+                save()
+    progress.close()
+    save()
+    return log.rows
+
+
 def pretrain(model, train_loader, val_loader, cfg, device, dtype, run):
-    """The book's train_model_simple, through the shared loop: train, evaluate every eval_freq steps on the first
-    eval_iters batches of each split, print a sample after each epoch, then write model.pth."""
-    # the training loss is measured on the first eval_iters batches in file order, the same ones every time
+    """Train (the loss measured on the first eval_iters training batches in file order, the same ones every
+    time), then write model.pth and say what was written."""
     eval_train = DataLoader(train_loader.dataset, cfg["batch_size"], shuffle=False, drop_last=True)
-
-    def eval_fn(m):
-        # in float32 whatever --dtype says (the default of evaluate_model): a few batches, so exact losses cost little
-        # and runs in different dtypes report comparable numbers
-        train_loss, val_loss = evaluate_model(m, eval_train, val_loader, device, cfg["eval_iters"], progress=True)
-        return {"train_loss": train_loss, "val_loss": val_loss}
-
-    def sample(m, epoch):
-        if cfg["sample_prompt"] and cfg["sample_tokens"] and not cfg["quiet"]:
-            generate_and_print_sample(m, cfg["sample_prompt"], device, cfg["sample_tokens"], write=tqdm.write)
-
     start = time.time()
-    rows = train_model(model, train_loader, cfg, device=device, dtype=dtype, kind="pretrain", run=run,
-                       loss_fn=lambda m, b: calc_loss_batch(b[0], b[1], m, device), eval_fn=eval_fn,
-                       on_epoch_end=sample)
-    if run.finished:
-        return rows[-1] if rows else {}
-    final = dict(rows[-1])
+    rows = train(model, train_loader, (eval_train, val_loader), cfg, device, dtype, run)
+    final = next((dict(r) for r in reversed(rows) if "val_loss" in r), {"step": 0})
+    if not run.is_started:  # --resume of a finished run
+        return final
     if cfg["full_eval"]:
         final["val_loss_full"] = evaluate_model(model, eval_train, val_loader, device, None, progress=True)[1]
         print(f"validation loss over the whole split: {final['val_loss_full']:.3f}")

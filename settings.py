@@ -11,6 +11,7 @@ beside it in the script, or beside the shared training settings below) as its --
 """
 import argparse
 import ctypes
+import json
 import math
 import os
 import re
@@ -35,15 +36,53 @@ class Terminated(BaseException):
 
 
 def _raise_terminated(signum, frame):
-    raise Terminated
+    raise Terminated(signum)
+
+
+class _SafeStream:
+    """A stdout or stderr that nobody may read (`| head`, a full disk, a closed terminal): a write that fails is
+    dropped, and so is every one after it, instead of ending the run; its file descriptor then points to
+    /dev/null, so that the interpreter's last flush fails no more."""
+
+    def __init__(self, stream):
+        self._stream, self.broken = stream, False
+
+    def write(self, text):
+        if not self.broken:
+            try:
+                return self._stream.write(text)
+            except (OSError, ValueError):
+                self._drop()
+        return len(text)
+
+    def flush(self):
+        if not self.broken:
+            try:
+                self._stream.flush()
+            except (OSError, ValueError):
+                self._drop()
+
+    def _drop(self):
+        self.broken = True
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self._stream.fileno())
+        except (OSError, ValueError, AttributeError):
+            pass
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
 
 
 def entry(main):
-    """Run main() as a command: a user error is one `error:` line and exit 1, Ctrl-C exits 130, SIGTERM 143."""
-    try:
-        signal.signal(signal.SIGTERM, _raise_terminated)
-    except (ValueError, AttributeError):  # not the main thread, or no SIGTERM on this OS
-        pass
+    """Run main() as a command: a user error is one `error:` line and exit 1, Ctrl-C exits 130, SIGTERM 143 and
+    SIGHUP (a closed terminal) 129. Output that cannot be written (a closed pipe, a full disk) never ends a run."""
+    for sig in ("SIGTERM", "SIGHUP"):
+        try:
+            signal.signal(getattr(signal, sig), _raise_terminated)
+        except (ValueError, AttributeError):  # not the main thread, or no such signal on this OS
+            pass
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = (s if s is None or isinstance(s, _SafeStream) else _SafeStream(s) for s in streams)
     try:
         return main()
     except (UserError, CheckpointError) as e:
@@ -52,12 +91,14 @@ def entry(main):
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
-    except Terminated:
+    except Terminated as e:
         print("terminated", file=sys.stderr)
-        sys.exit(143)
-    except BrokenPipeError:  # output piped into `head` and the like
-        sys.stderr.close()
-        sys.exit(0)
+        sys.exit(129 if e.args and e.args[0] == getattr(signal, "SIGHUP", None) else 143)
+    finally:
+        for s in (sys.stdout, sys.stderr):
+            if s is not None:
+                s.flush()
+        sys.stdout, sys.stderr = streams
 
 
 def note(message):
@@ -208,12 +249,15 @@ def get_config(defaults, argv=None, doc=None, check=None):
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
     for name, default in defaults.items():
-        help_text = f"{comments.get(name, '')} (default: {default})".strip()
+        # argparse expands %-formats in help texts: a literal % in a comment must reach it as %%
+        help_text = f"{comments.get(name, '')} (default: {default})".strip().replace("%", "%%")
         kwargs = dict(default=default, type=_typed(default), help=help_text, metavar=_typed(default).__name__.upper())
         if isinstance(default, bool):
             kwargs.update(nargs="?", const=True, metavar="BOOL")
         parser.add_argument(f"--{name}", **kwargs)
     cfg = vars(parser.parse_args(argv))
+    if cfg.get("resume"):
+        resumed_settings(cfg, defaults, argv, parser)
     for name, value in cfg.items():  # every seed: what torch.manual_seed and numpy take, with room for offsets
         if (name == "seed" or name.endswith("_seed")) and not -1 <= value < 2**32:
             parser.error(f"--{name} must be a whole number from -1 to {2**32 - 1}, got {value}")
@@ -222,6 +266,36 @@ def get_config(defaults, argv=None, doc=None, check=None):
             check(cfg)
         except UserError as e:
             parser.error(str(e))
+    return cfg
+
+
+RESUME_KEEPS = ("resume", "overwrite", "dry_run", "force")  # never taken from the run being resumed
+
+
+def resumed_settings(cfg, defaults, argv, parser):
+    """--resume: every setting not given on the command line takes the value the run began with (its out_dir's
+    settings.json), so that `--out_dir DIR --resume` alone continues it; the ones given stay as given (RunFolder
+    then refuses those that would make another run). No settings.json: nothing changes."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    given = {a[2:].split("=", 1)[0] for a in args if isinstance(a, str) and a.startswith("--")}
+    path = os.path.join(str(cfg.get("out_dir") or ""), "settings.json")
+    if not cfg.get("out_dir") or not os.path.isfile(path):
+        return cfg
+    try:
+        with open(path, encoding="utf-8") as f:
+            began = json.load(f).get("settings")
+    except (OSError, ValueError, AttributeError):
+        return cfg
+    if not isinstance(began, dict):
+        return cfg
+    for name, value in began.items():
+        default = defaults.get(name, ...)
+        if name in given or name in RESUME_KEEPS or default is ...:
+            continue
+        if default is None or type(value) is type(default) or isinstance(default, float) and type(value) is int:
+            cfg[name] = value
+        else:
+            parser.error(f"{path}: --{name} is {value!r}, not a {type(default).__name__}: fix or remove the file")
     return cfg
 
 

@@ -77,19 +77,7 @@ LONG = os.environ.get("GPT2_LONG_TESTS") == "1"
 torch.set_num_threads(1)
 
 
-def pytest_configure(config):
-    """Register this file's markers."""
-    config.addinivalue_line("markers", "slow: takes over ~5 s on 2 cores; the default run includes it")
-    config.addinivalue_line("markers", "long: a GPT2_LONG_TESTS=1 variant, skipped otherwise")
-
-
-# pytest calls pytest_configure for conftest files and plugins only, and the whole suite is this file: so the hook runs
-# here, at import, on the running configuration (the one pytest.mark checks marker names against), before the
-# markers are used below
-if getattr(pytest.mark, "_config", None) is not None:
-    pytest_configure(pytest.mark._config)
-
-slow = pytest.mark.slow
+slow = pytest.mark.slow  # markers are registered in pytest.ini
 
 
 def ci_and_long(what):
@@ -1199,70 +1187,73 @@ def test_pretrain_end_to_end_writes_what_it_promises(verdict, tmp_path):
                           "--eval_freq", "20", *pretrain_flags()])
     for f in ["model.pth", "model_and_optimizer.pth", "log.csv", "loss-plot.png"]:
         assert (out / f).exists(), f
-    rows = (out / "log.csv").read_text().splitlines()
-    assert rows[0] == "step,epoch,tokens_seen,train_loss,val_loss,lr,tokens_per_s"
-    first, final = rows[1].split(","), rows[-1].split(",")
-    assert float(final[3]) < float(first[3]) - 1.0  # training lowers the loss
-    assert int(final[2]) == int(final[0]) * 2 * 32  # tokens seen = steps * batch * context
+    rows = csv_rows(out / "log.csv")  # one row per optimizer step, the evaluations in the steps they followed
+    assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "train_loss", "val_loss"} <= set(rows[0])
+    assert [int(r["step"]) for r in rows] == list(range(1, len(rows) + 1))
+    evals = [r for r in rows if r["val_loss"]]
+    first, final = evals[0], evals[-1]
+    assert float(final["train_loss"]) < float(first["train_loss"]) - 1.0  # training lowers the loss
+    assert int(final["tokens_seen"]) == int(final["step"]) * 2 * 32  # tokens seen = steps * batch * context
     model, ckpt = M.load_model(str(out / "model.pth"))
-    assert ckpt["kind"] == "pretrain" and ckpt["config"]["emb_dim"] == 32 and last["step"] == int(final[0])
+    assert ckpt["kind"] == "pretrain" and ckpt["config"]["emb_dim"] == 32 and last["step"] == int(final["step"])
     texts = generate_script.main(["--checkpoint", str(out / "model.pth"), "--max_new_tokens", "5",
                                   "--num_samples", "2", "--device", "cpu"])
     assert len(texts) == 2 and all(t.startswith("Every effort moves you") for t in texts)
 
 
+def signal_when_logged(args, log_path, step, sig=signal.SIGTERM, env=None):
+    """Start pretrain.py with args, send it sig once its log.csv shows `step`, and return the finished process."""
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "pretrain.py"), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**ENV, "PYTHONPATH": HERE, **(env or {})})
+    deadline = time.time() + 120
+    while proc.poll() is None and time.time() < deadline:
+        if max((r["step"] for r in trainer.read_log(log_path)), default=0) >= step:
+            proc.send_signal(sig)
+            break
+        time.sleep(0.05)
+    out, err = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
 @slow
-def test_resume_equals_uninterrupted_run(verdict, tmp_path, monkeypatch):
+def test_resume_equals_uninterrupted_run(verdict, tmp_path):
     text = tmp_path / "short.txt"  # ~10 steps an epoch, so the run crosses an epoch boundary
     text.write_text(open(verdict).read()[:3300])
     common = ["--data", str(text), "--epochs", "2", "--eval_freq", "4", "--lr_schedule", "cosine",
               "--warmup_steps", "2", "--grad_clip", "1.0", *pretrain_flags(drop_rate=0.1)]
     pretrain.main([*common, "--out_dir", str(tmp_path / "a")])
-    # the same run, stopped by SIGTERM in the second epoch, then resumed
-    calls = {"n": 0}
-    real = pretrain.calc_loss_batch
-
-    def terminate_at_step_13(*args):
-        if torch.is_grad_enabled():
-            calls["n"] += 1
-            if calls["n"] == 13:
-                os.kill(os.getpid(), signal.SIGTERM)
-        return real(*args)
-
-    monkeypatch.setattr(pretrain, "calc_loss_batch", terminate_at_step_13)
-    with pytest.raises(SystemExit) as stopped:
-        pretrain.main([*common, "--out_dir", str(tmp_path / "b")])
-    assert stopped.value.code == 143
-    state = M.read_checkpoint(str(tmp_path / "b" / "model_and_optimizer.pth"))
-    assert state["step"] == 13 and state["epoch"] == 1 and state["batch_pos"] > 0
-    monkeypatch.setattr(pretrain, "calc_loss_batch", real)
-    pretrain.main([*common, "--out_dir", str(tmp_path / "b"), "--resume"])
+    # the same run, stopped by a real SIGTERM once it logged step 5, then resumed
+    b = tmp_path / "b"
+    stopped = signal_when_logged([*common, "--out_dir", str(b)], b / "log.csv", 5)
+    assert stopped.returncode == 143 and "SIGTERM at step" in stopped.stderr, stopped.stderr
+    state = M.read_checkpoint(str(b / "model_and_optimizer.pth"))
+    assert 5 <= state["step"] < 20 and [r["step"] for r in trainer.read_log(b / "log.csv")] == list(
+        range(1, state["step"] + 1))
+    pretrain.main([*common, "--out_dir", str(b), "--resume"])
     a = M.read_checkpoint(str(tmp_path / "a" / "model.pth"))["model"]
-    b = M.read_checkpoint(str(tmp_path / "b" / "model.pth"))["model"]
+    b_weights = M.read_checkpoint(str(b / "model.pth"))["model"]
     for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
-    assert (tmp_path / "a" / "log.csv").read_text() .splitlines()[-1].split(",")[:5] == \
-        (tmp_path / "b" / "log.csv").read_text().splitlines()[-1].split(",")[:5]
+        torch.testing.assert_close(a[k], b_weights[k], atol=1e-6, rtol=0)
+    whole, resumed = trainer.read_log(tmp_path / "a" / "log.csv"), trainer.read_log(b / "log.csv")
+    assert [r["step"] for r in resumed] == [r["step"] for r in whole]  # no gap, no duplicate
+    assert [r.get("val_loss") for r in resumed] == pytest.approx([r.get("val_loss") for r in whole], abs=1e-5)
 
 
-def test_nan_loss_stops_and_keeps_the_last_checkpoint(verdict, tmp_path, monkeypatch):
-    out = tmp_path / "run"
-    calls = {"n": 0}
-    real = pretrain.calc_loss_batch
-
-    def flaky(*args):
-        loss = real(*args)
-        if not torch.is_grad_enabled():  # evaluation
-            return loss
-        calls["n"] += 1
-        return loss * float("nan") if calls["n"] == 4 else loss
-
-    monkeypatch.setattr(pretrain, "calc_loss_batch", flaky)
-    with pytest.raises(settings.UserError, match="diverged at step 4: the loss is nan.*last good checkpoint"):
-        pretrain.main(["--data", verdict, "--out_dir", str(out), "--save_every", "2", "--epochs", "1",
-                       *pretrain_flags()])
-    state = M.read_checkpoint(str(out / "model_and_optimizer.pth"))
-    assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["model"].values())
+def test_divergence_stops_and_names_a_checkpoint_only_when_training_continues_from_it(verdict, tmp_path):
+    for lr in ("1e30", "1e6", "300"):  # the weights stay finite for a step at the first; later ones diverge later
+        out = str(tmp_path / f"lr{lr}")
+        args = pre(verdict) + ["--out_dir", out, "--save_every", "1", "--max_steps", "30", "--eval_freq", "100"]
+        code, _, err = run_main(pretrain.main, args + ["--lr", lr])
+        assert code == 1 and "training diverged at step" in err and "lower it" in err, err
+        state = M.read_checkpoint(os.path.join(out, "model_and_optimizer.pth")) if os.path.exists(
+            os.path.join(out, "model_and_optimizer.pth")) else None
+        assert state is None or all(torch.isfinite(v).all() for v in state["model"].values())
+        if "last good checkpoint" in err:  # then a resume at a sane learning rate trains on
+            assert f"(step {state['step']})" in err
+            pretrain.main(args + ["--resume", "--lr", "1e-4", "--max_steps", str(state["step"] + 2)])
+            assert M.read_checkpoint(os.path.join(out, "model_and_optimizer.pth"))["step"] == state["step"] + 2
+        else:
+            assert "nothing was saved" in err or "start over" in err, err
 
 
 def test_pretrain_epochs_zero_only_evaluates(verdict, tmp_path):
@@ -1308,7 +1299,7 @@ def test_bfloat16_trains_close_to_float32(tmp_path, verdict):
     assert max_diff(w32, w16) > 0  # the bf16 path really ran
     for k in ("train_loss", "val_loss"):
         assert abs(fp32[k] - bf16[k]) < 0.01, (k, fp32[k], bf16[k])
-    first = M.read_checkpoint(str(tmp_path / "bf16" / trainer.TRAIN_STATE))["log"][0]
+    first = trainer.read_log(tmp_path / "bf16" / "log.csv")[0]
     assert first["step"] == 1 and bf16["train_loss"] < first["train_loss"]  # it learned something
 
 
@@ -2993,12 +2984,15 @@ def test_policy_optimization_resumes_exactly(tmp_path, monkeypatch):
 
 def test_each_process_samples_prompts_of_its_own():
     prompts = [[i] for i in range(40)]
-    cfg = {"ppo_epochs": 2, "minibatches": 1, "prompts_per_step": 4, "seed": 3}
-    units = finetune_chat.PromptUnits(prompts, cfg, world=2)
-    for step in range(len(units) // 2):
-        rank0, rank1 = units[2 * step], units[2 * step + 1]
-        assert rank0["rollout"] == rank1["rollout"] and not set(map(tuple, rank0["prompts"])) & set(
-            map(tuple, rank1["prompts"]))
+    cfg = {"prompts_per_step": 4, "seed": 3}
+    for epoch in (0, 1):
+        seen = []
+        for r in range(5):  # 40 prompts, 2 processes, 4 prompts each: 5 batches of rollouts an epoch
+            rank0, rank1 = (finetune_chat.step_prompts(prompts, cfg, epoch, r, rank, world=2) for rank in (0, 1))
+            assert len(rank0) == len(rank1) == 4 and not set(map(tuple, rank0)) & set(map(tuple, rank1))
+            seen += rank0 + rank1
+        assert sorted(seen) == prompts  # every prompt once an epoch
+    assert finetune_chat.step_prompts(prompts, cfg, 0, 0) != finetune_chat.step_prompts(prompts, cfg, 1, 0)
 
 
 def test_reward_model_runs_end_to_end_and_is_refused_as_a_language_model(verdict, tmp_path):
@@ -4419,6 +4413,141 @@ def test_resume_of_a_run_that_saved_nothing_points_to_overwrite(tmp_path, verdic
     code, _, err = run_main(pretrain.main, pre(verdict) + ["--out_dir", str(out), "--resume"])
     assert_one_error_line(code, err, "--resume", "--overwrite")
     assert run_main(pretrain.main, pre(verdict) + ["--out_dir", str(out), "--overwrite", "--max_steps", "1"])[0] == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loop's helpers: the step log, stopping on a signal, the resumable state, output nobody reads
+# ---------------------------------------------------------------------------------------------------------------
+
+PERCENT_DEFAULTS = dict(
+    share=0.5,                 # 50% of the data, as printf would say %d or %(x)s
+)
+
+
+def test_any_character_in_a_settings_comment_shows_in_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        settings.get_config(PERCENT_DEFAULTS, ["--help"])
+    assert e.value.code == 0 and "50% of the data, as printf would say %d or %(x)s" in capsys.readouterr().out
+
+
+def test_the_step_log_appends_rows_takes_new_columns_and_resumes_without_gaps(tmp_path):
+    path = tmp_path / "log.csv"
+    log = trainer.StepLog(str(path))
+    assert not path.exists()  # nothing written before the first row
+    for step in range(1, 5):
+        log.append({"step": step, "loss": 1.0 / step, **({"val_loss": 2.5} if step % 2 == 0 else {})})
+    log.append({"step": 5, "loss": 0.2, "grad_norm": 0.5})  # a key a hacker added: a new column
+    rows = csv_rows(path)
+    assert [r["step"] for r in rows] == ["1", "2", "3", "4", "5"] and rows[4]["grad_norm"] == "0.5"
+    assert rows[1]["val_loss"] == "2.5" and rows[0]["val_loss"] == ""
+    with open(path, "a") as f:  # a kill in the middle of an append leaves a cut line
+        f.write("6,0.1")
+    resumed = trainer.StepLog(str(path), resume_step=4)  # the state was saved at step 4
+    assert [r["step"] for r in resumed.rows] == [1, 2, 3, 4] and resumed.rows[1]["val_loss"] == 2.5
+    resumed.append({"step": 5, "loss": 0.3, "grad_norm": 0.7})
+    assert [r["step"] for r in trainer.read_log(path)] == [1, 2, 3, 4, 5]
+    assert trainer.read_log(path)[4] == {"step": 5, "loss": 0.3, "grad_norm": 0.7}
+
+
+def test_resume_needs_only_the_out_dir(verdict, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    flags = pre(verdict) + ["--max_steps", "2", "--lr", "2e-3", "--eval_freq", "100"]
+    pretrain.main(flags + ["--out_dir", out])
+    capsys.readouterr()
+    final = pretrain.main(["--out_dir", out, "--resume", "--max_steps", "4"])  # the rest from settings.json
+    assert final["step"] == 4 and "resumed from" in capsys.readouterr().out
+    state = M.read_checkpoint(os.path.join(out, "model_and_optimizer.pth"))
+    assert state["train_settings"]["emb_dim"] == 32 and state["train_settings"]["lr"] == 2e-3
+    code, _, err = run_main(pretrain.main, ["--out_dir", out, "--resume", "--emb_dim", "64"])
+    assert_one_error_line(code, err, "--emb_dim 32 (now 64)")
+
+
+@slow
+@pytest.mark.parametrize("sig, code, name", [(signal.SIGHUP, 129, "SIGHUP"), (signal.SIGINT, 130, "Ctrl-C")])
+def test_sighup_and_ctrl_c_save_like_sigterm(verdict, tmp_path, sig, code, name):
+    out = tmp_path / "run"
+    proc = signal_when_logged(pre(verdict) + ["--out_dir", str(out), "--max_steps", "400"], out / "log.csv", 2, sig)
+    assert proc.returncode == code and f"{name} at step" in proc.stderr and "Traceback" not in proc.stderr
+    state = M.read_checkpoint(str(out / "model_and_optimizer.pth"))
+    assert state["step"] == max(r["step"] for r in trainer.read_log(out / "log.csv"))
+
+
+@slow
+def test_a_second_signal_while_stopping_does_not_cost_the_save(verdict, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "pretrain.py"), *pre(verdict), "--out_dir", str(out),
+                             "--max_steps", "400"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**ENV, "PYTHONPATH": HERE})
+    deadline = time.time() + 120
+    while not trainer.read_log(out / "log.csv") and time.time() < deadline:
+        time.sleep(0.05)
+    for _ in range(3):  # an impatient user, or a cluster that signals twice
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.01)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 143 and "saved" in err and "Traceback" not in err, err
+    assert M.read_checkpoint(str(out / "model_and_optimizer.pth"))["step"] >= 1
+
+
+@slow
+def test_a_stop_during_a_long_evaluation_is_honoured_within_seconds(tmp_path):
+    (tmp_path / "big.txt").write_text(words_text(60000))  # a long evaluation: every batch of both splits
+    args = [sys.executable, os.path.join(HERE, "pretrain.py"), "--data", "big.txt", *pretrain_flags(),
+            "--eval_iters", "1000000", "--max_steps", "3", "--out_dir", "run", "--sample_prompt", ""]
+    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**ENV, "PYTHONPATH": HERE, "PYTHONUNBUFFERED": "1"})
+    for line in proc.stdout:  # the first step is done once settings.json is there; its evaluation then runs
+        if "parameters" in line:
+            break
+    deadline = time.time() + 60
+    while not (tmp_path / "run" / "settings.json").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)
+    sent = time.time()
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 143 and "saved" in err, err
+    assert time.time() - sent < 3.0  # the stop, the save of a tiny model and the exit
+    assert [r["step"] for r in trainer.read_log(tmp_path / "run" / "log.csv")] == [1]
+    assert "val_loss" not in trainer.read_log(tmp_path / "run" / "log.csv")[0]  # a cut evaluation is not logged
+
+
+@slow
+def test_output_nobody_reads_does_not_end_a_run(verdict, tmp_path):
+    args = [sys.executable, os.path.join(HERE, "pretrain.py"), *pre(verdict), "--max_steps", "3", "--eval_freq", "1"]
+    proc = subprocess.Popen([*args, "--out_dir", str(tmp_path / "a")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**ENV, "PYTHONPATH": HERE})
+    proc.stdout.close()  # `| head -c 0`: the first print meets a closed pipe
+    err = proc.communicate(timeout=120)[1].decode()
+    assert proc.returncode == 0 and "Traceback" not in err, err
+    assert (tmp_path / "a" / "model.pth").exists()
+    if os.path.exists("/dev/full"):  # stdout and stderr on a full device
+        with open("/dev/full", "w") as full:
+            proc = subprocess.run([*args, "--out_dir", str(tmp_path / "b")], stdout=full, stderr=full,
+                                  env={**ENV, "PYTHONPATH": HERE}, timeout=120)
+        assert proc.returncode == 0 and (tmp_path / "b" / "model.pth").exists()
+
+
+def test_a_hand_edited_or_outgrown_resume_state_is_refused_value_by_value(verdict, tmp_path):
+    out = tmp_path / "run"
+    flags = pre(verdict) + ["--out_dir", str(out), "--max_steps", "2", "--eval_freq", "100"]
+    pretrain.main(flags)
+    path = str(out / "model_and_optimizer.pth")
+    good = M.read_checkpoint(path)
+    cases = [("step", "2", "step is '2'"), ("step", -1, "step is -1"), ("batch_pos", 10**12, "batch_pos"),
+             ("tokens_seen", 2.5, "tokens_seen is 2.5"), ("epoch", True, "epoch is True"),
+             ("rng", "noise", "random state is damaged"), ("batches_per_epoch", 3, "the data or the batch settings")]
+    for key, value, words in cases:
+        torch.save({**good, key: value}, path)
+        code, _, err = run_main(pretrain.main, flags + ["--resume", "--max_steps", "4"])
+        assert_one_error_line(code, err, words)
+    torch.save(good, path)
+    small = tmp_path / "small.txt"  # the corpus shrank since: its position no longer exists
+    small.write_text(open(verdict).read()[:4000])
+    shrunk = short_pretrain_flags(str(small), sample_prompt="") + ["--out_dir", str(out), "--eval_freq", "100"]
+    torch.save({**good, "batch_pos": 200, "batches_per_epoch": None}, path)
+    code, _, err = run_main(pretrain.main, shrunk + ["--resume", "--max_steps", "4"])
+    assert_one_error_line(code, err, "the training data now gives")
 
 
 def test_probs_plot_redraws_its_default_file_and_refuses_other_formats(tmp_path, monkeypatch):

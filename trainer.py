@@ -1,18 +1,24 @@
-"""The training machinery the training scripts share (no user runs this file): losses and evaluation, the
-optimizer and its schedule, the run folder (one run at a time, settings.json, logs, plots, the best checkpoint),
-the training loop with resumable checkpoints, signals and a divergence guard, several processes (DDP or FSDP2
-under torchrun), and the --dry_run memory estimate.
+"""Small helpers the training scripts call from their own loops (no user runs this file). Each is one idea and
+takes no callback: losses and evaluation, the optimizer, the run folder (one run at a time, settings.json), the
+step log (log.csv), progress, stopping on a signal, the resumable state (save, check, load), the divergence guard,
+batches from any position, several processes (DDP or FSDP2 under torchrun), the --dry_run estimate, and the model
+a run starts from.
 
-    from trainer import RunFolder, calc_loss_batch, train_model
-    with RunFolder(cfg, outputs=["model.pth"]) as run:
-        rows = train_model(model, train_loader, cfg, run=run, device=device, eval_fn=...,
-                           loss_fn=lambda m, batch: calc_loss_batch(*batch, m, device))
+    with RunFolder(cfg, outputs, command, run_settings=RUN_SETTINGS) as run, catch_signals() as stop:
+        log = StepLog(run.path("log.csv"))
+        for step in range(total_steps):
+            ...                                           # the script's own step: lr, forward, loss, backward
+            log.append({"step": step + 1, "loss": loss})
+            if stop:
+                save_train_state(run.path(TRAIN_STATE), model, optimizer, device, position)
+                stop.leave("saved: continue with --resume")
 """
 import atexit
 import contextlib
 import csv
 import datetime
 import fcntl
+import io
 import json
 import math
 import os
@@ -33,8 +39,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import RandomSampler, SequentialSampler, default_collate
 from tqdm import tqdm
 
-from data import atomic_write, check_parent, remove_stale_tmp, save_pth, write_json
-from load_gpt2 import init_model
+from data import append_text, atomic_write, check_parent, remove_stale_tmp, save_pth, write_json
 from model import (MODEL_CONFIGS, GPTModel, checkpoint_dict, clean_state_dict, count_parameters, load_state,
                    read_checkpoint)
 from settings import UserError, autocast, few, keep_freed_memory, pyplot
@@ -42,14 +47,6 @@ from settings import UserError, autocast, few, keep_freed_memory, pyplot
 TRAIN_STATE = "model_and_optimizer.pth"  # everything --resume needs
 BEST = "best.pth"                        # the model at its lowest validation loss (--save_best)
 RUN_FILES = (TRAIN_STATE, BEST, "log.csv", "loss-plot.png", "settings.json")
-INPUT_SETTINGS = ("data", "csv", "train_csv", "val_csv", "test_csv", "init", "reward_model")  # files a run reads
-# what a run is: --resume with another value of these would continue one run as another (its optimizer, data order
-# or loss would no longer fit); steps, evaluation, saving, logging and the device may change
-RUN_SETTINGS = ("method", "model", "context_length", "emb_dim", "n_heads", "n_layers", "drop_rate", "qkv_bias",
-                "tie_weights", "trainable", "lora_rank", "lora_alpha", "batch_size", "grad_accum_steps", "stride",
-                "windows", "train_ratio", "test_ratio", "split_seed", "seed", "max_length", "balance",
-                "allowed_max_length", "mask_instruction", "text_field", "text_column", "label_column", "reward",
-                "group_size", "prompts_per_step", "fsdp")
 
 # ---------------------------------------------------------------------------------------------------------------
 # Losses and evaluation (the book's chapter 5 functions)
@@ -84,7 +81,7 @@ def calc_loss_loader(data_loader, model, device, num_batches=None, dtype=torch.f
     batches = tqdm(data_loader, total=n, desc="evaluating", unit="batch", leave=False,
                    disable=not (progress and n > 1 and sys.stderr.isatty()))
     for i, (x, y) in enumerate(batches):
-        if i >= n:
+        if i >= n or STOP:  # a stop request ends the evaluation at once; the caller sees STOP and leaves
             break
         with autocast(torch.device(device), dtype):
             total += calc_loss_batch(x, y, model, device).item()
@@ -159,13 +156,15 @@ class RunFolder:
     and, with --overwrite, the earlier run's files go. A run that stops before that leaves the folder as it was.
     Under torchrun only rank 0 touches the folder.
 
-    outputs: the paths of the files the script writes besides RUN_FILES in out_dir.
+    outputs: the paths of the files the script writes besides RUN_FILES in out_dir. run_settings: the settings that
+    define the run (model shape, data, batch, seed...): --resume with another value of one is refused, as it would
+    continue one run as another. inputs: the settings that name files the run reads, which it never writes over.
     """
 
-    def __init__(self, cfg, outputs=(), command=""):
+    def __init__(self, cfg, outputs=(), command="", run_settings=(), inputs=()):
         self.cfg, self.out_dir, self.command = cfg, cfg["out_dir"], command
+        self.run_settings, self.inputs = run_settings, inputs
         self.outputs = [os.path.join(self.out_dir, name) for name in RUN_FILES] + list(outputs)
-        self.finished = False  # set by train_model when --resume finds nothing left to do
         self.is_started = False
         self.logger = None
         self._lock = None
@@ -180,7 +179,7 @@ class RunFolder:
         out_dir = self.out_dir
         if os.path.exists(out_dir) and not os.path.isdir(out_dir):
             raise UserError(f"--out_dir {out_dir} is a file: pass a folder")
-        inputs = {k: v for k in INPUT_SETTINGS if isinstance(v := self.cfg.get(k), str) and os.path.isfile(v)}
+        inputs = {k: v for k in self.inputs if isinstance(v := self.cfg.get(k), str) and os.path.isfile(v)}
         for path in self.outputs:
             if os.path.isdir(path) or os.path.lexists(path) and not os.path.isfile(path):
                 raise UserError(f"{path} is a folder, pipe or device where the run writes a file: move it away or "
@@ -226,7 +225,7 @@ class RunFolder:
         began = earlier.get("settings") if isinstance(earlier, dict) else None
         if not isinstance(began, dict) or earlier.get("processes", 1) != world_size():
             return  # no readable record, or another process count: the checkpoint's own checks say so
-        changed = [f"--{k} {began[k]} (now {self.cfg[k]})" for k in RUN_SETTINGS
+        changed = [f"--{k} {began[k]} (now {self.cfg[k]})" for k in self.run_settings
                    if k in began and k in self.cfg and began[k] != self.cfg[k]]
         if changed:
             self.__exit__(None, None, None)
@@ -275,21 +274,6 @@ def _read_json(path):
             return json.load(f)
     except (OSError, ValueError):
         return None
-
-
-def write_log(path, rows):
-    """Write every logged row as CSV (columns: union of the rows' keys, in first-seen order)."""
-    if not rows:
-        return None
-    cols = []
-    for r in rows:
-        cols += [k for k in r if k not in cols]
-
-    def write(f):
-        w = csv.DictWriter(f, fieldnames=cols)
-        w.writeheader()
-        w.writerows(rows)
-    return atomic_write(path, write, "w")
 
 
 def plot_losses(rows, steps_per_epoch, path, keys=("train_loss", "val_loss"), ylabel="loss"):
@@ -392,30 +376,354 @@ class Progress:
             self.bar = None
 
 
-class _StopRequest:
-    """Turns Ctrl-C and SIGTERM into a flag the loop checks after each step, so it can save before leaving."""
+# ---------------------------------------------------------------------------------------------------------------
+# The step log: log.csv, one row per optimizer step, appended as the run goes
+# ---------------------------------------------------------------------------------------------------------------
+
+class StepLog:
+    """log.csv: one row per optimizer step, with whatever keys the loop puts in it (a new key becomes a column),
+    appended as the run goes. With resume_step it continues an earlier run: the rows up to that step are kept and
+    the ones a killed run logged after its last checkpoint are dropped, so the log has no gaps and no duplicates.
+    Rows also go to --logger (logger). Only the main process writes; nothing is written before the first append.
+
+        log = StepLog(run.path("log.csv"), resume_step=state["step"] if resuming else None)
+        log.append({"step": step, "loss": loss, "my_value": x})
+    """
+
+    def __init__(self, path, resume_step=None, logger=None):
+        self.path, self.logger = path, logger
+        self.rows = [] if resume_step is None else [r for r in read_log(path) if r["step"] <= resume_step]
+        self.columns = _columns(self.rows)
+        self._rewrite = resume_step is not None  # the file on disk may hold rows past the step: write it anew
+
+    def append(self, row):
+        self.rows.append(row)
+        new = [k for k in row if k not in self.columns]
+        self.columns += new
+        if self.logger is not None:
+            self.logger.log(row)
+        if not is_main_process():
+            return
+        if new or self._rewrite or not os.path.isfile(self.path):
+            write_log(self.path, self.rows, self.columns)
+            self._rewrite = False
+            return
+        line = io.StringIO()
+        csv.DictWriter(line, fieldnames=self.columns).writerow(row)
+        append_text(self.path, line.getvalue())
+
+    def last(self, key):
+        """The latest logged value of key (None when no row has it)."""
+        return next((r[key] for r in reversed(self.rows) if key in r), None)
+
+
+def _columns(rows):
+    cols = []
+    for r in rows:
+        cols += [k for k in r if k not in cols]
+    return cols
+
+
+def _number(text):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def read_log(path):
+    """The rows of a log.csv as dicts of numbers (empty cells left out); rows cut short by a kill are skipped, and
+    a missing or unreadable file gives no rows."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            lines = list(csv.reader(f))
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return []
+    if not lines or "step" not in lines[0]:
+        return []
+    header, rows = lines[0], []
+    for cells in lines[1:]:
+        row = {k: _number(v) for k, v in zip(header, cells) if v != ""}
+        if len(cells) == len(header) and isinstance(row.get("step"), int):
+            rows.append(row)
+    return rows
+
+
+def write_log(path, rows, columns=None):
+    """Write every logged row as CSV (columns: union of the rows' keys, in first-seen order)."""
+    if not rows:
+        return None
+
+    def write(f):
+        w = csv.DictWriter(f, fieldnames=columns or _columns(rows))
+        w.writeheader()
+        w.writerows(rows)
+    return atomic_write(path, write, "w")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stopping on a signal: Ctrl-C, SIGTERM (a cluster preempting the job) and SIGHUP (a closed terminal)
+# ---------------------------------------------------------------------------------------------------------------
+
+class _Stop:
+    """The signal that asked the run to stop, or None. Inside `with catch_signals():` Ctrl-C, SIGTERM and SIGHUP
+    only set it; the loop and every long phase (evaluation, sampling, rollouts) check it, so the run stops within a
+    step or a batch and saves first. A second signal while saving changes nothing: the save finishes."""
+
+    NAMES = {signal.SIGINT: ("Ctrl-C", 130), signal.SIGTERM: ("SIGTERM", 143),
+             getattr(signal, "SIGHUP", None): ("SIGHUP", 129)}
 
     def __init__(self):
-        self.signal = None
-        self.old = {}
+        self.signal, self._old = None, {}
+
+    def __bool__(self):
+        return self.signal is not None
 
     def __enter__(self):
-        if hasattr(signal, "SIGTERM"):
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                try:
-                    self.old[sig] = signal.signal(sig, self._handle)
-                except ValueError:  # not the main thread: leave signals alone
-                    pass
+        self.signal = None
+        for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+            try:
+                if sig is not None:
+                    self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
         return self
 
     def _handle(self, signum, frame):
-        if self.signal is not None:  # a second Ctrl-C: leave at once
-            raise KeyboardInterrupt
-        self.signal = signum
+        if self.signal is None:
+            self.signal = signum
 
     def __exit__(self, *exc):
-        for sig, handler in self.old.items():
+        for sig, handler in self._old.items():
             signal.signal(sig, handler)
+        self._old = {}
+
+    def leave(self, message):
+        """Exit as the signal asks (130 for Ctrl-C, 143 SIGTERM, 129 SIGHUP) after one line on stderr."""
+        name, code = self.NAMES.get(self.signal, ("a signal", 1))
+        if is_main_process():
+            print(f"{name} {message}", file=sys.stderr)
+        sys.exit(code)
+
+
+STOP = _Stop()
+
+
+def catch_signals():
+    """`with catch_signals() as stop:` the body checks `if stop:` (any_process(bool(stop)) under torchrun)."""
+    return STOP
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The resumable state: model, optimizer, position in the data, random state
+# ---------------------------------------------------------------------------------------------------------------
+
+POSITION = ("step", "epoch", "batch_pos", "tokens_seen")  # where a run is: optimizer steps, epoch, batch in it, tokens
+
+
+def count_steps(batches, accum, epochs, max_steps):
+    """(steps per epoch, total steps): --max_steps when given (as many epochs as that takes), else --epochs."""
+    per_epoch = batches // accum
+    if per_epoch == 0:
+        raise UserError(f"the training data gives {batches} batches, fewer than one optimizer step ({accum} "
+                        f"micro-batches): add data or lower --batch_size / --grad_accum_steps")
+    return per_epoch, max_steps or epochs * per_epoch
+
+
+def finished(step, total_steps, out_dir):
+    """True (and says so) when a resumed run has no step left to train."""
+    if step < total_steps:
+        return False
+    tqdm.write(f"{out_dir}: the run already finished at step {step} (of {total_steps}): nothing to do; raise --epochs "
+               f"or --max_steps to train further")
+    return True
+
+
+def save_train_state(path, model, optimizer, device, position, kind="pretrain", settings=None, process_state=None,
+                     **extra):
+    """Write everything --resume needs to path, atomically: the weights and optimizer state (gathered whole under
+    FSDP), the position (a dict of POSITION and batches_per_epoch), the random state of every process, the
+    settings and, per process, process_state (what a loop carries between steps, e.g. online RL's rollouts).
+    `extra` goes in as it is (kind-specific keys such as a chat model's template). Every process calls it."""
+    world, fsdp = world_size(), is_fsdp(model)
+    if fsdp:
+        model_state, optimizer_state = _fsdp_train_state(model, optimizer)
+    else:
+        model_state, optimizer_state = model.state_dict(), optimizer.state_dict()
+    per_process = {"world_size": world, "fsdp": fsdp, "rng_per_process": _gathered(rng_state(device))} \
+        if world > 1 else {}
+    if process_state is not None:
+        per_process["process_state"] = _gathered(process_state) if world > 1 else process_state
+    if is_main_process():
+        save_pth(path, {"model": model_state, "config": dict(_unwrapped(model).cfg), "kind": kind,
+                        "optimizer": optimizer_state, **position, "rng": rng_state(device),
+                        "train_settings": {k: v for k, v in (settings or {}).items()
+                                           if isinstance(v, (int, float, str, bool))}, **per_process, **extra})
+    if world > 1:
+        dist.barrier()  # the file is there for every process (e.g. a --resume right after) once this returns
+    return path
+
+
+def load_train_state(path, model, optimizer, device, batches_per_epoch, fsdp=False):
+    """Load the state in path into model, optimizer and the random generators, after checking every value it
+    holds; returns {step, epoch, batch_pos, tokens_seen, process_state}. batches_per_epoch: this run's, which the
+    saved position must fit (the data changed when it does not)."""
+    ckpt = read_train_state(path, world_size(), fsdp)
+    position = check_position(ckpt, path, batches_per_epoch)
+    rank = process_rank()
+    if fsdp:
+        _load_fsdp_train_state(model, optimizer, ckpt)
+    else:
+        load_state(model, ckpt["model"], path)
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError, RuntimeError, TypeError) as e:
+            raise UserError(f"{path}: its optimizer state does not fit this run's trainable parameters "
+                            f"({str(e).splitlines()[0]}): resume with the settings the run began with, or "
+                            f"--overwrite to start over") from None
+    try:
+        set_rng_state(ckpt["rng_per_process"][rank] if world_size() > 1 else ckpt["rng"], device)
+    except (KeyError, IndexError, TypeError, RuntimeError) as e:
+        raise UserError(f"{path}: its random state is damaged ({str(e).splitlines()[0]}): --overwrite to start "
+                        f"over") from None
+    state = ckpt.get("process_state", ckpt.get("loss_state"))  # loss_state: the name in older checkpoints
+    position["process_state"] = state[rank] if world_size() > 1 and state is not None else state
+    tqdm.write(f"resumed from {path} at step {position['step']} (epoch {position['epoch'] + 1}, batch "
+               f"{position['batch_pos']})")
+    return position
+
+
+def start_position(path, model, optimizer, device, batches_per_epoch, resume, seed, fsdp=False):
+    """Where a run starts: with resume, the state saved in path, loaded into model, optimizer and the random
+    generators (load_train_state); else step 0 of epoch 0, where under torchrun each process reseeds its random
+    stream after the shared initial weights, so that it draws dropout masks of its own."""
+    if resume:
+        return load_train_state(path, model, optimizer, device, batches_per_epoch, fsdp)
+    if world_size() > 1:
+        torch.manual_seed(seed + 1 + process_rank())
+    return {"step": 0, "epoch": 0, "batch_pos": 0, "tokens_seen": 0, "process_state": None}
+
+
+def check_position(ckpt, path, batches_per_epoch):
+    """The saved position, each value checked for type and range before it is used."""
+    position = {}
+    for key in POSITION:
+        value = ckpt[key]
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**62:
+            raise UserError(f"{path}: its {key} is {value!r}, not a whole number >= 0: the file was edited or "
+                            f"damaged; --overwrite to start over")
+        position[key] = value
+    saved = ckpt.get("batches_per_epoch")
+    if saved is not None and saved != batches_per_epoch or position["batch_pos"] > batches_per_epoch:
+        was = f"{saved} batches an epoch" if saved is not None else f"batch {position['batch_pos']} of an epoch"
+        raise UserError(f"{path} was saved at {was}, and the training data now gives {batches_per_epoch}: the data "
+                        f"or the batch settings changed since; resume on the same data, or --overwrite to start over")
+    return position
+
+
+def read_train_state(path, world, fsdp):
+    """The resumable state in path, checked to fit this run's process layout."""
+    if not os.path.exists(path):
+        raise UserError(f"--resume: no {path} to continue from: run without --resume to start (with --overwrite "
+                        f"where the folder holds the files of a run that stopped before it saved one)")
+    ckpt = read_checkpoint(path)
+    missing = [k for k in ("optimizer", "step", "epoch", "batch_pos", "tokens_seen", "rng") if k not in ckpt]
+    if missing:
+        raise UserError(f"{path} holds no {missing[0]}, so it cannot be resumed: run without --resume (with "
+                        f"--overwrite) to start over")
+    saved_world, saved_fsdp = ckpt.get("world_size", 1), bool(ckpt.get("fsdp", False))
+    if (saved_world, saved_fsdp) != (world, fsdp):
+        raise UserError(f"{path} was written by {_processes(saved_world, saved_fsdp)}, this run has "
+                        f"{_processes(world, fsdp)}: resume the same way (data order and steps depend on it)")
+    return ckpt
+
+
+def _unwrapped(model):
+    """The GPTModel inside DDP / torch.compile wrappers."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The divergence guard: a loss, gradient or weight that is not finite stops the run before it is saved
+# ---------------------------------------------------------------------------------------------------------------
+
+class DivergenceGuard:
+    """Stops a run whose loss, gradient norm or weights stop being finite, with one line that says what happened
+    and which checkpoint --resume can continue from. A checkpoint counts as good once a step computed from it had
+    a finite loss: one saved just before the loss became nan (say at an absurd learning rate, where the weights
+    are still finite but the next step is not) is named as such, not as a place to continue from.
+    Under torchrun every process calls each check at the same point, so a nan in one process stops all."""
+
+    def __init__(self, state_path, lr, weight_decay=0.0, saved_step=None):
+        self.state_path, self.lr, self.weight_decay = state_path, lr, weight_decay
+        self.saved_step, self.verified = saved_step, saved_step is not None
+
+    def loss(self, loss, step):
+        bad = not bool(torch.isfinite(loss))
+        if any_process(bad):
+            self.fail(f"the loss is {loss.item()}" if bad else "the loss is not finite in another process", step)
+
+    def grad_norm(self, norm, loss, step, scaler=None):
+        """A gradient norm that is not finite stops the run, except under float16's scaler, which skips that step
+        and lowers its scale by itself."""
+        if scaler is not None and scaler.is_enabled():
+            return
+        if any_process(not math.isfinite(norm)):
+            self.fail(f"the gradient norm is {norm} (loss {loss:.4g})", step)
+
+    def weights(self, model, step):
+        bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(_local(p)).all())]
+        if any_process(bool(bad)):
+            self.fail(f"weights are not finite ({', '.join(bad[:3]) or 'in another process'})", step)
+
+    def step_done(self, step):
+        """Step `step` had a finite loss: the checkpoint saved just before it is one training continues from."""
+        if self.saved_step is not None and step > self.saved_step:
+            self.verified = True
+
+    def saved(self, step):
+        self.saved_step, self.verified = step, False
+
+    def fail(self, what, step):
+        if self.saved_step is None:
+            kept = "nothing was saved"
+        elif self.verified:
+            kept = f"the last good checkpoint is {self.state_path} (step {self.saved_step}): --resume continues from it"
+        else:
+            kept = (f"{self.state_path} (step {self.saved_step}) was saved just before and diverges the same way: "
+                    f"start over with --overwrite")
+        decay = f" or the weight decay ({self.weight_decay:g})" if self.weight_decay >= 1 else ""
+        raise UserError(f"training diverged at step {step}: {what}; the learning rate ({self.lr:g}){decay} is likely "
+                        f"too high for this model and data: lower it or set --grad_clip 1.0; {kept}")
+
+
+def clip_gradients(model, optimizer, scaler, max_norm):
+    """Unscale the gradients (float16), clip their global norm to max_norm (0 = no clipping) and return the norm
+    before clipping as a float. Every process calls it."""
+    scaler.unscale_(optimizer)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm or math.inf)
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: the norm over every shard
+    return float(norm)
+
+
+def is_best(rows):
+    """True when the last of the logged rows has a val_loss below every earlier one."""
+    losses = [r["val_loss"] for r in rows if "val_loss" in r]
+    return bool(losses) and "val_loss" in rows[-1] and min(losses[:-1], default=math.inf) > losses[-1]
+
+
+def save_best(path, model, kind, rows, **extra):
+    """--save_best: when the last of the logged rows has the lowest val_loss so far (is_best), write the model to
+    path with its step and val_loss (and extra); returns whether it did. Every process calls it (FSDP gathers the
+    shards); rank 0 writes."""
+    if not is_best(rows):
+        return False
+    save_model(path, model, kind, step=rows[-1]["step"], val_loss=rows[-1]["val_loss"], **extra)
+    return True
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -523,7 +831,32 @@ def local_main_first():
         dist.barrier()
 
 
-def _grad_sync(step_model, last):
+def wrap_model(model, device, dtype=torch.float32, fsdp=False, compile=False):
+    """(model, step_model) for a training loop: model sharded in place with FSDP2 (call it before building the
+    optimizer, which must hold the shards) and torch.compile'd with compile; step_model is what the training steps
+    call, wrapped in DDP when several processes train without FSDP (it averages the gradients in backward).
+    Evaluate and generate with model; it is left in training mode. On the CPU, freed memory is kept for the next
+    step (settings.keep_freed_memory)."""
+    if torchrun_env("WORLD_SIZE") > 1 and not _distributed():
+        raise RuntimeError("started by torchrun, but the script did not call setup_distributed() before training")
+    if fsdp and world_size() == 1:
+        raise UserError("--fsdp shards the model across processes: start with `torchrun --nproc_per_node N` (N >= 2), "
+                        "or drop --fsdp")
+    if fsdp and dtype is torch.float16:
+        raise UserError("--fsdp with float16 is not supported (no sharded gradient scaler): use --dtype bfloat16")
+    if device.type == "cpu":
+        keep_freed_memory()  # every step re-allocates the same big buffers: reuse them instead of page-faulting anew
+    if fsdp:
+        shard_model(model, device)
+    model.train()
+    fwd_model = torch.compile(model) if compile else model
+    if world_size() > 1 and not fsdp:
+        gpu = [torch.cuda.current_device()] if device.type == "cuda" else None  # set by setup_distributed
+        return fwd_model, DistributedDataParallel(fwd_model, device_ids=gpu, gradient_as_bucket_view=True)
+    return fwd_model, fwd_model
+
+
+def grad_sync(step_model, last):
     """DDP's no_sync() for all but the last micro-batch of a step, so gradients are averaged once per step."""
     if last or not isinstance(step_model, DistributedDataParallel):
         return contextlib.nullcontext()
@@ -616,7 +949,7 @@ def loader_batches(loader, epoch, start, seed, rank=0, world=1):
     (its batch_size, drop_last and collate_fn; shuffled when its sampler is a RandomSampler), without reading the
     batches before start: a resumed run continues at the exact next window at once."""
     if not isinstance(loader.sampler, (RandomSampler, SequentialSampler)) or loader.batch_size is None:
-        raise UserError("the training loader has its own sampler: give train_model a DataLoader with batch_size and "
+        raise UserError("the training loader has its own sampler: give loader_batches a DataLoader with batch_size and "
                         "shuffle")
     if hasattr(loader.dataset, "set_epoch"):  # data.RandomWindows: new offsets each epoch
         loader.dataset.set_epoch(epoch)
@@ -634,266 +967,8 @@ def batches_per_epoch(loader, world=1):
     return n // loader.batch_size if loader.drop_last else -(-n // loader.batch_size)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The training loop
-# ---------------------------------------------------------------------------------------------------------------
-
-def train_model(model, train_loader, cfg, *, loss_fn, eval_fn, device, dtype=torch.float32, kind="pretrain",
-                extra=None, run=None, on_epoch_end=None, optimizer=None, write=None,
-                plots=(("loss-plot.png", ("train_loss", "val_loss"), "loss"),), best_checkpoint=None):
-    """Train `model` on train_loader for cfg['epochs'] (or cfg['max_steps']) optimizer steps; returns the logged rows.
-
-    loss_fn(model, batch) -> scalar loss; eval_fn(model) -> dict of metrics, logged every cfg['eval_freq'] steps
-    and at the end to log.csv, the plots (file name, metric keys, y label) and --logger. cfg also needs out_dir,
-    lr, weight_decay, grad_accum_steps, seed and epochs, and may set the other training settings (settings.TRAINING).
-    `run` is the script's RunFolder (one is opened for the call when None). Writes the resumable
-    model_and_optimizer.pth at --save_every steps, on Ctrl-C/SIGTERM and at the end; `extra` goes into every
-    checkpoint; a loss_fn with state_dict() / load_state_dict() (state it carries between steps) is saved and
-    resumed with it. With --save_best, best.pth holds best_checkpoint(model) (default: the model's checkpoint dict) at
-    the lowest val_loss. A loss, gradient norm or weight that is not finite stops the run with one line before
-    anything is saved. With --resume on a finished run nothing happens: run.finished is set.
-
-    Under torchrun (after setup_distributed) every process runs this with the same arguments: each trains on its
-    own share of train_loader, gradients are averaged by DDP (or reduce-scattered by FSDP2 with cfg['fsdp']),
-    eval_fn and on_epoch_end run in every process on the whole data, and only rank 0 writes files. loss_fn then
-    gets the DDP wrapper, which can only be called; eval_fn gets the model itself.
-    """
-    with contextlib.ExitStack() as stack:
-        run = run or stack.enter_context(RunFolder(cfg))
-        return _train(model, train_loader, cfg, loss_fn, eval_fn, device, dtype, kind, extra or {}, run,
-                      on_epoch_end, optimizer, write or tqdm.write, plots, best_checkpoint)
-
-
-def _train(model, train_loader, cfg, loss_fn, eval_fn, device, dtype, kind, extra, run, on_epoch_end, optimizer,
-           write, plots, best_checkpoint):
-    state_path = run.path(TRAIN_STATE)
-    accum = cfg.get("grad_accum_steps", 1)
-    world, rank, fsdp = world_size(), process_rank(), bool(cfg.get("fsdp"))
-    if torchrun_env("WORLD_SIZE") > 1 and not _distributed():
-        raise RuntimeError("started by torchrun, but the script did not call setup_distributed() before training")
-    if fsdp and world == 1:
-        raise UserError("--fsdp shards the model across processes: start with "
-                        "`torchrun --nproc_per_node N` (N >= 2), or drop --fsdp")
-    if fsdp and dtype is torch.float16:
-        raise UserError("--fsdp with float16 is not supported (no sharded gradient scaler): use --dtype bfloat16")
-    if fsdp and optimizer is not None:
-        raise ValueError("with fsdp, train_model builds the optimizer after sharding the model: pass optimizer=None")
-    per_epoch = batches_per_epoch(train_loader, world)
-    steps_per_epoch = per_epoch // accum
-    if steps_per_epoch == 0:
-        raise UserError(f"the training data gives {per_epoch} batches, fewer than one optimizer step "
-                        f"({accum} micro-batches): add data or lower --batch_size / --grad_accum_steps")
-    total_steps = cfg["epochs"] * steps_per_epoch
-    if cfg.get("max_steps"):
-        total_steps = min(total_steps, cfg["max_steps"])
-
-    step, epoch, batch_pos, tokens_seen, rows, ckpt = 0, 0, 0, 0, [], None
-    if cfg.get("resume"):
-        ckpt = read_train_state(state_path, world, fsdp)
-        step, epoch, batch_pos = ckpt["step"], ckpt["epoch"], ckpt["batch_pos"]
-        tokens_seen, rows = ckpt["tokens_seen"], list(ckpt.get("log", []))
-        if step >= total_steps:
-            run.finished = True
-            write(f"{cfg['out_dir']}: the run already finished at step {step} (of {total_steps}): nothing to do; "
-                  f"raise --epochs or --max_steps to train further")
-            return rows
-    if device.type == "cpu":
-        keep_freed_memory()  # every step re-allocates the same big buffers: reuse them instead of page-faulting anew
-    if fsdp:
-        shard_model(model, device)  # before the optimizer, which must hold the sharded parameters
-    optimizer = optimizer or make_optimizer(model, cfg["lr"], cfg["weight_decay"], device)
-    scaler = torch.amp.GradScaler("cuda", enabled=dtype is torch.float16)
-    fwd_model = torch.compile(model) if cfg.get("compile") else model
-    saved_step = None  # the step of the last checkpoint that --resume can continue from
-    if ckpt is not None:
-        if fsdp:
-            _load_fsdp_train_state(model, optimizer, ckpt)
-        else:
-            load_state(model, ckpt["model"], state_path)
-            try:
-                optimizer.load_state_dict(ckpt["optimizer"])
-            except (ValueError, KeyError, RuntimeError) as e:
-                raise UserError(f"{state_path}: its optimizer state does not fit this run's trainable parameters "
-                                f"({str(e).splitlines()[0]}): resume with the settings the run began with, or "
-                                f"--overwrite to start over") from None
-        set_rng_state(ckpt["rng_per_process"][rank] if world > 1 else ckpt["rng"], device)
-        if hasattr(loss_fn, "load_state_dict"):  # a loss that carries state between steps (online RL's rollouts)
-            loss_fn.load_state_dict(ckpt["loss_state"][rank] if world > 1 else ckpt["loss_state"])
-        saved_step = step
-        write(f"resumed from {state_path} at step {step} (epoch {epoch + 1}, batch {batch_pos})")
-    elif world > 1:
-        torch.manual_seed(cfg["seed"] + 1 + rank)  # same initial weights, own dropout masks per process
-    # the module that runs training steps: DDP averages the gradients in backward (FSDP2 does so by itself)
-    step_model = fwd_model
-    if world > 1 and not fsdp:
-        gpu = [torch.cuda.current_device()] if device.type == "cuda" else None  # set by setup_distributed
-        step_model = DistributedDataParallel(fwd_model, device_ids=gpu, gradient_as_bucket_view=True)
-    best = min([r["val_loss"] for r in rows if isinstance(r.get("val_loss"), float)], default=math.inf)
-
-    def diverged(what, at):
-        kept = (f"the last good checkpoint is {state_path} (step {saved_step}): --resume continues from it"
-                if saved_step is not None else "nothing was saved")
-        decay = f" or the weight decay ({cfg['weight_decay']:g})" if cfg.get("weight_decay", 0) >= 1 else ""
-        raise UserError(f"training diverged at step {at}: {what}; the learning rate ({cfg['lr']:g}){decay} is likely "
-                        f"too high for this model and data: lower it or set --grad_clip 1.0; {kept}")
-
-    def check_weights():
-        """Every process checks its weights (its shard under FSDP) before anything is saved."""
-        bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(_local(p)).all())]
-        if any_process(bool(bad)):
-            diverged(f"weights are not finite ({', '.join(bad[:3]) or 'in another process'})", step)
-
-    def save_state():
-        # every process calls this (gathering shards and RNG states needs them all); rank 0 writes
-        nonlocal saved_step
-        check_weights()
-        if fsdp:
-            model_state, optimizer_state = _fsdp_train_state(model, optimizer)
-        else:
-            model_state, optimizer_state = model.state_dict(), optimizer.state_dict()
-        per_process = {"world_size": world, "fsdp": fsdp, "rng_per_process": _gathered(rng_state(device))} \
-            if world > 1 else {}
-        if hasattr(loss_fn, "state_dict"):
-            per_process["loss_state"] = _gathered(loss_fn.state_dict()) if world > 1 else loss_fn.state_dict()
-        if is_main_process():
-            save_pth(state_path, {
-                "model": model_state, "config": dict(model.cfg), "kind": kind, "optimizer": optimizer_state,
-                "step": step, "epoch": epoch, "batch_pos": batch_pos, "tokens_seen": tokens_seen,
-                "rng": rng_state(device), "log": rows,
-                "train_settings": {k: v for k, v in cfg.items() if isinstance(v, (int, float, str, bool))},
-                **per_process, **extra})
-        if world > 1:
-            dist.barrier()  # the file is there for every process (e.g. a --resume right after) once this returns
-        saved_step = step
-
-    def write_outputs():
-        if is_main_process() and rows:
-            write_log(run.path("log.csv"), rows)
-            for name, keys, ylabel in plots:
-                plot_losses(rows, steps_per_epoch, run.path(name), keys, ylabel)
-
-    def log_eval():
-        nonlocal best
-        model.eval()
-        with torch.no_grad(), autocast(device, dtype):
-            metrics = eval_fn(fwd_model)
-        model.train()
-        progress.resume_clock()
-        row = {"step": step, "epoch": round(step / steps_per_epoch, 3), "tokens_seen": tokens_seen,
-               **{k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()},
-               "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": round(progress.tokens_per_s(), 1)}
-        rows.append(row)
-        shown = " ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float))
-        write(f"ep {min(epoch + 1, cfg['epochs'])} (step {step:06d}): {shown}")
-        if run.logger is not None:
-            run.logger.log(row)
-        write_outputs()
-        if cfg.get("save_best") and metrics.get("val_loss", math.inf) < best:
-            best = metrics["val_loss"]
-            check_weights()
-            state = full_state_dict(model) if fsdp else None  # every process takes part in gathering the shards
-            if is_main_process():
-                best_ckpt = best_checkpoint(model) if best_checkpoint else checkpoint_dict(model, kind, **extra)
-                if state is not None:
-                    best_ckpt["model"] = state
-                save_pth(run.path(BEST), {**best_ckpt, "step": step, "val_loss": best})
-
-    model.train()
-    progress = Progress(total_steps, step, cfg.get("quiet", False))
-    try:
-        with _StopRequest() as stop:
-            while step < total_steps:
-                batches = loader_batches(train_loader, epoch, batch_pos, cfg["seed"], rank, world)
-                while batch_pos + accum <= per_epoch and step < total_steps:
-                    t0 = time.perf_counter()
-                    lr = lr_at_step(step, total_steps, cfg["lr"], cfg.get("lr_schedule", "constant"),
-                                    cfg.get("warmup_steps", 0), cfg.get("min_lr", 0.0))
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr
-                    loss_sum, step_tokens = 0.0, 0
-                    for i in range(accum):
-                        batch = next(batches)
-                        with _grad_sync(step_model, last=i == accum - 1):
-                            with autocast(device, dtype):
-                                loss = loss_fn(step_model, batch)
-                            if any_process(not torch.isfinite(loss)):
-                                diverged(f"the loss is {loss.item()}" if not torch.isfinite(loss) else
-                                         "the loss is not finite in another process", step + 1)
-                            scaler.scale(loss / accum).backward()
-                        loss_sum += loss.item() / accum
-                        step_tokens += batch_tokens(batch) * world
-                    saves_next = step + 1 == total_steps or (cfg.get("save_every") and
-                                                              (step + 1) % cfg["save_every"] == 0)
-                    if cfg.get("grad_clip") or (saves_next and not scaler.is_enabled()):
-                        scaler.unscale_(optimizer)
-                        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.get("grad_clip") or math.inf)
-                        if not scaler.is_enabled() and any_process(not torch.isfinite(norm)):
-                            diverged(f"the gradient norm is {norm.item()} (loss {loss_sum:.4g})", step + 1)
-                    scaler.step(optimizer)
-                    scaler.update()
-                    optimizer.zero_grad(set_to_none=True)
-                    step += 1
-                    batch_pos += accum
-                    tokens_seen += step_tokens
-                    progress.add(step_tokens, time.perf_counter() - t0)
-                    progress.update(step, loss_sum, lr)
-                    run.started()
-                    epoch_done = batch_pos + accum > per_epoch
-                    if epoch_done:
-                        epoch, batch_pos = epoch + 1, 0
-                        if on_epoch_end is not None:
-                            on_epoch_end(model, epoch)
-                            progress.resume_clock()
-                    if step == 1 or step % cfg["eval_freq"] == 0 or step == total_steps:
-                        log_eval()
-                    if any_process(stop.signal is not None):  # all processes stop at the same step
-                        save_state()
-                        progress.close()
-                        name = "SIGTERM" if stop.signal == getattr(signal, "SIGTERM", None) else "Ctrl-C"
-                        if is_main_process():
-                            print(f"{name} at step {step}: saved {state_path}; continue with --resume",
-                                  file=sys.stderr)
-                        sys.exit(130 if stop.signal == signal.SIGINT else 143)
-                    if cfg.get("save_every") and step % cfg["save_every"] == 0 and step < total_steps:
-                        save_state()
-                    if epoch_done:
-                        break
-        progress.close()
-        save_state()
-    finally:
-        progress.close()
-        write_outputs()  # whatever stopped the run, its log and plots are up to date
-    return rows
-
-
-def read_train_state(path, world, fsdp):
-    """The resumable state in path, checked to fit this run's process layout."""
-    if not os.path.exists(path):
-        raise UserError(f"--resume: no {path} to continue from: run without --resume to start (with --overwrite "
-                        f"where the folder holds the files of a run that stopped before it saved one)")
-    ckpt = read_checkpoint(path)
-    missing = [k for k in ("optimizer", "step", "epoch", "batch_pos", "tokens_seen", "rng") if k not in ckpt]
-    if missing:
-        raise UserError(f"{path} holds no {missing[0]}, so it cannot be resumed: run without --resume (with "
-                        f"--overwrite) to start over")
-    saved_world, saved_fsdp = ckpt.get("world_size", 1), bool(ckpt.get("fsdp", False))
-    if (saved_world, saved_fsdp) != (world, fsdp):
-        raise UserError(f"{path} was written by {_processes(saved_world, saved_fsdp)}, this run has "
-                        f"{_processes(world, fsdp)}: resume the same way (data order and steps depend on it)")
-    return ckpt
-
-
 def _local(p):
     return p.to_local() if hasattr(p, "to_local") else p
-
-
-def batch_tokens(batch):
-    """Tokens in a batch: its n_tokens entry where the loss filled one in (online RL), else the first tensor's
-    element count."""
-    if isinstance(batch, dict) and "n_tokens" in batch:
-        return batch["n_tokens"]
-    first = batch[0] if isinstance(batch, (list, tuple)) else next(iter(batch.values()))
-    return first.numel() if torch.is_tensor(first) else 0
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1016,6 +1091,7 @@ def model_config(cfg, **sizes):
 def build_model(cfg, device="cpu", **sizes):
     """(model, info) for --init: a fresh model sized by the settings and `sizes` (scratch), or the weights --init
     names (load_gpt2.init_model: OpenAI's, a .pth, a safetensors folder) with the run's drop_rate."""
+    from load_gpt2 import init_model  # the loaders of every --init: OpenAI's files, .pth, safetensors folders
     overrides = model_config(cfg, **sizes) if cfg["init"] == "scratch" else {"drop_rate": cfg["drop_rate"]}
     with local_main_first():  # under torchrun one process per machine downloads, the others then find the files
         return init_model(cfg["init"], cfg_overrides=overrides, device=device)
