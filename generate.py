@@ -18,11 +18,12 @@ import sys
 
 import torch
 
-from data import (EOT_ID, NEXT_TURN_MARKERS, TEMPLATE_NAME, atomic_write, check_output, conversation_segments,
-                  cut_reply, encode_segments, get_tokenizer, read_text_file, save_pth, text_to_token_ids)
+from data import (EOT_ID, TEMPLATE_NAME, atomic_write, check_output, get_tokenizer, read_text_file, save_pth,
+                  text_to_token_ids)
 from layers import quantize_int8
 from load_gpt2 import init_model
 from model import KVCache, checkpoint_dict, count_parameters, generate_stream
+from replies import chat_prompt, generate_reply
 from settings import (UserError, autocast, available_memory, describe_device, entry, get_config, pick_device,
                       pick_dtype, pyplot)
 
@@ -318,65 +319,6 @@ def _reorder_cache(cache, rows):
 # ---------------------------------------------------------------------------------------------------------------
 # Chat (--chat): a conversation with an instruction-tuned model, in the template finetune_chat.py trains with
 # ---------------------------------------------------------------------------------------------------------------
-
-def _settled_length(text):
-    """How much of a growing reply can be shown: not trailing whitespace, and not an end that could still turn
-    into a next-turn header (those are not part of the reply)."""
-    end = len(text)
-    for marker in NEXT_TURN_MARKERS:
-        for k in range(min(len(marker), len(text)), 0, -1):
-            if text.endswith(marker[:k]):
-                end = min(end, len(text) - k)
-                break
-    return len(text[:end].rstrip())
-
-
-def generate_reply(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None, kv_cache=None,
-                   generator=None, out=None, tokenizer=None):
-    """The model's answer to prompt_ids (1, T), a prompt in the chat template ending with the response header.
-
-    Generates until end-of-text or the start of a next-turn header (NEXT_TURN_MARKERS), writes the answer to `out`
-    token by token when given, and returns it stripped. A kv_cache is reused up to the longest prefix it shares
-    with prompt_ids (generate_stream does that), so the earlier turns of a conversation are not recomputed.
-    """
-    tokenizer = tokenizer or get_tokenizer()
-    ids, text, shown = [], "", 0
-    stream = generate_stream(model, prompt_ids, max_new_tokens, model.cfg["context_length"], temperature, top_k,
-                             top_p, eos_id=EOT_ID, kv_cache=kv_cache, generator=generator)
-    try:
-        for next_id in stream:
-            if next_id.item() == EOT_ID:
-                break
-            ids.append(next_id.item())
-            text, ended = cut_reply(tokenizer.decode(ids).lstrip())
-            if ended:
-                break
-            if out is not None and not text.endswith("\ufffd"):  # a character split across tokens waits
-                settled = _settled_length(text)
-                if settled > shown:
-                    out.write(text[shown:settled])
-                    out.flush()
-                    shown = settled
-    finally:
-        stream.close()
-    text = text.rstrip()
-    if out is not None:
-        out.write(text[shown:])
-        out.flush()
-    return text
-
-
-def chat_prompt(messages, system, context_length, reserve, tokenizer=None):
-    """(ids, dropped): the conversation's token ids, ending with the response header of its last user message,
-    after dropping the `dropped` oldest exchanges needed to leave `reserve` tokens for the answer. The last
-    message is always kept, so ids can still be too long for the context: the caller checks."""
-    dropped = 0
-    while True:
-        ids, _ = encode_segments(conversation_segments(messages[2 * dropped:], system), tokenizer)
-        if len(ids) + reserve <= context_length or 2 * dropped + 1 >= len(messages):
-            return ids, dropped
-        dropped += 1
-
 
 def read_messages(stdin, interactive):
     """Lines from the user, without the line end. A terminal gets a `you> ` prompt; a line that is not UTF-8 is
