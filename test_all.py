@@ -34,8 +34,10 @@ import json
 import math
 import os
 import pickle
+import pty
 import random
 import resource
+import select
 import shutil
 import signal
 import socket
@@ -61,6 +63,7 @@ import layers
 import load_gpt2
 import model as M
 import pretrain
+import replies
 import settings
 import trainer
 
@@ -2728,9 +2731,9 @@ def test_chat_sends_the_first_turn_in_the_second_prompt_and_reuses_its_cache(tmp
     model, _ = M.load_model(path)
     messages = [{"role": "user", "content": "Name a color."}, {"role": "assistant", "content": turns[0]["reply"]},
                 {"role": "user", "content": "And another one?"}]
-    ids, dropped = generate_script.chat_prompt(messages, "", 128, 6)
+    ids, dropped = replies.chat_prompt(messages, "", 128, 6)
     assert dropped == 0
-    fresh = generate_script.generate_reply(model, torch.tensor([ids]), 6)
+    fresh = replies.generate_reply(model, torch.tensor([ids]), 6)
     assert fresh == turns[1]["reply"]
 
 
@@ -4668,3 +4671,94 @@ def test_balance_says_it_dropped_rows_and_names_the_rare_class(tmp_path, capsys)
     captured = capsys.readouterr()
     assert "balanced to 6 per class by the rarest class 'spam'" in captured.out
     assert "--balance false" in captured.err
+
+
+# ===============================================================================================================
+# 11. Talk to it: the chat REPL at a terminal, serve.py's OpenAI-compatible API, its chat page, bench.py --serve
+# ===============================================================================================================
+
+def endless_checkpoint(path, context_length=4096, kind="chat"):
+    """A tiny chat model whose every logit is 0: greedy decoding writes "!" (token 0) until the context is full,
+    a reply long enough to interrupt."""
+    model = tiny_model(context_length=context_length)
+    with torch.no_grad():
+        model.out_head.weight.zero_()
+    return M.save_checkpoint(str(path), model, kind=kind, template=data.TEMPLATE_NAME)
+
+
+class Terminal:
+    """A script run at a pseudo-terminal (its controlling terminal, so ^C there is SIGINT to it): send keys, wait
+    for text."""
+
+    def __init__(self, *argv, cwd):
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:  # the child: become the script
+            os.chdir(cwd)
+            os.execve(sys.executable, [sys.executable, *argv], {**ENV, "PYTHONPATH": HERE, "TERM": "dumb"})
+        self.seen, self.pos = "", 0
+
+    def send(self, keys):
+        os.write(self.fd, keys.encode())
+
+    def expect(self, text, timeout=60):
+        """Wait until text appears after what the last expect matched; returns the output in between."""
+        end = time.monotonic() + timeout
+        while text not in self.seen[self.pos:]:
+            ready, _, _ = select.select([self.fd], [], [], max(0.0, end - time.monotonic()))
+            if not ready:
+                raise AssertionError(f"no {text!r} within {timeout} s; output so far:\n{self.seen}")
+            try:
+                self.seen += os.read(self.fd, 65536).decode("utf-8", "replace").replace("\r\n", "\n")
+            except OSError:  # the child closed the terminal
+                raise AssertionError(f"the script ended before {text!r}; output:\n{self.seen}") from None
+        start, self.pos = self.pos, self.seen.index(text, self.pos) + len(text)
+        return self.seen[start:self.pos]
+
+    def exit_code(self, timeout=30):
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            with contextlib.suppress(OSError):
+                os.read(self.fd, 65536)  # keep the terminal drained
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                os.close(self.fd)
+                return os.waitstatus_to_exitcode(status)
+            time.sleep(0.05)
+        os.kill(self.pid, signal.SIGKILL)
+        raise AssertionError(f"still running after {timeout} s; output:\n{self.seen}")
+
+
+@slow
+def test_chat_ctrl_c_stops_the_reply_or_clears_the_line_and_keeps_the_conversation(tmp_path):
+    path = endless_checkpoint(tmp_path / "endless.pth")
+    argv = [os.path.join(HERE, "generate.py"), "--chat", "--checkpoint", path, "--temperature", "0",
+            "--max_new_tokens", "100000", "--device", "cpu"]
+    term = Terminal(*argv, cwd=tmp_path)
+    term.expect("you> ")
+    term.send("hello there\n")
+    term.expect("!!!!!")  # mid-reply
+    term.send("\x03")
+    term.expect("[cut]")
+    reply = term.seen.split("hello there\n", 1)[1].split("[cut]")[0]
+    term.expect("you> ")  # back at the prompt, the program alive
+    term.send("half a line")
+    term.expect("half a line")
+    term.send("\x03")
+    term.expect("you> ")
+    term.send("/history\n")
+    history = term.expect("exchanges)")
+    assert "user: hello there\n" in history and "half a line" not in history  # the cleared line was not sent
+    n_cut = reply.count("!")
+    assert f"assistant: {'!' * n_cut} [cut]\n" in history and 5 <= n_cut < 4000  # the cut reply was kept
+    assert "(1 exchanges)" in history
+    term.send("\x04")  # Ctrl-D at an empty prompt leaves
+    assert term.exit_code() == 0
+    assert "Traceback" not in term.seen
+
+    term = Terminal(*argv, cwd=tmp_path)  # SIGTERM mid-reply still ends the program, with 143
+    term.expect("you> ")
+    term.send("hello\n")
+    term.expect("!!!!!")
+    os.kill(term.pid, signal.SIGTERM)
+    assert term.exit_code() == 143
+    assert "Traceback" not in term.seen
