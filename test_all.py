@@ -27,6 +27,7 @@ import csv
 import ctypes
 import fcntl
 import hashlib
+import http.client
 import http.server
 import io
 import itertools
@@ -64,6 +65,7 @@ import load_gpt2
 import model as M
 import pretrain
 import replies
+import serve as serve_script
 import settings
 import trainer
 
@@ -4762,3 +4764,196 @@ def test_chat_ctrl_c_stops_the_reply_or_clears_the_line_and_keeps_the_conversati
     os.kill(term.pid, signal.SIGTERM)
     assert term.exit_code() == 143
     assert "Traceback" not in term.seen
+
+
+@pytest.fixture
+def api():
+    """api(checkpoint, *flags) starts serve.py's server in this process on a free port of 127.0.0.1 (a thread) ->
+    (base URL, its Engine). The servers stop when the test ends."""
+    servers = []
+
+    def start(checkpoint, *flags):
+        cfg = settings.get_config(serve_script.DEFAULTS, ["--checkpoint", str(checkpoint), "--device", "cpu",
+                                                          "--dtype", "float32", *flags])
+        engine = serve_script.load_engine(cfg, torch.device("cpu"), torch.float32)
+        server = serve_script.Server(("127.0.0.1", 0), engine, cfg["api_key"], cfg["max_body"])
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}", engine
+
+    yield start
+    for server in servers:
+        server.engine.stopping.set()
+        server.shutdown()
+        server.server_close()
+
+
+def openai_client(url, key="none"):
+    openai = pytest.importorskip("openai")  # CI installs it for these tests
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def http_request(url, method, path, body=b"", headers=None):
+    """(status, parsed JSON or text) of one raw request."""
+    host, port = url.split("//")[1].split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    conn.request(method, path, body=body, headers=headers or {})
+    res = conn.getresponse()
+    raw = res.read().decode()
+    conn.close()
+    return res.status, (json.loads(raw) if res.getheader("Content-Type") == "application/json" else raw)
+
+
+def streamed(client, **request):
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **request))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    return text, finish, chunks[-1].usage
+
+
+def test_server_answers_as_generate_chat_does_streamed_or_not_with_usage_counts(tmp_path, api, monkeypatch,
+                                                                                  capsys):
+    path, model = tiny_checkpoint(tmp_path / "chat.pth")
+    monkeypatch.setattr(sys, "stdin", fake_stdin(b"Name a color.\nAnd another one?\n"))
+    turns = generate_script.main(["--chat", "--checkpoint", path, "--temperature", "0", "--max_new_tokens", "12",
+                                 "--device", "cpu", "--dtype", "float32"])
+    url, _ = api(path)
+    client = openai_client(url)
+    assert [m.id for m in client.models.list().data] == ["chat"]
+    first = [{"role": "user", "content": "Name a color."}]
+    second = first + [{"role": "assistant", "content": turns[0]["reply"]},
+                      {"role": "user", "content": "And another one?"}]
+    for messages, turn in ((first, turns[0]), (second, turns[1])):
+        answer = client.chat.completions.create(model="chat", messages=messages, temperature=0, max_tokens=12)
+        assert answer.choices[0].message.content == turn["reply"] and answer.choices[0].message.role == "assistant"
+        text, finish, usage = streamed(client, model="chat", messages=messages, temperature=0, max_tokens=12)
+        assert text == turn["reply"] and finish == [answer.choices[0].finish_reason]
+        assert usage.model_dump() == answer.usage.model_dump()
+    # usage: the prompt as our tokenizer splits the templated conversation; the tokens sampled, up to max_tokens
+    tok = data.get_tokenizer()
+    answer = client.chat.completions.create(model="chat", messages=first, temperature=0, max_tokens=12)
+    prompt = tok.encode(data.format_conversation(first))
+    assert answer.usage.prompt_tokens == len(prompt)
+    n = answer.usage.completion_tokens
+    assert answer.usage.total_tokens == len(prompt) + n and 1 <= n <= 12
+    assert (n == 12) == (answer.choices[0].finish_reason == "length")
+    greedy = M.generate(model, torch.tensor([prompt]), n, temperature=0)[0, len(prompt):].tolist()
+    assert answer.choices[0].message.content in tok.decode(greedy)
+    # a seed makes sampling repeatable; a stop string ends the answer before it
+    a, b = (client.chat.completions.create(model="chat", messages=first, temperature=1.0, seed=7, max_tokens=12)
+            for _ in range(2))
+    assert a.choices[0].message.content == b.choices[0].message.content
+    words = a.choices[0].message.content.split()
+    if len(words) > 1:
+        cut = client.chat.completions.create(model="chat", messages=first, temperature=1.0, seed=7, max_tokens=12,
+                                             stop=[words[1]])
+        assert cut.choices[0].finish_reason == "stop" and words[1] not in cut.choices[0].message.content
+    # plain continuation
+    done = client.completions.create(model="chat", prompt="Every effort moves", temperature=0, max_tokens=6)
+    ids = tok.encode("Every effort moves")
+    expected = tok.decode(M.generate(model, torch.tensor([ids]), 6, temperature=0)[0, len(ids):].tolist())
+    assert done.choices[0].text == expected.split("<|endoftext|>")[0]
+    assert done.usage.prompt_tokens == len(ids)
+
+
+def test_server_refuses_bad_requests_with_openai_errors_and_keeps_answering(tmp_path, api):
+    path, _ = tiny_checkpoint(tmp_path / "chat.pth", context_length=64)
+    url, engine = api(path, "--api_key", "secret", "--max_body", "2048")
+    key = {"Authorization": "Bearer secret", "Content-Type": "application/json"}
+    ok = {"model": "chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+
+    def post(body, path="/v1/chat/completions", headers=key):
+        return http_request(url, "POST", path, body if isinstance(body, bytes) else json.dumps(body).encode(),
+                            headers)
+
+    cases = [
+        (post(b"{not json"), 400, "not valid JSON"),
+        (post(b"\xff\xfe"), 400, "UTF-8"),
+        (post(b"[" * 100 + b"]" * 100), 400, "nests"),
+        (post([1, 2]), 400, "JSON object"),
+        (post({"model": "chat"}), 400, "messages"),
+        (post({**ok, "messages": [{"role": "bot", "content": "x"}]}), 400, "role"),
+        (post({**ok, "messages": [{"role": "assistant", "content": "x"}]}), 400, "where user was expected"),
+        (post({**ok, "messages": [{"role": "user", "content": 3}]}), 400, "content"),
+        (post({**ok, "temperature": "hot"}), 400, "temperature"),
+        (post({**ok, "temperature": 9}), 400, "temperature"),
+        (post({**ok, "max_tokens": 0}), 400, "max_tokens"),
+        (post({**ok, "stop": ["a", "b", "c", "d", "e"]}), 400, "stop"),
+        (post({**ok, "n": 3}), 400, "n must be 1"),
+        (post({**ok, "stream": "yes"}), 400, "stream"),
+        (post(ok, headers={"Authorization": "Bearer wrong"}), 401, "API key"),
+        (post(ok, headers={}), 401, "API key"),
+        (post(ok, path="/v1/nothing"), 404, "no route"),
+        (http_request(url, "GET", "/v1/nothing", headers=key), 404, "no route"),
+        (post({**ok, "model": "gpt-4"}), 404, "not served here"),
+        (http_request(url, "GET", "/v1/chat/completions", headers=key), 405, "POST"),
+        (post(json.dumps({**ok, "pad": "x" * 5000}).encode()), 413, "limit"),
+        (post({**ok, "messages": [{"role": "user", "content": "word " * 100}]}), 400, "context"),
+        (post({"model": "chat", "prompt": "word " * 100}, "/v1/completions"), 400, "context"),
+        (http_request(url, "DELETE", "/v1/models", headers=key), 501, "method"),
+    ]
+    for (status, body), expected_status, words in cases:
+        assert status == expected_status, (status, body)
+        assert isinstance(body, dict) and set(body["error"]) >= {"message", "type", "param", "code"}, body
+        assert words.lower() in body["error"]["message"].lower(), (words, body)
+        assert "Traceback" not in json.dumps(body)
+        assert http_request(url, "GET", "/v1/models", headers=key)[0] == 200  # still answering
+    assert cases[-3][0][1]["error"]["code"] == "context_length_exceeded"
+    # a request line that is not HTTP, a body without a length
+    with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as s:
+        s.sendall(b"GARBAGE\r\n\r\n")  # no HTTP version: the answer is the bare body, as HTTP/0.9 has it
+        assert json.loads(s.recv(4096))["error"]["message"].startswith("Bad request syntax")
+    with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nAuthorization: Bearer secret\r\n\r\n")
+        assert b" 411 " in s.recv(4096).split(b"\r\n")[0]
+    client = openai_client(url, "secret")
+    assert client.chat.completions.create(**ok).choices[0].finish_reason in ("stop", "length")
+    openai = pytest.importorskip("openai")
+    with pytest.raises(openai.AuthenticationError):
+        openai_client(url, "wrong").models.list()
+    # a pretrained model serves plain continuation, and says so to a chat request
+    base = M.save_checkpoint(str(tmp_path / "base.pth"), tiny_model(), kind="pretrain")
+    url, _ = api(base)
+    with pytest.raises(openai.BadRequestError, match="not an instruction-tuned chat model.*/v1/completions"):
+        openai_client(url).chat.completions.create(**{**ok, "model": "base"})
+    assert openai_client(url).completions.create(model="base", prompt="Hi", max_tokens=3).usage.completion_tokens
+
+
+def test_server_answers_8_clients_at_once_and_a_disconnect_frees_it(tmp_path, api):
+    path, _ = tiny_checkpoint(tmp_path / "chat.pth")
+    url, engine = api(path)
+    client = openai_client(url)
+    questions = [[{"role": "user", "content": f"Question number {i}?"}] for i in range(8)]
+    alone = [client.chat.completions.create(model="chat", messages=q, temperature=1.0, seed=i, max_tokens=10)
+             .choices[0].message.content for i, q in enumerate(questions)]
+    answers = [None] * 8
+
+    def ask(i):
+        if i % 2:
+            answers[i] = streamed(client, model="chat", messages=questions[i], temperature=1.0, seed=i,
+                                  max_tokens=10)[0]
+        else:
+            answers[i] = client.chat.completions.create(model="chat", messages=questions[i], temperature=1.0,
+                                                        seed=i, max_tokens=10).choices[0].message.content
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert answers == alone  # every client answered, each as if it had been alone
+
+    endless = endless_checkpoint(tmp_path / "endless.pth")
+    url, engine = api(endless)
+    client = openai_client(url)
+    stream = client.chat.completions.create(model="endless", messages=questions[0], temperature=0,
+                                            max_tokens=4000, stream=True)
+    assert any("!" in (c.choices[0].delta.content or "") for c in itertools.islice(stream, 5))
+    stream.close()  # the client goes away mid-stream
+    end = time.monotonic() + 10
+    while engine.lock.locked() and time.monotonic() < end:
+        time.sleep(0.05)
+    assert not engine.lock.locked()
+    assert engine.last.finish_reason is None and engine.last.n_tokens < 4000  # it stopped generating
+    answer = client.chat.completions.create(model="endless", messages=questions[1], temperature=0, max_tokens=3)
+    assert answer.choices[0].message.content == "!!!"
