@@ -13,6 +13,9 @@ Contents, in pipeline order; each section opens with a banner comment:
    8. speed           int8 weights, the decoding layout, bench.py
    9. distributed     DDP and FSDP over 2 gloo processes, started the way torchrun starts them
   10. faults          kills and resume, disk full, bad input to every script, hostile files, stalled downloads
+  11. talk to it      the chat REPL's Ctrl-C at a pseudo-terminal; serve.py through the openai client: answers as
+                      generate.py --chat gives them, bad requests, 8 clients at once, disconnects, signals; the chat
+                      page in headless Chromium
 
 Helpers shared by several sections come first: one tiny config (tiny_cfg, tiny_model, tiny_classifier), the flags of
 each entry script built from it (tiny_flags, pretrain_flags, cls_flags, chat_flags), and a local file server.
@@ -22,6 +25,7 @@ Markers: `slow` (over ~5 s each on 2 cores; the default run includes them, `-m "
 (TIKTOKEN_CACHE_DIR, and a local HTTP server on 127.0.0.1 for downloads): tests that need them are skipped when that
 folder is absent, and the Hugging Face round trips when transformers is not installed.
 """
+import base64
 import contextlib
 import csv
 import ctypes
@@ -4957,3 +4961,141 @@ def test_server_answers_8_clients_at_once_and_a_disconnect_frees_it(tmp_path, ap
     assert engine.last.finish_reason is None and engine.last.n_tokens < 4000  # it stopped generating
     answer = client.chat.completions.create(model="endless", messages=questions[1], temperature=0, max_tokens=3)
     assert answer.choices[0].message.content == "!!!"
+
+
+def start_server_process(checkpoint, *flags):
+    """serve.py as a user starts it, on a free port -> (process, base URL) once it says it is serving."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "serve.py"), "--checkpoint", str(checkpoint),
+                             "--port", str(port), "--device", "cpu", *flags], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**ENV, "PYTHONPATH": HERE})
+    line = proc.stdout.readline()
+    assert "serving" in line, line + proc.stderr.read()
+    return proc, f"http://127.0.0.1:{port}"
+
+
+@slow
+def test_server_stops_within_a_second_on_ctrl_c_or_sigterm_even_mid_answer(tmp_path):
+    path = endless_checkpoint(tmp_path / "endless.pth")
+    proc, url = start_server_process(path)
+    assert http_request(url, "GET", "/v1/models")[0] == 200
+    start = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=5) == 130 and time.monotonic() - start < 1.0
+    assert "Traceback" not in proc.stderr.read()
+
+    proc, url = start_server_process(path, "--host", "0.0.0.0")  # a host others can reach: one warning line
+    body = json.dumps({"model": "endless", "messages": [{"role": "user", "content": "go"}], "max_tokens": 4000,
+                       "temperature": 0, "stream": True}).encode()
+    host, port = url.split("//")[1].split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.request("POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json"})
+    res = conn.getresponse()
+    assert b"!" in res.fp.readline() + res.fp.readline() + res.fp.readline()  # streaming
+    start = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=5) == 143 and time.monotonic() - start < 1.0
+    conn.close()
+    err = proc.stderr.read()
+    assert "Traceback" not in err
+    assert sum("warning: listening on 0.0.0.0" in line for line in err.splitlines()) == 1
+
+
+def chromium():
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+class Browser:
+    """Headless Chromium driven over the DevTools protocol on a pipe (--remote-debugging-pipe: JSON messages
+    ending in NUL on file descriptors 3 and 4), so no package beyond the standard library is needed."""
+
+    def __init__(self, url, profile):
+        to_chrome, self.writer = os.pipe()
+        self.reader, from_chrome = os.pipe()
+        flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={profile}", "--remote-debugging-pipe", "--window-size=1000,700"]
+
+        def fds():  # the child's fds 3 and 4 are the pipe's ends
+            os.dup2(to_chrome, 3)
+            os.dup2(from_chrome, 4)
+
+        self.proc = subprocess.Popen([chromium(), *flags, "about:blank"], preexec_fn=fds, pass_fds=(3, 4),
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        os.close(to_chrome), os.close(from_chrome)
+        self.next_id, self.buffer = 0, b""
+        target = self.call("Target.createTarget", url=url)["targetId"]
+        self.session = self.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+
+    def call(self, method, session=None, **params):
+        self.next_id += 1
+        message = {"id": self.next_id, "method": method, "params": params}
+        if session or getattr(self, "session", None):
+            message["sessionId"] = session or self.session
+        os.write(self.writer, json.dumps(message).encode() + b"\0")
+        while True:
+            while b"\0" not in self.buffer:
+                ready, _, _ = select.select([self.reader], [], [], 30)
+                assert ready, f"chromium did not answer {method}"
+                self.buffer += os.read(self.reader, 1 << 20)
+            raw, self.buffer = self.buffer.split(b"\0", 1)
+            reply = json.loads(raw)
+            if reply.get("id") == self.next_id:
+                assert "error" not in reply, reply
+                return reply["result"]
+
+    def js(self, expression):
+        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
+        assert "exceptionDetails" not in result, result
+        return result["result"].get("value")
+
+    def wait_for(self, expression, timeout=30):
+        end = time.monotonic() + timeout
+        while not self.js(f"(() => {{ try {{ return {expression}; }} catch (e) {{ return false; }} }})()"):
+            assert time.monotonic() < end, f"the page never got to {expression}: {self.js('document.body.innerText')}"
+            time.sleep(0.05)
+
+    def close(self):
+        self.proc.kill()
+        self.proc.wait()
+        os.close(self.reader), os.close(self.writer)
+
+
+@slow
+@pytest.mark.skipif(chromium() is None, reason="no chromium here (CI installs Debian's chromium package)")
+def test_chat_page_streams_an_answer_stops_and_shows_errors_in_a_real_browser(tmp_path, api):
+    path = endless_checkpoint(tmp_path / "endless.pth")
+    url, engine = api(path)
+    browser = Browser(f"{url}/?ask=Hello%20there&temperature=0", tmp_path / "profile")
+    try:
+        # /?ask= sent a message, greedy, at the page's max tokens (200): the answer came, finished at the limit
+        browser.wait_for("document.body.dataset.state === 'answered'")
+        assert browser.js("document.querySelector('.user').textContent") == "Hello there"
+        assert browser.js("document.querySelector('.assistant').textContent") == "!" * 200
+        assert "reached max tokens" in browser.js("document.body.innerText")
+        # a long answer: seen growing while it streams, then the stop button keeps what came, marked as stopped
+        browser.js("$('max_tokens').value = 3500; $('input').value = 'Go on'; $('form').requestSubmit()")
+        lengths = []
+        while len(set(lengths)) < 3:
+            lengths.append(browser.js("document.querySelectorAll('.assistant')[1].textContent.length"))
+            time.sleep(0.02)
+        assert lengths == sorted(lengths) and browser.js("!$('stop').hidden")
+        browser.js("$('stop').click()")
+        browser.wait_for("document.body.dataset.state === 'idle'")
+        cut = browser.js("document.querySelectorAll('.assistant')[1].className")
+        assert "cut" in cut and 0 < browser.js("document.querySelectorAll('.assistant')[1].textContent.length") < 3500
+        assert browser.js("messages.length") == 4  # the stopped answer stays in the conversation
+        # a request the server refuses: its message, readable on the page
+        browser.js("$('temperature').value = 7; $('input').value = 'Hot?'; $('form').requestSubmit()")
+        browser.wait_for("document.querySelector('.error') !== null")
+        assert "temperature must be a number from 0 to 2" in browser.js("document.querySelector('.error').textContent")
+        png = base64.b64decode(browser.call("Page.captureScreenshot", format="png")["data"])
+        (tmp_path / "chat-page.png").write_bytes(png)
+        assert png.startswith(b"\x89PNG")
+        if os.environ.get("GPT2_SCREENSHOT"):  # where to keep a copy to look at
+            shutil.copy(tmp_path / "chat-page.png", os.environ["GPT2_SCREENSHOT"])
+        # a new chat clears the page and the conversation
+        browser.js("$('new').click()")
+        assert browser.js("messages.length") == 0 and browser.js("document.querySelectorAll('.msg').length") == 0
+    finally:
+        browser.close()
