@@ -18,11 +18,12 @@ import sys
 
 import torch
 
-from data import (EOT_ID, NEXT_TURN_MARKERS, TEMPLATE_NAME, atomic_write, check_output, conversation_segments,
-                  cut_reply, encode_segments, get_tokenizer, read_text_file, save_pth, text_to_token_ids)
+from data import (EOT_ID, TEMPLATE_NAME, atomic_write, check_output, get_tokenizer, read_text_file, save_pth,
+                  text_to_token_ids)
 from layers import quantize_int8
 from load_gpt2 import init_model
 from model import KVCache, checkpoint_dict, count_parameters, generate_stream
+from replies import Reply, chat_prompt
 from settings import (UserError, autocast, available_memory, describe_device, entry, get_config, pick_device,
                       pick_dtype, pyplot)
 
@@ -319,68 +320,9 @@ def _reorder_cache(cache, rows):
 # Chat (--chat): a conversation with an instruction-tuned model, in the template finetune_chat.py trains with
 # ---------------------------------------------------------------------------------------------------------------
 
-def _settled_length(text):
-    """How much of a growing reply can be shown: not trailing whitespace, and not an end that could still turn
-    into a next-turn header (those are not part of the reply)."""
-    end = len(text)
-    for marker in NEXT_TURN_MARKERS:
-        for k in range(min(len(marker), len(text)), 0, -1):
-            if text.endswith(marker[:k]):
-                end = min(end, len(text) - k)
-                break
-    return len(text[:end].rstrip())
-
-
-def generate_reply(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None, kv_cache=None,
-                   generator=None, out=None, tokenizer=None):
-    """The model's answer to prompt_ids (1, T), a prompt in the chat template ending with the response header.
-
-    Generates until end-of-text or the start of a next-turn header (NEXT_TURN_MARKERS), writes the answer to `out`
-    token by token when given, and returns it stripped. A kv_cache is reused up to the longest prefix it shares
-    with prompt_ids (generate_stream does that), so the earlier turns of a conversation are not recomputed.
-    """
-    tokenizer = tokenizer or get_tokenizer()
-    ids, text, shown = [], "", 0
-    stream = generate_stream(model, prompt_ids, max_new_tokens, model.cfg["context_length"], temperature, top_k,
-                             top_p, eos_id=EOT_ID, kv_cache=kv_cache, generator=generator)
-    try:
-        for next_id in stream:
-            if next_id.item() == EOT_ID:
-                break
-            ids.append(next_id.item())
-            text, ended = cut_reply(tokenizer.decode(ids).lstrip())
-            if ended:
-                break
-            if out is not None and not text.endswith("\ufffd"):  # a character split across tokens waits
-                settled = _settled_length(text)
-                if settled > shown:
-                    out.write(text[shown:settled])
-                    out.flush()
-                    shown = settled
-    finally:
-        stream.close()
-    text = text.rstrip()
-    if out is not None:
-        out.write(text[shown:])
-        out.flush()
-    return text
-
-
-def chat_prompt(messages, system, context_length, reserve, tokenizer=None):
-    """(ids, dropped): the conversation's token ids, ending with the response header of its last user message,
-    after dropping the `dropped` oldest exchanges needed to leave `reserve` tokens for the answer. The last
-    message is always kept, so ids can still be too long for the context: the caller checks."""
-    dropped = 0
-    while True:
-        ids, _ = encode_segments(conversation_segments(messages[2 * dropped:], system), tokenizer)
-        if len(ids) + reserve <= context_length or 2 * dropped + 1 >= len(messages):
-            return ids, dropped
-        dropped += 1
-
-
 def read_messages(stdin, interactive):
-    """Lines from the user, without the line end. A terminal gets a `you> ` prompt; a line that is not UTF-8 is
-    reported on stderr and skipped."""
+    """Lines from the user, without the line end. A terminal gets a `you> ` prompt, where Ctrl-C clears the line
+    being typed and asks again; a line that is not UTF-8 is reported on stderr and skipped."""
     def lines():
         if not interactive:
             yield from getattr(stdin, "buffer", stdin)  # bytes where there is a buffer, to check them ourselves
@@ -388,6 +330,8 @@ def read_messages(stdin, interactive):
         while True:
             try:
                 yield input("you> ")
+            except KeyboardInterrupt:
+                print(file=sys.stderr)
             except EOFError:
                 print(file=sys.stderr)
                 return
@@ -406,25 +350,37 @@ def read_messages(stdin, interactive):
 
 
 CHAT_HELP = """commands:
-  /reset   forget the conversation and start a new one
-  /help    show this list
-  /exit    leave (so does Ctrl-D)
-anything else is sent to the model as your message"""
+  /reset    forget the conversation and start a new one
+  /history  show the conversation so far
+  /help     show this list
+  /exit     leave (so does Ctrl-D)
+anything else is sent to the model as your message; in a terminal, Ctrl-C stops a reply (what it had written
+stays in the conversation, marked as cut) or clears the line being typed"""
+CUT_MARK = " [cut]"  # shown after a reply that Ctrl-C stopped
 
 
-def chat(model, ckpt, cfg, device, dtype, stdin=None, out=None):
-    """Talk with the model: one user message per line of stdin, each reply streamed to out.
+def chat_command(text, messages):
+    """Run a REPL command (a line like /word) -> the conversation after it, or None for /exit."""
+    command = text.split()[0]
+    if command != text:
+        print(f"({command} takes no arguments: ignored them)", file=sys.stderr)
+    if command == "/exit":
+        return None
+    if command == "/reset":
+        messages = []
+        print("(conversation cleared)", file=sys.stderr)
+    elif command == "/history":
+        for m in messages:
+            print(f"{m['role']}: {m['content']}{CUT_MARK if m.get('cut') else ''}", file=sys.stderr)
+        print(f"({len(messages) // 2} exchanges)", file=sys.stderr)
+    elif command == "/help":
+        print(CHAT_HELP, file=sys.stderr)
+    else:
+        print(f"unknown command {text}: /help lists the commands", file=sys.stderr)
+    return messages
 
-    Every prompt holds the earlier turns in the template (--system first, if given); the KV cache keeps the
-    unchanged prefix between turns; when the conversation outgrows the context the oldest exchanges are dropped.
-    `/reset` forgets the conversation, `/help` lists the commands, `/exit` or the end of input leaves; an empty
-    reply shows as (empty reply). In a terminal the standard library's readline gives line editing and history.
-    Returns the turns as dicts of user,
-    reply, prompt (the text the model saw) and reused (prompt tokens taken from the cache).
-    """
-    stdin, out = stdin or sys.stdin or io.StringIO(), out or sys.stdout  # a closed stdin: the input has ended
-    interactive = stdin.isatty()
-    source = cfg["init"] or cfg["checkpoint"]
+
+def warn_if_not_chat(ckpt, source):
     if ckpt.get("kind") != "chat":
         print(f"warning: {source} is not an instruction-tuned chat model (kind {ckpt.get('kind')}): continuing "
               f"with the {TEMPLATE_NAME} template, but replies may not follow it; fine-tune with finetune_chat.py",
@@ -432,6 +388,22 @@ def chat(model, ckpt, cfg, device, dtype, stdin=None, out=None):
     elif ckpt.get("template", TEMPLATE_NAME) != TEMPLATE_NAME:
         print(f"warning: {source} was trained with template {ckpt['template']!r}: continuing with "
               f"{TEMPLATE_NAME}", file=sys.stderr)
+
+
+def chat(model, ckpt, cfg, device, dtype, stdin=None, out=None):
+    """Talk with the model: one user message per line of stdin, each reply streamed to out.
+
+    Every prompt holds the earlier turns in the template (--system first, if given); the KV cache keeps the
+    unchanged prefix between turns; when the conversation outgrows the context the oldest exchanges are dropped.
+    `/reset` forgets the conversation, `/history` shows it, `/help` lists the commands, `/exit` or the end of input
+    leaves; an empty reply shows as (empty reply). In a terminal the standard library's readline gives line editing
+    and history, and Ctrl-C stops the reply being written (its text so far stays, marked as cut) or clears the line
+    being typed (read_messages) instead of ending the program. Returns the turns as dicts of user, reply, prompt
+    (the text the model saw), reused (prompt tokens taken from the cache) and cut (whether Ctrl-C stopped it).
+    """
+    stdin, out = stdin or sys.stdin or io.StringIO(), out or sys.stdout  # a closed stdin: the input has ended
+    interactive = stdin.isatty()
+    warn_if_not_chat(ckpt, cfg["init"] or cfg["checkpoint"])
     tokenizer = get_tokenizer()
     ctx = model.cfg["context_length"]
     cache = KVCache(model, 1, ctx)
@@ -447,19 +419,10 @@ def chat(model, ckpt, cfg, device, dtype, stdin=None, out=None):
         text = line.strip()
         if not text:
             continue
-        command = text.split()[0]
-        if command in ("/exit", "/reset", "/help") or re.fullmatch(r"/\w+", text):  # a message may start with /
-            if command != text:
-                print(f"({command} takes no arguments: ignored them)", file=sys.stderr)
-            if command == "/exit":
+        if text.split()[0] in ("/exit", "/reset", "/history", "/help") or re.fullmatch(r"/\w+", text):
+            messages = chat_command(text, messages)  # a message may start with /: only /word lines are commands
+            if messages is None:
                 break
-            if command == "/reset":
-                messages = []
-                print("(conversation cleared)", file=sys.stderr)
-            elif command == "/help":
-                print(CHAT_HELP, file=sys.stderr)
-            else:
-                print(f"unknown command {text}: /help lists the commands", file=sys.stderr)
             continue
         ids, dropped = chat_prompt(messages + [{"role": "user", "content": text}], cfg["system"], ctx,
                                    cfg["max_new_tokens"], tokenizer)
@@ -475,17 +438,35 @@ def chat(model, ckpt, cfg, device, dtype, stdin=None, out=None):
                 told = True
         idx = torch.tensor([ids], device=device)
         reused = min(cache.shared_prefix(idx), len(ids) - 1)
-        with autocast(device, dtype):
-            reply = generate_reply(model, idx, min(cfg["max_new_tokens"], ctx - len(ids)), cfg["temperature"],
-                                   cfg["top_k"] or None, cfg["top_p"], kv_cache=cache, generator=gen, out=out,
-                                   tokenizer=tokenizer)
-        if not reply:
-            out.write("(empty reply)")
-        out.write("\n\n" if interactive else "\n")
-        out.flush()
-        messages += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
-        turns.append({"user": text, "reply": reply, "prompt": tokenizer.decode(ids), "reused": reused})
+        reply = Reply(model, idx, min(cfg["max_new_tokens"], ctx - len(ids)), cfg["temperature"], cfg["top_k"],
+                      cfg["top_p"], kv_cache=cache, generator=gen, tokenizer=tokenizer)
+        cut = write_reply(reply, out, device, dtype, interactive)
+        messages += [{"role": "user", "content": text}, {"role": "assistant", "content": reply.text, "cut": cut}]
+        turns.append({"user": text, "reply": reply.text, "prompt": tokenizer.decode(ids), "reused": reused,
+                      "cut": cut})
     return turns
+
+
+def write_reply(reply, out, device, dtype, interactive):
+    """Stream the reply to out; True when Ctrl-C stopped it (only in a terminal: elsewhere Ctrl-C ends the program).
+    """
+    cut = False
+    try:
+        with autocast(device, dtype):
+            for piece in reply:
+                out.write(piece)
+                out.flush()
+    except KeyboardInterrupt:
+        if not interactive:
+            raise
+        cut = True
+    if cut:
+        out.write(CUT_MARK)
+    elif not reply.text:
+        out.write("(empty reply)")
+    out.write("\n\n" if interactive else "\n")
+    out.flush()
+    return cut
 
 
 def main(argv=None):

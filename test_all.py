@@ -13,6 +13,9 @@ Contents, in pipeline order; each section opens with a banner comment:
    8. speed           int8 weights, the decoding layout, bench.py
    9. distributed     DDP and FSDP over 2 gloo processes, started the way torchrun starts them
   10. faults          kills and resume, disk full, bad input to every script, hostile files, stalled downloads
+  11. talk to it      the chat REPL's Ctrl-C at a pseudo-terminal; serve.py through the openai client: answers as
+                      generate.py --chat gives them, bad requests, 8 clients at once, disconnects, signals; the chat
+                      page in headless Chromium
 
 Helpers shared by several sections come first: one tiny config (tiny_cfg, tiny_model, tiny_classifier), the flags of
 each entry script built from it (tiny_flags, pretrain_flags, cls_flags, chat_flags), and a local file server.
@@ -22,11 +25,13 @@ Markers: `slow` (over ~5 s each on 2 cores; the default run includes them, `-m "
 (TIKTOKEN_CACHE_DIR, and a local HTTP server on 127.0.0.1 for downloads): tests that need them are skipped when that
 folder is absent, and the Hugging Face round trips when transformers is not installed.
 """
+import base64
 import contextlib
 import csv
 import ctypes
 import fcntl
 import hashlib
+import http.client
 import http.server
 import io
 import itertools
@@ -34,8 +39,10 @@ import json
 import math
 import os
 import pickle
+import pty
 import random
 import resource
+import select
 import shutil
 import signal
 import socket
@@ -61,6 +68,8 @@ import layers
 import load_gpt2
 import model as M
 import pretrain
+import replies
+import serve as serve_script
 import settings
 import trainer
 
@@ -2719,9 +2728,9 @@ def test_chat_sends_the_first_turn_in_the_second_prompt_and_reuses_its_cache(tmp
     model, _ = M.load_model(path)
     messages = [{"role": "user", "content": "Name a color."}, {"role": "assistant", "content": turns[0]["reply"]},
                 {"role": "user", "content": "And another one?"}]
-    ids, dropped = generate_script.chat_prompt(messages, "", 128, 6)
+    ids, dropped = replies.chat_prompt(messages, "", 128, 6)
     assert dropped == 0
-    fresh = generate_script.generate_reply(model, torch.tensor([ids]), 6)
+    fresh = replies.generate_reply(model, torch.tensor([ids]), 6)
     assert fresh == turns[1]["reply"]
 
 
@@ -4797,3 +4806,425 @@ def test_balance_says_it_dropped_rows_and_names_the_rare_class(tmp_path, capsys)
     captured = capsys.readouterr()
     assert "balanced to 6 per class by the rarest class 'spam'" in captured.out
     assert "--balance false" in captured.err
+
+
+# ===============================================================================================================
+# 11. Talk to it: the chat REPL at a terminal, serve.py's OpenAI-compatible API, its chat page, bench.py --serve
+# ===============================================================================================================
+
+def endless_checkpoint(path, context_length=4096, kind="chat"):
+    """A tiny chat model whose every logit is 0: greedy decoding writes "!" (token 0) until the context is full,
+    a reply long enough to interrupt."""
+    model = tiny_model(context_length=context_length)
+    with torch.no_grad():
+        model.out_head.weight.zero_()
+    return M.save_checkpoint(str(path), model, kind=kind, template=data.TEMPLATE_NAME)
+
+
+class Terminal:
+    """A script run at a pseudo-terminal (its controlling terminal, so ^C there is SIGINT to it): send keys, wait
+    for text."""
+
+    def __init__(self, *argv, cwd):
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:  # the child: become the script
+            os.chdir(cwd)
+            os.execve(sys.executable, [sys.executable, *argv], {**ENV, "PYTHONPATH": HERE, "TERM": "dumb"})
+        self.seen, self.pos = "", 0
+
+    def send(self, keys):
+        os.write(self.fd, keys.encode())
+
+    def expect(self, text, timeout=60):
+        """Wait until text appears after what the last expect matched; returns the output in between."""
+        end = time.monotonic() + timeout
+        while text not in self.seen[self.pos:]:
+            ready, _, _ = select.select([self.fd], [], [], max(0.0, end - time.monotonic()))
+            if not ready:
+                raise AssertionError(f"no {text!r} within {timeout} s; output so far:\n{self.seen}")
+            try:
+                self.seen += os.read(self.fd, 65536).decode("utf-8", "replace").replace("\r\n", "\n")
+            except OSError:  # the child closed the terminal
+                raise AssertionError(f"the script ended before {text!r}; output:\n{self.seen}") from None
+        start, self.pos = self.pos, self.seen.index(text, self.pos) + len(text)
+        return self.seen[start:self.pos]
+
+    def exit_code(self, timeout=30):
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            with contextlib.suppress(OSError):
+                os.read(self.fd, 65536)  # keep the terminal drained
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                os.close(self.fd)
+                return os.waitstatus_to_exitcode(status)
+            time.sleep(0.05)
+        os.kill(self.pid, signal.SIGKILL)
+        raise AssertionError(f"still running after {timeout} s; output:\n{self.seen}")
+
+
+@slow
+def test_chat_ctrl_c_stops_the_reply_or_clears_the_line_and_keeps_the_conversation(tmp_path):
+    path = endless_checkpoint(tmp_path / "endless.pth")
+    argv = [os.path.join(HERE, "generate.py"), "--chat", "--checkpoint", path, "--temperature", "0",
+            "--max_new_tokens", "100000", "--device", "cpu"]
+    term = Terminal(*argv, cwd=tmp_path)
+    term.expect("you> ")
+    term.send("hello there\n")
+    term.expect("!!!!!")  # mid-reply
+    term.send("\x03")
+    term.expect("[cut]")
+    reply = term.seen.split("hello there\n", 1)[1].split("[cut]")[0]
+    term.expect("you> ")  # back at the prompt, the program alive
+    term.send("half a line")
+    term.expect("half a line")
+    term.send("\x03")
+    term.expect("you> ")
+    term.send("/history\n")
+    history = term.expect("exchanges)")
+    assert "user: hello there\n" in history and "half a line" not in history  # the cleared line was not sent
+    n_cut = reply.count("!")
+    assert f"assistant: {'!' * n_cut} [cut]\n" in history and 5 <= n_cut < 4000  # the cut reply was kept
+    assert "(1 exchanges)" in history
+    term.send("\x04")  # Ctrl-D at an empty prompt leaves
+    assert term.exit_code() == 0
+    assert "Traceback" not in term.seen
+
+    term = Terminal(*argv, cwd=tmp_path)  # SIGTERM mid-reply still ends the program, with 143
+    term.expect("you> ")
+    term.send("hello\n")
+    term.expect("!!!!!")
+    os.kill(term.pid, signal.SIGTERM)
+    assert term.exit_code() == 143
+    assert "Traceback" not in term.seen
+
+
+@pytest.fixture
+def api():
+    """api(checkpoint, *flags) starts serve.py's server in this process on a free port of 127.0.0.1 (a thread) ->
+    (base URL, its Engine). The servers stop when the test ends."""
+    servers = []
+
+    def start(checkpoint, *flags):
+        cfg = settings.get_config(serve_script.DEFAULTS, ["--checkpoint", str(checkpoint), "--device", "cpu",
+                                                          "--dtype", "float32", *flags])
+        engine = serve_script.load_engine(cfg, torch.device("cpu"), torch.float32)
+        server = serve_script.Server(("127.0.0.1", 0), engine, cfg["api_key"], cfg["max_body"])
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}", engine
+
+    yield start
+    for server in servers:
+        server.engine.stopping.set()
+        server.shutdown()
+        server.server_close()
+
+
+def openai_client(url, key="none"):
+    openai = pytest.importorskip("openai")  # CI installs it for these tests
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def http_request(url, method, path, body=b"", headers=None):
+    """(status, parsed JSON or text) of one raw request."""
+    host, port = url.split("//")[1].split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    conn.request(method, path, body=body, headers=headers or {})
+    res = conn.getresponse()
+    raw = res.read().decode()
+    conn.close()
+    return res.status, (json.loads(raw) if res.getheader("Content-Type") == "application/json" else raw)
+
+
+def streamed(client, **request):
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **request))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    return text, finish, chunks[-1].usage
+
+
+def test_server_answers_as_generate_chat_does_streamed_or_not_with_usage_counts(tmp_path, api, monkeypatch,
+                                                                                  capsys):
+    path, model = tiny_checkpoint(tmp_path / "chat.pth")
+    monkeypatch.setattr(sys, "stdin", fake_stdin(b"Name a color.\nAnd another one?\n"))
+    turns = generate_script.main(["--chat", "--checkpoint", path, "--temperature", "0", "--max_new_tokens", "12",
+                                 "--device", "cpu", "--dtype", "float32"])
+    url, _ = api(path)
+    client = openai_client(url)
+    assert [m.id for m in client.models.list().data] == ["chat"]
+    first = [{"role": "user", "content": "Name a color."}]
+    second = first + [{"role": "assistant", "content": turns[0]["reply"]},
+                      {"role": "user", "content": "And another one?"}]
+    for messages, turn in ((first, turns[0]), (second, turns[1])):
+        answer = client.chat.completions.create(model="chat", messages=messages, temperature=0, max_tokens=12)
+        assert answer.choices[0].message.content == turn["reply"] and answer.choices[0].message.role == "assistant"
+        text, finish, usage = streamed(client, model="chat", messages=messages, temperature=0, max_tokens=12)
+        assert text == turn["reply"] and finish == [answer.choices[0].finish_reason]
+        assert usage.model_dump() == answer.usage.model_dump()
+    # usage: the prompt as our tokenizer splits the templated conversation; the tokens sampled, up to max_tokens
+    tok = data.get_tokenizer()
+    answer = client.chat.completions.create(model="chat", messages=first, temperature=0, max_tokens=12)
+    prompt = tok.encode(data.format_conversation(first))
+    assert answer.usage.prompt_tokens == len(prompt)
+    n = answer.usage.completion_tokens
+    assert answer.usage.total_tokens == len(prompt) + n and 1 <= n <= 12
+    assert (n == 12) == (answer.choices[0].finish_reason == "length")
+    greedy = M.generate(model, torch.tensor([prompt]), n, temperature=0)[0, len(prompt):].tolist()
+    assert answer.choices[0].message.content in tok.decode(greedy)
+    # a seed makes sampling repeatable; a stop string ends the answer before it
+    a, b = (client.chat.completions.create(model="chat", messages=first, temperature=1.0, seed=7, max_tokens=12)
+            for _ in range(2))
+    assert a.choices[0].message.content == b.choices[0].message.content
+    words = a.choices[0].message.content.split()
+    if len(words) > 1:
+        cut = client.chat.completions.create(model="chat", messages=first, temperature=1.0, seed=7, max_tokens=12,
+                                             stop=[words[1]])
+        assert cut.choices[0].finish_reason == "stop" and words[1] not in cut.choices[0].message.content
+    # plain continuation
+    done = client.completions.create(model="chat", prompt="Every effort moves", temperature=0, max_tokens=6)
+    ids = tok.encode("Every effort moves")
+    expected = tok.decode(M.generate(model, torch.tensor([ids]), 6, temperature=0)[0, len(ids):].tolist())
+    assert done.choices[0].text == expected.split("<|endoftext|>")[0]
+    assert done.usage.prompt_tokens == len(ids)
+
+
+def test_server_refuses_bad_requests_with_openai_errors_and_keeps_answering(tmp_path, api):
+    path, _ = tiny_checkpoint(tmp_path / "chat.pth", context_length=64)
+    url, engine = api(path, "--api_key", "secret", "--max_body", "2048")
+    key = {"Authorization": "Bearer secret", "Content-Type": "application/json"}
+    ok = {"model": "chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+
+    def post(body, path="/v1/chat/completions", headers=key):
+        return http_request(url, "POST", path, body if isinstance(body, bytes) else json.dumps(body).encode(),
+                            headers)
+
+    cases = [
+        (post(b"{not json"), 400, "not valid JSON"),
+        (post(b"\xff\xfe"), 400, "UTF-8"),
+        (post(b"[" * 100 + b"]" * 100), 400, "nests"),
+        (post([1, 2]), 400, "JSON object"),
+        (post({"model": "chat"}), 400, "messages"),
+        (post({**ok, "messages": [{"role": "bot", "content": "x"}]}), 400, "role"),
+        (post({**ok, "messages": [{"role": "assistant", "content": "x"}]}), 400, "where user was expected"),
+        (post({**ok, "messages": [{"role": "user", "content": 3}]}), 400, "content"),
+        (post({**ok, "temperature": "hot"}), 400, "temperature"),
+        (post({**ok, "temperature": 9}), 400, "temperature"),
+        (post({**ok, "max_tokens": 0}), 400, "max_tokens"),
+        (post({**ok, "stop": ["a", "b", "c", "d", "e"]}), 400, "stop"),
+        (post({**ok, "n": 3}), 400, "n must be 1"),
+        (post({**ok, "stream": "yes"}), 400, "stream"),
+        (post(ok, headers={"Authorization": "Bearer wrong"}), 401, "API key"),
+        (post(ok, headers={}), 401, "API key"),
+        (post(ok, path="/v1/nothing"), 404, "no route"),
+        (http_request(url, "GET", "/v1/nothing", headers=key), 404, "no route"),
+        (post({**ok, "model": "gpt-4"}), 404, "not served here"),
+        (http_request(url, "GET", "/v1/chat/completions", headers=key), 405, "POST"),
+        (post(json.dumps({**ok, "pad": "x" * 5000}).encode()), 413, "limit"),
+        (post({**ok, "messages": [{"role": "user", "content": "word " * 100}]}), 400, "context"),
+        (post({"model": "chat", "prompt": "word " * 100}, "/v1/completions"), 400, "context"),
+        (http_request(url, "DELETE", "/v1/models", headers=key), 501, "method"),
+    ]
+    for (status, body), expected_status, words in cases:
+        assert status == expected_status, (status, body)
+        assert isinstance(body, dict) and set(body["error"]) >= {"message", "type", "param", "code"}, body
+        assert words.lower() in body["error"]["message"].lower(), (words, body)
+        assert "Traceback" not in json.dumps(body)
+        assert http_request(url, "GET", "/v1/models", headers=key)[0] == 200  # still answering
+    assert cases[-3][0][1]["error"]["code"] == "context_length_exceeded"
+    # a request line that is not HTTP, a body without a length
+    with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as s:
+        s.sendall(b"GARBAGE\r\n\r\n")  # no HTTP version: the answer is the bare body, as HTTP/0.9 has it
+        assert json.loads(s.recv(4096))["error"]["message"].startswith("Bad request syntax")
+    with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nAuthorization: Bearer secret\r\n\r\n")
+        assert b" 411 " in s.recv(4096).split(b"\r\n")[0]
+    client = openai_client(url, "secret")
+    assert client.chat.completions.create(**ok).choices[0].finish_reason in ("stop", "length")
+    openai = pytest.importorskip("openai")
+    with pytest.raises(openai.AuthenticationError):
+        openai_client(url, "wrong").models.list()
+    # a pretrained model serves plain continuation, and says so to a chat request
+    base = M.save_checkpoint(str(tmp_path / "base.pth"), tiny_model(), kind="pretrain")
+    url, _ = api(base)
+    with pytest.raises(openai.BadRequestError, match="not an instruction-tuned chat model.*/v1/completions"):
+        openai_client(url).chat.completions.create(**{**ok, "model": "base"})
+    assert openai_client(url).completions.create(model="base", prompt="Hi", max_tokens=3).usage.completion_tokens
+
+
+def test_server_answers_8_clients_at_once_and_a_disconnect_frees_it(tmp_path, api):
+    path, _ = tiny_checkpoint(tmp_path / "chat.pth")
+    url, engine = api(path)
+    client = openai_client(url)
+    questions = [[{"role": "user", "content": f"Question number {i}?"}] for i in range(8)]
+    alone = [client.chat.completions.create(model="chat", messages=q, temperature=1.0, seed=i, max_tokens=10)
+             .choices[0].message.content for i, q in enumerate(questions)]
+    answers = [None] * 8
+
+    def ask(i):
+        if i % 2:
+            answers[i] = streamed(client, model="chat", messages=questions[i], temperature=1.0, seed=i,
+                                  max_tokens=10)[0]
+        else:
+            answers[i] = client.chat.completions.create(model="chat", messages=questions[i], temperature=1.0,
+                                                        seed=i, max_tokens=10).choices[0].message.content
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert answers == alone  # every client answered, each as if it had been alone
+
+    endless = endless_checkpoint(tmp_path / "endless.pth")
+    url, engine = api(endless)
+    client = openai_client(url)
+    stream = client.chat.completions.create(model="endless", messages=questions[0], temperature=0,
+                                            max_tokens=4000, stream=True)
+    assert any("!" in (c.choices[0].delta.content or "") for c in itertools.islice(stream, 5))
+    stream.close()  # the client goes away mid-stream
+    end = time.monotonic() + 10
+    while engine.lock.locked() and time.monotonic() < end:
+        time.sleep(0.05)
+    assert not engine.lock.locked()
+    assert engine.last.finish_reason is None and engine.last.n_tokens < 4000  # it stopped generating
+    answer = client.chat.completions.create(model="endless", messages=questions[1], temperature=0, max_tokens=3)
+    assert answer.choices[0].message.content == "!!!"
+
+
+def start_server_process(checkpoint, *flags):
+    """serve.py as a user starts it, on a free port -> (process, base URL) once it says it is serving."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "serve.py"), "--checkpoint", str(checkpoint),
+                             "--port", str(port), "--device", "cpu", *flags], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**ENV, "PYTHONPATH": HERE})
+    line = proc.stdout.readline()
+    assert "serving" in line, line + proc.stderr.read()
+    return proc, f"http://127.0.0.1:{port}"
+
+
+@slow
+def test_server_stops_within_a_second_on_ctrl_c_or_sigterm_even_mid_answer(tmp_path):
+    path = endless_checkpoint(tmp_path / "endless.pth")
+    proc, url = start_server_process(path)
+    assert http_request(url, "GET", "/v1/models")[0] == 200
+    start = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=5) == 130 and time.monotonic() - start < 1.0
+    assert "Traceback" not in proc.stderr.read()
+
+    proc, url = start_server_process(path, "--host", "0.0.0.0")  # a host others can reach: one warning line
+    body = json.dumps({"model": "endless", "messages": [{"role": "user", "content": "go"}], "max_tokens": 4000,
+                       "temperature": 0, "stream": True}).encode()
+    host, port = url.split("//")[1].split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.request("POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json"})
+    res = conn.getresponse()
+    assert b"!" in res.fp.readline() + res.fp.readline() + res.fp.readline()  # streaming
+    start = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=5) == 143 and time.monotonic() - start < 1.0
+    conn.close()
+    err = proc.stderr.read()
+    assert "Traceback" not in err
+    assert sum("warning: listening on 0.0.0.0" in line for line in err.splitlines()) == 1
+
+
+def chromium():
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+class Browser:
+    """Headless Chromium driven over the DevTools protocol on a pipe (--remote-debugging-pipe: JSON messages
+    ending in NUL on file descriptors 3 and 4), so no package beyond the standard library is needed."""
+
+    def __init__(self, url, profile):
+        to_chrome, self.writer = os.pipe()
+        self.reader, from_chrome = os.pipe()
+        flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={profile}", "--remote-debugging-pipe", "--window-size=1000,700"]
+
+        def fds():  # the child's fds 3 and 4 are the pipe's ends
+            os.dup2(to_chrome, 3)
+            os.dup2(from_chrome, 4)
+
+        self.proc = subprocess.Popen([chromium(), *flags, "about:blank"], preexec_fn=fds, pass_fds=(3, 4),
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        os.close(to_chrome), os.close(from_chrome)
+        self.next_id, self.buffer = 0, b""
+        target = self.call("Target.createTarget", url=url)["targetId"]
+        self.session = self.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+
+    def call(self, method, session=None, **params):
+        self.next_id += 1
+        message = {"id": self.next_id, "method": method, "params": params}
+        if session or getattr(self, "session", None):
+            message["sessionId"] = session or self.session
+        os.write(self.writer, json.dumps(message).encode() + b"\0")
+        while True:
+            while b"\0" not in self.buffer:
+                ready, _, _ = select.select([self.reader], [], [], 30)
+                assert ready, f"chromium did not answer {method}"
+                self.buffer += os.read(self.reader, 1 << 20)
+            raw, self.buffer = self.buffer.split(b"\0", 1)
+            reply = json.loads(raw)
+            if reply.get("id") == self.next_id:
+                assert "error" not in reply, reply
+                return reply["result"]
+
+    def js(self, expression):
+        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
+        assert "exceptionDetails" not in result, result
+        return result["result"].get("value")
+
+    def wait_for(self, expression, timeout=30):
+        end = time.monotonic() + timeout
+        while not self.js(f"(() => {{ try {{ return {expression}; }} catch (e) {{ return false; }} }})()"):
+            assert time.monotonic() < end, f"the page never got to {expression}: {self.js('document.body.innerText')}"
+            time.sleep(0.05)
+
+    def close(self):
+        self.proc.kill()
+        self.proc.wait()
+        os.close(self.reader), os.close(self.writer)
+
+
+@slow
+@pytest.mark.skipif(chromium() is None, reason="no chromium here (CI installs Debian's chromium package)")
+def test_chat_page_streams_an_answer_stops_and_shows_errors_in_a_real_browser(tmp_path, api):
+    path = endless_checkpoint(tmp_path / "endless.pth")
+    url, engine = api(path)
+    browser = Browser(f"{url}/?ask=Hello%20there&temperature=0", tmp_path / "profile")
+    try:
+        # /?ask= sent a message, greedy, at the page's max tokens (200): the answer came, finished at the limit
+        browser.wait_for("document.body.dataset.state === 'answered'")
+        assert browser.js("document.querySelector('.user').textContent") == "Hello there"
+        assert browser.js("document.querySelector('.assistant').textContent") == "!" * 200
+        assert "reached max tokens" in browser.js("document.body.innerText")
+        # a long answer: seen growing while it streams, then the stop button keeps what came, marked as stopped
+        browser.js("$('max_tokens').value = 3500; $('input').value = 'Go on'; $('form').requestSubmit()")
+        lengths = []
+        while len(set(lengths)) < 3:
+            lengths.append(browser.js("document.querySelectorAll('.assistant')[1].textContent.length"))
+            time.sleep(0.02)
+        assert lengths == sorted(lengths) and browser.js("!$('stop').hidden")
+        browser.js("$('stop').click()")
+        browser.wait_for("document.body.dataset.state === 'idle'")
+        cut = browser.js("document.querySelectorAll('.assistant')[1].className")
+        assert "cut" in cut and 0 < browser.js("document.querySelectorAll('.assistant')[1].textContent.length") < 3500
+        assert browser.js("messages.length") == 4  # the stopped answer stays in the conversation
+        # a request the server refuses: its message, readable on the page
+        browser.js("$('temperature').value = 7; $('input').value = 'Hot?'; $('form').requestSubmit()")
+        browser.wait_for("document.querySelector('.error') !== null")
+        assert "temperature must be a number from 0 to 2" in browser.js("document.querySelector('.error').textContent")
+        png = base64.b64decode(browser.call("Page.captureScreenshot", format="png")["data"])
+        (tmp_path / "chat-page.png").write_bytes(png)
+        assert png.startswith(b"\x89PNG")
+        if os.environ.get("GPT2_SCREENSHOT"):  # where to keep a copy to look at
+            shutil.copy(tmp_path / "chat-page.png", os.environ["GPT2_SCREENSHOT"])
+        # a new chat clears the page and the conversation
+        browser.js("$('new').click()")
+        assert browser.js("messages.length") == 0 and browser.js("document.querySelectorAll('.msg').length") == 0
+    finally:
+        browser.close()
