@@ -74,7 +74,7 @@ DEFAULTS = dict(
         batch_size=8,          # texts per micro-batch (per process under torchrun)
         epochs=5,              # passes over the training texts; 0 = only evaluate the untrained classifier
         eval_freq=50,          # log losses and accuracies every this many steps
-        eval_iters=5,          # training batches per evaluation (the validation set is used whole)
+        eval_iters=5,          # batches of each split (training, validation) per evaluation
         seed=123,              # seeds balancing, the split, the new head, dropout and data order
     ),
 )

@@ -59,7 +59,7 @@ DEFAULTS = dict(
         lr=4e-4,
         min_lr=4e-5,
         eval_freq=5,
-        eval_iters=2,          # training batches per evaluation (the validation set is used whole)
+        eval_iters=2,          # batches of each split (training, validation) per evaluation
     ),
 )
 

@@ -139,7 +139,7 @@ TRAINING = dict(
     batch_size=8,              # examples per micro-batch (per process under torchrun)
     grad_accum_steps=1,        # micro-batches summed per optimizer step
     epochs=1,                  # passes over the training data
-    max_steps=0,               # stop after this many optimizer steps; 0 = off
+    max_steps=0,               # train exactly this many optimizer steps (as many epochs as that takes); 0 = --epochs
     lr=5e-5,                   # peak learning rate
     weight_decay=0.1,          # AdamW decoupled weight decay
     lr_schedule="constant",    # constant | cosine (cosine decays to min_lr after warmup)
