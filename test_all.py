@@ -1378,6 +1378,13 @@ def test_pretrain_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys, v
     assert got["tokens_per_step"] == 2 * 32 * 3
     assert got["steps_per_epoch"] == len(train_loader) // 3
     assert got["weights"] == 4 * M.count_parameters(model) and got["optimizer"] == 2 * got["gradients"]
+    # the time: timed steps of a throwaway model, times the plan's steps; the random stream is left as it was
+    assert "estimated time:" in text and got["seconds"] >= got["total_steps"] * 3 * got["step_s"] > 0
+    torch.manual_seed(5)
+    before = torch.rand(1)
+    torch.manual_seed(5)
+    trainer.estimate_time(model.cfg, cfg, 32, 10, torch.float32, torch.device("cpu"), steps=1)
+    assert torch.equal(torch.rand(1), before)
 
 
 def test_memory_estimate_scales_as_it_should():
