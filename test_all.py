@@ -1193,6 +1193,24 @@ def test_settings_helper_types_help_and_errors(capsys):
     assert "0 = greedy" in capsys.readouterr().out  # the comment beside the setting
 
 
+def test_weight_decay_on_matrices_only_leaves_biases_and_norms_alone():
+    model = tiny_model(tie_weights=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for decay in ("all", "matrices"):
+        model.load_state_dict(before)
+        opt = trainer.make_optimizer(model, 0.1, 0.5, torch.device("cpu"), decay=decay)
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)  # no gradient: only the decay moves a weight
+        opt.step()
+        after = model.state_dict()
+        moved = {k for k in after if not torch.equal(after[k], before[k])}
+        decayed = {k for k, v in before.items() if v.any() and (decay == "all" or v.dim() >= 2)}  # 0 stays 0
+        assert moved == decayed and any(v.dim() == 1 and v.any() for v in before.values()), decay
+        assert torch.allclose(after["tok_emb.weight"], before["tok_emb.weight"] * (1 - 0.1 * 0.5))
+    with pytest.raises(ValueError, match="'all' or 'matrices'"):
+        trainer.make_optimizer(model, 0.1, 0.5, torch.device("cpu"), decay="some")
+
+
 def test_lr_schedule():
     assert trainer.lr_at_step(0, 100, 1e-3, "constant") == 1e-3
     assert trainer.lr_at_step(0, 100, 1e-3, "cosine", warmup_steps=10) == pytest.approx(1e-4)

@@ -117,9 +117,17 @@ def lr_at_step(step, total_steps, lr, schedule="constant", warmup_steps=0, min_l
     return lr
 
 
-def make_optimizer(model, lr, weight_decay, device):
-    """AdamW over the trainable parameters; fused kernels where the device has them (much faster on CPU too)."""
+def make_optimizer(model, lr, weight_decay, device, decay="all"):
+    """AdamW over the trainable parameters; fused kernels where the device has them (much faster on CPU too).
+    decay="all" applies weight_decay to every parameter (the book's AdamW); "matrices" only to the weight matrices
+    and embeddings (2-D and up), not to biases or LayerNorm scales and shifts, which decay would pull toward 0
+    for no gain in generalization (nanoGPT's grouping)."""
     params = [p for p in model.parameters() if p.requires_grad]
+    if decay == "matrices":
+        params = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    elif decay != "all":
+        raise ValueError(f"decay must be 'all' or 'matrices', got {decay!r}")
     try:
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
     except (RuntimeError, TypeError):
