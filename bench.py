@@ -5,6 +5,7 @@
     python bench.py --bf16 on --compile on           # bf16 and compile entries even on a CPU without native bf16
     python bench.py --wait_idle 60                   # on a shared machine: time each run when the CPUs are idle
     python bench.py --corpus my_texts/               # the token cache and training on a corpus of your own
+    python bench.py --corpus my_texts/ --nanogpt ../nanoGPT/train.py   # time-to-loss: ours against nanoGPT's
 
 Numbers, never pass/fail: each is the median of --repeats runs (--steps for training). MFU is the model's FLOPs per
 second over the measured matmul ceiling of the dtype it trains in (fp32 or bf16), counting 6 FLOPs per matmul
@@ -60,6 +61,9 @@ DEFAULTS = dict(
     corpus="",                 # instead of the above: time the token cache and a tiny model's training on this
                                # file or folder (see corpus_bench); "" = off
     corpus_steps=200,          # --corpus: training steps of the tiny model (2 layers x 64, context 64, batch 2)
+    nanogpt="",                # with --corpus: race our pretrain.py against nanoGPT's train.py (this path; its
+                               # folder's model.py and configurator.py are copied beside it into a scratch folder)
+    race_s=180,                # --nanogpt: wall seconds each trainer gets (4 layers x 128, context 128, batch 16)
 )
 
 SIZES = [*MODEL_CONFIGS, "tiny"]
@@ -616,6 +620,90 @@ def corpus_bench(cfg):
     return {name: {"seconds": s, "peak_mib": p and p / 1024, "note": n} for name, (s, p, n) in rows.items()}
 
 
+# --nanogpt: time-to-loss against nanoGPT's train.py, the same model size on the same tokens for the same wall time
+
+RACE_MODEL = dict(n_layers=4, n_heads=4, emb_dim=128, context_length=128, batch_size=16)
+RACE_STEPS = 100_000  # the schedules' length: more than either reaches in the race, so both stay near peak lr
+
+
+def timed_evaluations(cmd, cwd, seconds, pattern):
+    """Run cmd for `seconds` of wall time (then stop it) -> [(seconds since start, val loss)] read from its output
+    lines matching pattern (a regex whose last group is the validation loss), each stamped when it was printed."""
+    import re
+    start, rows = time.perf_counter(), []
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    timer = __import__("threading").Timer(seconds, proc.terminate)
+    timer.start()
+    for line in proc.stdout:
+        m = re.search(pattern, line)
+        if m:
+            rows.append((time.perf_counter() - start, float(m.groups()[-1])))
+    proc.wait()
+    timer.cancel()
+    return rows
+
+
+def time_to(rows, loss):
+    """Seconds at the first evaluation at or below loss; None if never."""
+    return next((t for t, v in rows if v <= loss), None)
+
+
+def race_nanogpt(cfg):
+    """Train the same model size on the same tokens for the same wall time with our pretrain.py and with nanoGPT's
+    train.py (a copy in a scratch folder, reading the uint16 token files our cache's split writes), each at the
+    settings that suit a CPU; report each one's last validation loss and the time each took to reach the other's."""
+    import numpy as np
+    from data import split_point
+    work = tempfile.mkdtemp(prefix="bench-nanogpt-")
+    src = os.path.dirname(os.path.abspath(cfg["nanogpt"]))
+    for name in ("train.py", "model.py", "configurator.py"):
+        if not os.path.isfile(os.path.join(src, name)):
+            raise UserError(f"--nanogpt: no {name} beside {cfg['nanogpt']}: point it at nanoGPT's train.py")
+        shutil.copy(os.path.join(src, name), work)
+    cache = token_cache(cfg["corpus"], os.path.join(work, "cache"), progress=False)
+    split = split_point(cache, 0.9)
+    os.makedirs(os.path.join(work, "data", "ours"))
+    np.asarray(cache.tokens[:split], dtype=np.uint16).tofile(os.path.join(work, "data", "ours", "train.bin"))
+    np.asarray(cache.tokens[split:], dtype=np.uint16).tofile(os.path.join(work, "data", "ours", "val.bin"))
+    r, every, iters = RACE_MODEL, 25, 20
+    ours = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrain.py"),
+            "--data", cfg["corpus"], "--cache_dir", os.path.join(work, "cache"), "--out_dir", os.path.join(work, "o"),
+            "--n_layers", str(r["n_layers"]), "--n_heads", str(r["n_heads"]), "--emb_dim", str(r["emb_dim"]),
+            "--context_length", str(r["context_length"]), "--batch_size", str(r["batch_size"]), "--lr", "2e-3",
+            "--lr_schedule", "cosine", "--warmup_steps", "20", "--min_lr", "2e-4", "--grad_clip", "1.0",
+            "--max_steps", str(RACE_STEPS), "--epochs", "1000", "--windows", "random", "--eval_freq", str(every),
+            "--eval_iters", str(iters), "--tie_weights", "--drop_rate", "0", "--sample_prompt", "", "--quiet",
+            "--dtype", "float32", "--device", "cpu"]
+    theirs = [sys.executable, "train.py", "--dataset=ours", "--device=cpu", "--compile=False", "--dtype=float32",
+              f"--n_layer={r['n_layers']}", f"--n_head={r['n_heads']}", f"--n_embd={r['emb_dim']}",
+              f"--block_size={r['context_length']}", f"--batch_size={r['batch_size']}",
+              "--gradient_accumulation_steps=1", "--learning_rate=2e-3", "--min_lr=2e-4", "--warmup_iters=20",
+              f"--max_iters={RACE_STEPS}", f"--lr_decay_iters={RACE_STEPS}", f"--eval_interval={every}",
+              f"--eval_iters={iters}", "--dropout=0.0", "--bias=False", "--always_save_checkpoint=False",
+              "--log_interval=1000000"]
+    rows = {"ours": timed_evaluations(ours, work, cfg["race_s"], r"val_loss ([0-9.]+)"),
+            "nanoGPT": timed_evaluations(theirs, work, cfg["race_s"], r"^step (\d+):.*val loss ([0-9.]+)")}
+    shutil.rmtree(work, ignore_errors=True)
+    if not all(rows.values()):
+        raise UserError(f"--nanogpt: no evaluation within --race_s {cfg['race_s']} from "
+                        f"{' and '.join(k for k, v in rows.items() if not v)}: raise --race_s")
+    final = {k: v[-1][1] for k, v in rows.items()}
+    result = {k: {"val_loss": final[k], "evaluations": v, "seconds_to_other_final": time_to(v, final[other])}
+              for (k, v), other in zip(rows.items(), ("nanoGPT", "ours"))}
+    print(f"\n{cfg['corpus']}: {len(cache.tokens):,} tokens; {r['n_layers']} layers x {r['emb_dim']}, context "
+          f"{r['context_length']}, batch {r['batch_size']}, {cfg['race_s']} s each, {torch.get_num_threads()} threads, "
+          f"evaluation every {every} steps on {iters} batches (load average {load_average()})\n")
+    for k, v in result.items():
+        other = "nanoGPT" if k == "ours" else "ours"
+        t = v["seconds_to_other_final"]
+        print(f"{k:8} last val loss {v['val_loss']:.3f}; reached {other}'s {final[other]:.3f} "
+              + (f"after {t:.0f} s" if t is not None else "never"))
+    t = result["ours"]["seconds_to_other_final"]
+    if t is not None:
+        print(f"ours reached nanoGPT's final loss in {t / rows['nanoGPT'][-1][0]:.2f}x nanoGPT's time")
+    return result
+
 
 def main(argv=None):
     cfg = get_config(DEFAULTS, argv, __doc__, check=check_settings)
@@ -626,8 +714,11 @@ def main(argv=None):
     if device.type == "cpu":
         keep_freed_memory()  # as the training scripts do (trainer.wrap_model); it applies to transformers too
     check_output(cfg["json"] if cfg["json"] != "-" else "", "--json", cfg["force"])  # before the long work
+    if cfg["nanogpt"] and not cfg["corpus"]:
+        raise UserError("--nanogpt races on a corpus: add --corpus FILE_OR_FOLDER")
     if cfg["corpus"]:
-        result = {"corpus": cfg["corpus"], "settings": cfg, "results": corpus_bench(cfg)}
+        work = cfg["corpus"] and cfg["nanogpt"] and race_nanogpt(cfg)
+        result = {"corpus": cfg["corpus"], "settings": cfg, "results": work or corpus_bench(cfg)}
         if cfg["json"] == "-":
             print(json.dumps(result, indent=1))
         elif cfg["json"]:

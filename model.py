@@ -183,6 +183,9 @@ class GPTModel(nn.Module):
             # nn.Embedding's N(0, 1) start would make the first logits ~sqrt(emb_dim) wide (initial loss ~25 at 124M
             # instead of ln(50257) = 10.8); GPT-2 starts its embedding at std 0.02
             nn.init.normal_(self.tok_emb.weight, std=0.02)
+            # and its position table too: left at N(0, 1) it would be 50x the tokens in the blocks' input, so the
+            # model would see mostly position and stall near the loss of word frequencies alone
+            nn.init.normal_(self.pos_emb.weight, std=0.02)
 
     def forward(self, in_idx, kv_cache=None, last_only=False):
         """in_idx: (B, T) token ids -> logits (B, T, vocab_size). With a KVCache, T new tokens follow its contents.

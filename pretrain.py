@@ -135,7 +135,7 @@ def main(argv=None):
         train_loader, val_loader = make_loaders(load_cache(cfg), cfg)
         if cfg["dry_run"]:
             model_cfg = model_config(cfg) if cfg["init"] == "scratch" else build_model(cfg)[0].cfg
-            return print_dry_run(model_cfg, cfg, len(train_loader), dtype, device)
+            return print_dry_run(model_cfg, cfg, len(train_loader), dtype, device, time_steps=3)
         # with --fsdp the whole model stays in CPU memory; wrap_model moves only this process's shard to the GPU
         model, _ = build_model(cfg, torch.device("cpu") if cfg["fsdp"] and world_size() > 1 else device)
         if cfg["context_length"] > model.cfg["context_length"]:

@@ -505,6 +505,16 @@ def test_tied_model_from_scratch_starts_near_uniform_loss():
             assert abs(loss.item() - uniform) < 0.5, (width, loss.item())  # N(0, 1) embeddings: 7 above at width 32
 
 
+def test_tied_model_input_carries_the_tokens_as_loudly_as_the_positions():
+    # the blocks see tok_emb + pos_emb: a position table 50x the tokens (N(0, 1) beside GPT-2's 0.02) hides which
+    # token is where, and such a model stalls at the loss of word frequencies
+    for tie in (True, False):
+        model = tiny_model(tie_weights=tie, context_length=128, emb_dim=128)
+        tok = model.tok_emb.weight.norm(dim=1).mean().item()
+        pos = model.pos_emb.weight.norm(dim=1).mean().item()
+        assert 0.5 < tok / pos < 2, (tie, tok, pos)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Checkpoints: .pth save and load
 # ---------------------------------------------------------------------------------------------------------------
@@ -1180,6 +1190,24 @@ def test_settings_helper_types_help_and_errors(capsys):
     assert "0 = greedy" in capsys.readouterr().out  # the comment beside the setting
 
 
+def test_weight_decay_on_matrices_only_leaves_biases_and_norms_alone():
+    model = tiny_model(tie_weights=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for decay in ("all", "matrices"):
+        model.load_state_dict(before)
+        opt = trainer.make_optimizer(model, 0.1, 0.5, torch.device("cpu"), decay=decay)
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)  # no gradient: only the decay moves a weight
+        opt.step()
+        after = model.state_dict()
+        moved = {k for k in after if not torch.equal(after[k], before[k])}
+        decayed = {k for k, v in before.items() if v.any() and (decay == "all" or v.dim() >= 2)}  # 0 stays 0
+        assert moved == decayed and any(v.dim() == 1 and v.any() for v in before.values()), decay
+        assert torch.allclose(after["tok_emb.weight"], before["tok_emb.weight"] * (1 - 0.1 * 0.5))
+    with pytest.raises(ValueError, match="'all' or 'matrices'"):
+        trainer.make_optimizer(model, 0.1, 0.5, torch.device("cpu"), decay="some")
+
+
 def test_lr_schedule():
     assert trainer.lr_at_step(0, 100, 1e-3, "constant") == 1e-3
     assert trainer.lr_at_step(0, 100, 1e-3, "cosine", warmup_steps=10) == pytest.approx(1e-4)
@@ -1326,6 +1354,15 @@ def test_tie_weights_shares_the_embedding_through_training_and_checkpoints(tmp_p
     assert model.out_head.weight[0, 0] == model.tok_emb.weight[0, 0]
 
 
+def test_tied_and_untied_models_learn_real_text(tmp_path, verdict):
+    # a few dozen steps on the story: each loss must fall well below its start (10.8, every token equally likely)
+    for tie in ("true", "false"):
+        run_pretrain(verdict, tmp_path / tie, "--tie_weights", tie, "--max_steps", "30", "--lr", "3e-3",
+                     "--batch_size", "4", "--eval_freq", "30", "--seed", "1")
+        log = M.read_checkpoint(str(tmp_path / tie / trainer.TRAIN_STATE))["log"]
+        assert log[0]["train_loss"] > 9.5 and log[-1]["train_loss"] < log[0]["train_loss"] - 3, (tie, log)
+
+
 def test_grad_accum_equals_one_big_batch(tmp_path, verdict):
     big = run_pretrain(verdict, tmp_path / "big", "--batch_size", "4", "--max_steps", "3", "--lr", "1e-3")
     acc = run_pretrain(verdict, tmp_path / "acc", "--batch_size", "2", "--grad_accum_steps", "2", "--max_steps", "3",
@@ -1359,6 +1396,13 @@ def test_pretrain_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys, v
     assert got["tokens_per_step"] == 2 * 32 * 3
     assert got["steps_per_epoch"] == len(train_loader) // 3
     assert got["weights"] == 4 * M.count_parameters(model) and got["optimizer"] == 2 * got["gradients"]
+    # the time: timed steps of a throwaway model, times the plan's steps; the random stream is left as it was
+    assert "estimated time:" in text and got["seconds"] >= got["total_steps"] * 3 * got["step_s"] > 0
+    torch.manual_seed(5)
+    before = torch.rand(1)
+    torch.manual_seed(5)
+    trainer.estimate_time(model.cfg, cfg, 32, 10, torch.float32, torch.device("cpu"), steps=1)
+    assert torch.equal(torch.rand(1), before)
 
 
 def test_memory_estimate_scales_as_it_should():

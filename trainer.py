@@ -114,9 +114,17 @@ def lr_at_step(step, total_steps, lr, schedule="constant", warmup_steps=0, min_l
     return lr
 
 
-def make_optimizer(model, lr, weight_decay, device):
-    """AdamW over the trainable parameters; fused kernels where the device has them (much faster on CPU too)."""
+def make_optimizer(model, lr, weight_decay, device, decay="all"):
+    """AdamW over the trainable parameters; fused kernels where the device has them (much faster on CPU too).
+    decay="all" applies weight_decay to every parameter (the book's AdamW); "matrices" only to the weight matrices
+    and embeddings (2-D and up), not to biases or LayerNorm scales and shifts, which decay would pull toward 0
+    for no gain in generalization (nanoGPT's grouping)."""
     params = [p for p in model.parameters() if p.requires_grad]
+    if decay == "matrices":
+        params = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    elif decay != "all":
+        raise ValueError(f"decay must be 'all' or 'matrices', got {decay!r}")
     try:
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
     except (RuntimeError, TypeError):
@@ -1026,8 +1034,9 @@ def _size(n):
 
 
 def print_dry_run(model_cfg, cfg, train_batches, dtype, device=None, total_params=None, trainable_params=None,
-                  context_length=None, write=print, **estimate_kw):
-    """What --dry_run prints: parameters, estimated memory per process, tokens per step and steps per epoch.
+                  context_length=None, write=print, time_steps=0, **estimate_kw):
+    """What --dry_run prints: parameters, estimated memory per process, tokens per step and steps per epoch, and with
+    time_steps > 0 the run's estimated time from that many timed steps here (estimate_time).
 
     cfg supplies batch_size, grad_accum_steps, epochs, max_steps and fsdp; train_batches is len(train_loader) in one
     process; context_length defaults to cfg['context_length']; estimate_kw goes to estimate_memory (trainable_layers,
@@ -1057,8 +1066,53 @@ def print_dry_run(model_cfg, cfg, train_batches, dtype, device=None, total_param
     write(f"tokens per step {tokens_per_step:,} ({cfg['batch_size']} x {T} x {accum} micro-batches x {world} "
           f"process{'es' if world > 1 else ''}), {steps_per_epoch} steps per epoch, {total_steps} steps in all; "
           f"nothing trained or written (--dry_run)")
-    return {**est, "total_params": total_params, "trainable_params": trainable, "tokens_per_step": tokens_per_step,
+    plan = {**est, "total_params": total_params, "trainable_params": trainable, "tokens_per_step": tokens_per_step,
             "steps_per_epoch": steps_per_epoch, "total_steps": total_steps}
+    if time_steps:
+        plan.update(estimate_time(model_cfg, cfg, T, total_steps, dtype, device, time_steps))
+        write(f"estimated time: {_duration(plan['seconds'])} ({plan['step_s']:.3g} s per micro-batch step, timed "
+              f"over {time_steps} steps of a throwaway copy of the model here, and {plan['evals']} evaluations)")
+    return plan
+
+
+def estimate_time(model_cfg, cfg, context_length, total_steps, dtype, device, steps=3):
+    """Seconds a run of total_steps would take here, from `steps` timed training steps (forward, backward, AdamW) of
+    a freshly built model on random tokens, after one untimed step, plus the forward passes of its evaluations
+    (2 x eval_iters batches every eval_freq steps). The global random state is left as it was."""
+    B, T, accum = cfg["batch_size"], context_length, cfg.get("grad_accum_steps", 1)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        model = GPTModel({**model_cfg, "context_length": max(T, model_cfg["context_length"])}).to(device)
+        optimizer = make_optimizer(model, 1e-4, 0.0, device)
+        x = torch.randint(0, model_cfg["vocab_size"], (B, T + 1), device=device)
+        if device.type == "cpu":
+            keep_freed_memory()  # as the training loop does
+        times = []
+        for _ in range(steps + 1):  # the first step warms allocators and kernels up
+            sync()
+            start = time.perf_counter()
+            with autocast(device, dtype):
+                loss = F.cross_entropy(model(x[:, :-1]).flatten(0, 1).float(), x[:, 1:].flatten())
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            sync()
+            times.append(time.perf_counter() - start)
+        model.eval()
+        with torch.no_grad(), autocast(device, dtype):
+            start = time.perf_counter()
+            model(x[:, :-1])
+            sync()
+            forward_s = time.perf_counter() - start
+    step_s = sorted(times[1:])[len(times[1:]) // 2]  # the median: robust to one step slowed by a neighbour
+    evals = total_steps // max(1, cfg.get("eval_freq", total_steps or 1)) + 1
+    seconds = total_steps * accum * step_s + evals * 2 * cfg.get("eval_iters", 1) * forward_s
+    return {"seconds": seconds, "step_s": step_s, "evals": evals}
+
+
+def _duration(seconds):
+    return (f"{seconds / 3600:.1f} h" if seconds >= 5400 else f"{seconds / 60:.0f} min" if seconds >= 90 else
+            f"{seconds:.0f} s")
 
 
 def _shape(model_cfg):
