@@ -243,6 +243,8 @@ def safe_pieces(blocks, size=None, on_forced_cut=None, longest=None):
             # search only what was not searched in vain before (from a little earlier: a <|endoftext|> may end there)
             cut = safe_cut(text, max(pos, barren - len(EOT_TEXT)), pos + reach)
             if not cut and reach >= longest:
+                if len(text) < pos + size + len(EOT_TEXT):
+                    break  # read on: an <|endoftext|> around the cut must be seen whole
                 barren = max(barren, pos + reach)
                 cut = _outside_eot(text, pos + size)
                 if on_forced_cut is not None:
@@ -559,7 +561,8 @@ def _build_cache(root, files, bin_path, meta_path, text_field, progress):
         raise
     meta = cache_meta(root, text_field, entries)
     assert os.path.getsize(bin_path) == 2 * meta["n_tokens"]
-    write_json(meta_path, with_checksum(meta))
+    meta = with_checksum(meta)
+    write_json(meta_path, meta)
     return meta
 
 
@@ -576,7 +579,8 @@ def _extend_cache(root, meta, added, bin_path, meta_path, progress):
         os.fsync(out.fileno())
     meta = cache_meta(root, meta["text_field"], meta["files"] + entries)
     assert os.path.getsize(bin_path) == 2 * meta["n_tokens"]
-    write_json(meta_path, with_checksum(meta))
+    meta = with_checksum(meta)
+    write_json(meta_path, meta)
     return meta
 
 
@@ -1192,7 +1196,7 @@ def download(url, path, sha256=None, retries=3, timeout=30, desc=None, progress=
                     total = int(r.headers.get("content-length", 0)) + have
                     if total > max_bytes:
                         raise _TooBig(f"{url} announces {total:,} bytes, over the {max_bytes:,}-byte cap for this "
-                                      f"file: check the URL or mirror")
+                                      f"file")
                     # keep the bytes of a transfer cut short (urllib3 would drop them); we check the length below
                     r.raw.enforce_content_length = False
                     with _open_part(part, have, by_hand) as f, tqdm(
@@ -1214,7 +1218,7 @@ def download(url, path, sha256=None, retries=3, timeout=30, desc=None, progress=
         except _TooBig as e:
             with contextlib.suppress(OSError):
                 os.remove(part)
-            raise DownloadError(f"{e}; nothing was kept; or {by_hand}") from None
+            raise DownloadError(f"{e}; nothing was kept: check the URL or mirror, or {by_hand}") from None
         except DownloadError:
             raise
         except (requests.RequestException, OSError) as e:
@@ -1694,8 +1698,8 @@ def read_labelled_csv(path, text_column="Text", label_column="Label"):
         found = [c for c in (reader.fieldnames or []) if c is not None]
         twice = sorted({c for c in found if found.count(c) > 1})
         if twice:  # DictReader would keep the last of them without a word
-            raise UserError(f"{path} names the column(s) {', '.join(map(repr, twice))} more than once in its header: "
-                            f"rename them so that each column has its own name")
+            raise UserError(f"{path} names the column(s) {', '.join(map(repr, twice))} more than once in its "
+                            f"header: rename them so that each column has its own name")
         missing = [c for c in (text_column, label_column) if c not in found]
         if missing:
             raise UserError(f"{path} has no column {', '.join(map(repr, missing))} (columns found: "
