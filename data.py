@@ -23,6 +23,8 @@ import mmap
 import os
 import random
 import re
+import secrets
+import shutil
 import stat
 import sys
 import time
@@ -35,6 +37,7 @@ import numpy as np
 import requests
 import tiktoken
 import torch
+import urllib3
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
@@ -118,8 +121,7 @@ def read_text_file(path, flag="--data"):
         raise UserError(f"no file at {path}: check {flag}")
     if os.path.isdir(path):
         raise UserError(f"{flag} {path} is a folder: pass a text file")
-    if not os.path.isfile(path):
-        raise UserError(f"{flag} {path} is not a regular file (a pipe, socket or device): pass a text file")
+    check_input(path, flag)
     try:
         with open(path, "rb") as f:
             raw = f.read()
@@ -172,10 +174,11 @@ def load_text(path):
 # ids with a JSON description beside it, memory-mapped on every later start; windows over the ids for training
 # ---------------------------------------------------------------------------------------------------------------
 
-CACHE_FORMAT = 2                              # bump when the token file or its metadata changes meaning
+CACHE_FORMAT = 3                              # bump when the token file or its metadata changes meaning
 CORPUS_SUFFIXES = (".txt", ".md", ".jsonl")   # what a --data folder is searched for
 READ_BYTES = 1 << 20                          # bytes read from a source file at a time
 PIECE_CHARS = 1 << 20                         # characters per tokenizer call (more only where no safe cut comes)
+MAX_PIECE_CHARS = 4 << 20                     # a piece never grows past this looking for a safe cut (memory)
 TOKENIZER_THREADS = None                      # threads tokenizing at once; None = every core this process may use
 INDEX_TOKENS = 1 << 20                        # tokens between the (token, character) marks a file's entry keeps
 EOT_TEXT = "<|endoftext|>"                    # the separator between documents, as text
@@ -219,12 +222,17 @@ def safe_cut(text, start=0, end=None):
     return cut
 
 
-def safe_pieces(blocks, size=None):
+def safe_pieces(blocks, size=None, on_forced_cut=None, longest=None):
     """Text blocks (a file read in parts) -> pieces of at most `size` characters, cut only where safe_cut allows,
     so that tokenizing the pieces one by one gives the tokens of the whole text. Where no safe cut lies within
-    `size` characters, the piece grows until one comes."""
+    `size` characters, the piece grows until one comes, up to `longest` (MAX_PIECE_CHARS) characters; text
+    with no safe cut even that far (one giant "word") is cut after `size` characters anyway (never inside an
+    <|endoftext|>), so memory stays bounded: the tokens at such a cut may differ from the whole text's, and
+    on_forced_cut() is called at each one."""
     size = size or PIECE_CHARS
+    longest = max(longest or MAX_PIECE_CHARS, size)
     parts, held, reach = [], 0, size  # reach: how far to look for a cut
+    barren = 0  # no safe cut lies before this position of the joined text (so it is not searched again)
     for block in blocks:
         parts.append(block)
         held += len(block)
@@ -232,16 +240,30 @@ def safe_pieces(blocks, size=None):
             continue
         text, pos = "".join(parts), 0
         while len(text) - pos > reach:
-            cut = safe_cut(text, pos, pos + reach)
+            # search only what was not searched in vain before (from a little earlier: a <|endoftext|> may end there)
+            cut = safe_cut(text, max(pos, barren - len(EOT_TEXT)), pos + reach)
+            if not cut and reach >= longest:
+                if len(text) < pos + size + len(EOT_TEXT):
+                    break  # read on: an <|endoftext|> around the cut must be seen whole
+                barren = max(barren, pos + reach)
+                cut = _outside_eot(text, pos + size)
+                if on_forced_cut is not None:
+                    on_forced_cut()
             if cut:
                 yield text[pos:cut]
                 pos, reach = cut, size
             else:
-                reach *= 2
-        parts, held = [text[pos:]], len(text) - pos
+                reach = min(2 * reach, longest)
+        parts, held, barren = [text[pos:]], len(text) - pos, max(barren - pos, 0)
     text = "".join(parts)
     if text:
         yield text
+
+
+def _outside_eot(text, cut):
+    """cut, or the end of an <|endoftext|> that it would split."""
+    start = text.find(EOT_TEXT, max(cut - len(EOT_TEXT) + 1, 0), cut + len(EOT_TEXT) - 1)
+    return start + len(EOT_TEXT) if 0 <= start < cut else cut
 
 
 def _open_source(path):
@@ -325,8 +347,8 @@ def record_text(line, path, line_no, text_field):
 
 def corpus_files(data_path):
     """(root, files): the absolute path of a corpus and its files, each a dict of path (relative to a folder,
-    "/"-separated; a file's own name), size and mtime_ns. A folder is searched recursively for .txt, .md and .jsonl
-    files, skipping hidden names and not following links to folders, and sorted by relative path. Entries that
+    "/"-separated; a file's own name) and its stat (STAT_KEYS). A folder is searched recursively for .txt, .md and
+    .jsonl files, skipping hidden names and not following links to folders, and sorted by relative path. Entries that
     cannot be read (FIFOs, sockets, broken links, no permission) are skipped with a note each; they are never
     opened, so a FIFO cannot block."""
     root = os.path.abspath(data_path)
@@ -373,16 +395,20 @@ def _unreadable(path):
     except OSError as e:
         return ("a broken link" if os.path.islink(path) else e.strerror), None
     if not stat.S_ISREG(st.st_mode):
-        kind = ("a FIFO" if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode)
-                else "a folder" if stat.S_ISDIR(st.st_mode) else "a device")
-        return f"{kind}, not a regular file", st
+        return f"{_kind(st)}, not a regular file", st
     if not os.access(path, os.R_OK):
-        return "permission denied", st
+        return "permission denied (check its permissions)", st
     return None, st
 
 
+# What a cache compares to tell that a source changed, as git does: size and mtime, and the inode number and ctime,
+# which a file replaced by another of the same size and mtime (cp -p, tar -x, rsync -t) does not keep
+STAT_KEYS = ("size", "mtime_ns", "ctime_ns", "ino")
+
+
 def _file_entry(rel, st):
-    return {"path": rel, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return {"path": rel, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns,
+            "ino": st.st_ino}
 
 
 def cache_paths(data_path, cache_dir=None):
@@ -443,7 +469,7 @@ def _cached_or_built(data_path, root, files, bin_path, meta_path, text_field, pr
 
 
 def cache_meta(root, text_field, files):
-    """The metadata of a token cache. files: per source file its path, size, mtime_ns, the offset and count of
+    """The metadata of a token cache. files: per source file its path, stat (STAT_KEYS), the offset and count of
     its tokens (the <|endoftext|> before a file belongs to neither file), its characters, and an index of
     [token, character] marks within it, about every INDEX_TOKENS tokens (split_point starts counting there)."""
     return {"format": CACHE_FORMAT, "tokenizer": "gpt2", "n_vocab": GPT2_N_VOCAB, "separator_id": EOT_ID,
@@ -453,7 +479,11 @@ def cache_meta(root, text_field, files):
 
 def committed_meta(bin_path, meta_path, root, text_field):
     """The metadata of a complete cache of root at these paths, or None (no cache, an unfinished or foreign one).
-    Tokens beyond the count in the metadata (an extension that was killed) are cut off the token file."""
+    Tokens beyond the count in the metadata (an extension that was killed) are cut off the token file. A link in
+    place of either file is not a cache of ours (nothing is written through it)."""
+    if os.path.islink(bin_path) or os.path.islink(meta_path):
+        note(f"the token cache {bin_path} or its metadata is a link: building it again")
+        return None
     try:
         with open(meta_path, encoding="utf-8") as f:
             meta = json.load(f)
@@ -467,8 +497,10 @@ def committed_meta(bin_path, meta_path, root, text_field):
     if not isinstance(meta, dict) or any(meta.get(k) != v for k, v in fixed.items()):
         return None  # another format, tokenizer, source or text field
     files = meta.get("files")
-    consistent = (type(meta.get("n_tokens")) is int and isinstance(files, list) and all(map(_cached_entry_ok, files))
-                  and meta["n_tokens"] == cache_meta(root, text_field, files)["n_tokens"])
+    consistent = (meta.get("checksum") == with_checksum(meta)["checksum"] and type(meta.get("n_tokens")) is int
+                  and isinstance(files, list) and all(map(_cached_entry_ok, files))
+                  and meta["n_tokens"] == cache_meta(root, text_field, files)["n_tokens"]
+                  and [f["offset"] for f in files] == _offsets(files))
     if not consistent:
         note(f"the token cache {meta_path} does not add up: building it again")
         return None
@@ -480,29 +512,45 @@ def committed_meta(bin_path, meta_path, root, text_field):
     return meta
 
 
+def with_checksum(meta):
+    """meta with its "checksum": the sha256 of the rest, so that metadata edited by hand is rebuilt, not trusted."""
+    rest = {k: v for k, v in meta.items() if k != "checksum"}
+    text = json.dumps(rest, sort_keys=True, ensure_ascii=False)
+    return {**rest, "checksum": hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()}
+
+
+def _offsets(files):
+    """Where each file's tokens start: after the tokens of the files before it and one separator each."""
+    offsets, position = [], 0
+    for f in files:
+        offsets.append(position)
+        position += f["n_tokens"] + 1
+    return offsets
+
+
 def _cached_entry_ok(f):
     """Whether one file's entry in the metadata has every field, of the right type (it may have been edited)."""
     return (isinstance(f, dict) and isinstance(f.get("path"), str)
-            and all(type(f.get(k)) is int for k in ("size", "mtime_ns", "offset", "n_tokens", "n_chars"))
+            and all(type(f.get(k)) is int for k in (*STAT_KEYS, "offset", "n_tokens", "n_chars"))
             and isinstance(f.get("index"), list)
             and all(isinstance(m, list) and len(m) == 2 and all(type(x) is int for x in m) for m in f["index"]))
 
 
 def changed_files(cached, files):
-    """Paths of the cached files that are gone or whose size or modification time changed."""
-    now = {f["path"]: (f["size"], f["mtime_ns"]) for f in files}
-    return [f["path"] for f in cached if now.get(f["path"]) != (f["size"], f["mtime_ns"])]
+    """Paths of the cached files that are gone or whose stat (STAT_KEYS) changed."""
+    now = {f["path"]: [f[k] for k in STAT_KEYS] for f in files}
+    return [f["path"] for f in cached if now.get(f["path"]) != [f[k] for k in STAT_KEYS]]
 
 
 def _build_cache(root, files, bin_path, meta_path, text_field, progress):
     """Tokenize files into a new cache (see token_cache); returns its metadata."""
     for path in [meta_path, bin_path]:
-        if os.path.exists(path):  # the metadata first: it must not vouch for what comes next
+        if os.path.lexists(path):  # the metadata first: it must not vouch for what comes next
             os.remove(path)
     _remove_leftovers(bin_path, meta_path)
-    tmp = f"{bin_path}.{os.getpid()}.tmp"
+    fd, tmp = new_temp_file(bin_path)
     try:
-        with open(tmp, "wb") as out:
+        with open(fd, "wb") as out:
             entries = tokenize_files(root, files, out, text_field, progress)
             out.flush()
             os.fsync(out.fileno())
@@ -513,6 +561,7 @@ def _build_cache(root, files, bin_path, meta_path, text_field, progress):
         raise
     meta = cache_meta(root, text_field, entries)
     assert os.path.getsize(bin_path) == 2 * meta["n_tokens"]
+    meta = with_checksum(meta)
     write_json(meta_path, meta)
     return meta
 
@@ -522,7 +571,7 @@ def _extend_cache(root, meta, added, bin_path, meta_path, progress):
     holds and committed_meta cuts the partial tokens off."""
     note(f"{len(added)} file(s) added since the token cache was built: tokenizing them")
     _remove_leftovers(bin_path, meta_path)
-    with open(bin_path, "r+b") as out:
+    with open(os.open(bin_path, os.O_RDWR | _NOFOLLOW | _CLOEXEC), "r+b") as out:  # never through a link
         out.seek(2 * meta["n_tokens"])
         entries = tokenize_files(root, added, out, meta["text_field"], progress, offset=meta["n_tokens"],
                                  after=True)
@@ -530,6 +579,7 @@ def _extend_cache(root, meta, added, bin_path, meta_path, progress):
         os.fsync(out.fileno())
     meta = cache_meta(root, meta["text_field"], meta["files"] + entries)
     assert os.path.getsize(bin_path) == 2 * meta["n_tokens"]
+    meta = with_checksum(meta)
     write_json(meta_path, meta)
     return meta
 
@@ -555,6 +605,14 @@ def tokenize_files(root, files, out, text_field, progress, offset=0, after=False
     separator = np.array([EOT_ID], dtype=np.uint16)
     name = os.path.basename(root)
     start = time.time()
+    told = []
+
+    def forced(path):  # said once per call: a corpus of such files would otherwise say it for every file
+        if not told:
+            told.append(path)
+            note(f"{path} holds over {MAX_PIECE_CHARS:,} characters with no place where GPT-2's "
+                 f"tokenizer splits text (no space, digit or punctuation): such text is cut every {PIECE_CHARS:,} "
+                 f"characters to bound memory, and the few tokens at each cut may differ from the whole text's")
 
     def write_oldest():
         entry, chars, ids = waiting.popleft()
@@ -578,7 +636,7 @@ def tokenize_files(root, files, out, text_field, progress, offset=0, after=False
             path = os.path.join(root, f["path"]) if os.path.isdir(root) else root
             blocks = (jsonl_blocks(path, text_field, bar) if path.lower().endswith(".jsonl")
                       else text_file_blocks(path, bar))
-            for piece in safe_pieces(blocks):
+            for piece in safe_pieces(blocks, on_forced_cut=lambda path=path: forced(path)):
                 waiting.append((entry, len(piece), pool.submit(piece_ids, tokenizer, piece)))
                 while len(waiting) > 2 * threads:
                     write_oldest()
@@ -613,7 +671,7 @@ def _exclusive_lock(path):
     """Hold an exclusive lock on path: one process builds a cache, the others wait for it. Without fcntl (Windows),
     or in a folder this process cannot write (a cache there can only be read), it goes without."""
     try:
-        f = open(path, "a")
+        f = open_lock(path)
     except OSError as e:
         if e.errno not in (errno.EACCES, errno.EROFS, errno.EPERM):
             raise
@@ -780,17 +838,114 @@ def _mix64(x):
 # ---------------------------------------------------------------------------------------------------------------
 
 TMP_SUFFIX = ".tmp"
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)   # Windows has no links to follow here
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+_STALE_TMP = re.compile(r".+\.(\d+)(?:\.[0-9a-f]{16})?" + re.escape(TMP_SUFFIX))  # NAME.PID[.RANDOM].tmp
 
 
-def atomic_write(path, write, mode="wb"):
+def new_temp_file(path):
+    """(fd, name) of a new empty file beside path, NAME.PID.RANDOM.tmp, opened for writing. It is created exclusively
+    (O_EXCL: never through a link planted there, never over a file that exists), under a name nobody can predict,
+    with the permissions of any new file (the umask); the PID in the name lets remove_stale_tmp tell a killed
+    writer's file from a live one's."""
+    folder, base = os.path.split(os.path.abspath(path))
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        tmp = os.path.join(folder, f"{base}.{os.getpid()}.{secrets.token_hex(8)}{TMP_SUFFIX}")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary name", path)
+
+
+def new_temp_dir(path):
+    """A new empty folder beside path, NAME.PID.RANDOM.tmp, created exclusively (mkdir fails on anything already
+    there, a link included), with the permissions of any new folder (the umask). Returns its path."""
+    folder, base = os.path.split(os.path.abspath(path))
+    for _ in range(100):
+        tmp = os.path.join(folder, f"{base}.{os.getpid()}.{secrets.token_hex(8)}{TMP_SUFFIX}")
+        try:
+            os.mkdir(tmp, 0o777)
+            return tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary name", path)
+
+
+def remove_stale_temp_dirs(path):
+    """Delete the folders new_temp_dir(path) made for processes that are gone (killed midway)."""
+    folder, base = os.path.split(os.path.abspath(path))
+    pattern = re.compile(re.escape(base) + r"\.(\d+)\.[0-9a-f]{16}" + re.escape(TMP_SUFFIX))
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        m = pattern.fullmatch(name)
+        full = os.path.join(folder, name)
+        if m and not _process_alive(int(m.group(1))) and os.path.isdir(full) and not os.path.islink(full):
+            shutil.rmtree(full, ignore_errors=True)
+
+
+def open_lock(path):
+    """The lock file at path opened for reading and writing (created if missing), for fcntl.flock. It is never
+    opened through a link, never truncated on opening, and must be a regular file with no other name (a hard link
+    to a file elsewhere): anything else is a UserError, so a planted link or pipe can neither be written through
+    nor block."""
+    why = None
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | _NOFOLLOW | _NONBLOCK | _CLOEXEC, 0o666)
+    except OSError as e:
+        if e.errno == errno.ELOOP or os.path.islink(path):
+            why = "a symbolic link"
+        elif e.errno == errno.EISDIR:
+            why = "a folder"
+        else:
+            raise
+    else:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            why = f"{_kind(st)}, not a regular file"
+        elif st.st_nlink != 1:
+            why = f"a file with {st.st_nlink} names (a hard link to a file elsewhere)"
+        if why:
+            os.close(fd)
+        else:
+            return os.fdopen(fd, "r+", encoding="utf-8")
+    raise UserError(f"the lock file {path} is {why}: a lock file is made by this project; delete it and rerun")
+
+
+def _kind(st):
+    """What a stat result that is not a regular file is, in words."""
+    return ("a FIFO" if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode)
+            else "a folder" if stat.S_ISDIR(st.st_mode) else "a device" if stat.S_ISCHR(st.st_mode)
+            or stat.S_ISBLK(st.st_mode) else "not a regular file")
+
+
+def check_input(path, flag="input"):
+    """Refuse, with one line naming flag, an input that is missing or is not a regular file this process may read
+    (a folder, a FIFO, a socket, a device, a broken link, no permission); FIFOs are never opened. Returns path."""
+    if not os.path.lexists(path):
+        raise UserError(f"no file at {path}: check {flag}")
+    why, _ = _unreadable(path)
+    if why:
+        raise UserError(f"cannot read {flag} {path}: it is {why}" if why.startswith("a ") else
+                        f"cannot read {flag} {path}: {why}")
+    return path
+
+
+
+
+def atomic_write(path, write, mode="wb", exclusive=False):
     """Write path all at once or not at all; returns path.
 
-    write(f) fills a temporary file beside path (named NAME.PID.tmp), which is flushed to disk and renamed over path,
-    so a crash or a full disk never leaves half a file and any earlier file at path stays whole until the rename.
-    The file gets the permissions of any new file (the umask). An OSError becomes a UserError that says what to do.
+    write(f) fills a new temporary file beside path (new_temp_file: created exclusively under a name nobody can
+    predict, so a link planted beside path is never written through), which is flushed to disk and renamed over
+    path, so a crash or a full disk never leaves half a file and any earlier file at path stays whole until the
+    rename. The file gets the permissions of any new file (the umask). An OSError becomes a UserError that says
+    what to do. exclusive: the file must not exist when it is put in place (another command that wrote it
+    meanwhile is not overwritten): a UserError says so and the new file is dropped.
     """
     folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f"{os.path.basename(path)}.{os.getpid()}{TMP_SUFFIX}")
+    tmp = None
     try:
         if os.path.isdir(path):
             raise IsADirectoryError(errno.EISDIR, "is a folder", path)
@@ -798,21 +953,45 @@ def atomic_write(path, write, mode="wb"):
             raise UserError(f"could not write {path}: it is not a regular file (a pipe, a device or a broken "
                             f"link): choose another path")
         os.makedirs(folder, exist_ok=True)
-        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": ""})) as f:
+        fd, tmp = new_temp_file(path)
+        with open(fd, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": ""})) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if exclusive:
+            _link_exclusively(tmp, path)
+        else:
+            os.replace(tmp, path)
     except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
         # torch's zip writer reports an OSError as a RuntimeError raised while handling it: look one exception back
         err = e if isinstance(e, OSError) else e.__context__ if isinstance(e.__context__, OSError) else None
-        if err is None:
+        if err is None or isinstance(e, UserError):
             raise
         raise UserError(f"could not write {path}: {write_error_advice(path, err)}; any earlier file at that path "
                         f"is untouched") from None
     return path
+
+
+def _link_exclusively(tmp, path):
+    """Put the finished file tmp at path only if nothing is there (a hard link fails when path exists), then drop
+    the temporary name; where the file system has no hard links, a check just before the rename."""
+    try:
+        os.link(tmp, path, follow_symlinks=False)
+    except FileExistsError:
+        raise UserError(f"{path} was written by another command while this one ran: pass --force to replace it, "
+                        f"or choose another path") from None
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK, errno.ENOSYS):
+            raise
+        if os.path.lexists(path):
+            raise UserError(f"{path} was written by another command while this one ran: pass --force to replace "
+                            f"it, or choose another path") from None
+        os.replace(tmp, path)
+        return
+    os.remove(tmp)
 
 
 def write_error_advice(path, err):
@@ -852,9 +1031,9 @@ def check_parent(path, flag):
     return path
 
 
-def save_pth(path, obj):
-    """torch.save(obj) to path, atomically."""
-    return atomic_write(path, lambda f: torch.save(obj, f))
+def save_pth(path, obj, exclusive=False):
+    """torch.save(obj) to path, atomically (exclusive: see atomic_write)."""
+    return atomic_write(path, lambda f: torch.save(obj, f), exclusive=exclusive)
 
 
 def write_json(path, obj):
@@ -873,12 +1052,13 @@ def append_text(path, text):
 
 
 def remove_stale_tmp(folder):
-    """Delete the temporary files atomic_write left in folder when its process was killed (their PID is gone)."""
+    """Delete the temporary files atomic_write left in folder when its process was killed (NAME.PID.RANDOM.tmp, or
+    NAME.PID.tmp from older versions, whose PID is gone); a live writer's file is kept."""
     if not os.path.isdir(folder):
         return []
     removed = []
     for name in os.listdir(folder):
-        m = re.fullmatch(r".+\.(\d+)" + re.escape(TMP_SUFFIX), name)
+        m = _STALE_TMP.fullmatch(name)
         if m and not _process_alive(int(m.group(1))):
             with contextlib.suppress(OSError):
                 os.remove(os.path.join(folder, name))
@@ -984,19 +1164,39 @@ def sha256_of(path, chunk=1 << 20):
     return h.hexdigest()
 
 
-def download(url, path, sha256=None, retries=3, timeout=30, desc=None, progress=True):
+DOWNLOAD_STALL_S = 60                # seconds: a download that brings under DOWNLOAD_MIN_BYTES in that long stalled
+DOWNLOAD_MIN_BYTES = 64 << 10        # bytes each DOWNLOAD_STALL_S must bring (a trickle of bytes is a stall too)
+DOWNLOAD_DEADLINE_S = 12 * 3600      # seconds one download may take in all, its retries included
+DOWNLOAD_MAX_BYTES = 100 << 20       # size cap of a download that names none (the corpora and the SMS zip)
+JSON_MAX_BYTES = 1 << 20             # size cap of a downloaded JSON file (config.json)
+
+
+class _TooBig(DownloadError):
+    pass
+
+
+def download(url, path, sha256=None, retries=3, timeout=30, desc=None, progress=True, max_bytes=None,
+             stall_s=None, deadline_s=None):
     """Fetch url to path: streamed with a tqdm bar into path + '.part', resumed with an HTTP Range request when a
     partial file exists, checked against sha256, then renamed into place. Raises DownloadError naming the URL and
-    the path where the file can be placed by hand."""
+    the path where the file can be placed by hand.
+
+    Bounded: at most max_bytes (DOWNLOAD_MAX_BYTES if None; a server that announces a larger size, or sends more,
+    is refused), a stall when a window of stall_s seconds (DOWNLOAD_STALL_S) brings under DOWNLOAD_MIN_BYTES, and
+    deadline_s (DOWNLOAD_DEADLINE_S) in all; the error says which bound was hit. The .part file is never opened
+    through a link, and a link, pipe or folder there is refused."""
     make_folder(os.path.dirname(os.path.abspath(path)), f"the download of {url}")
     part = path + ".part"
     by_hand = f"download {url} yourself and place it at {path}"
+    max_bytes = max_bytes or DOWNLOAD_MAX_BYTES
+    stall_s = stall_s or DOWNLOAD_STALL_S
+    deadline = time.monotonic() + (deadline_s or DOWNLOAD_DEADLINE_S)
     last = None
     for attempt in range(1, retries + 1):
         try:
-            have = os.path.getsize(part) if os.path.exists(part) else 0
+            have = _part_size(part, by_hand)
             headers = {"Range": f"bytes={have}-"} if have else {}
-            with requests.get(url, stream=True, timeout=timeout, headers=headers) as r:
+            with requests.get(url, stream=True, timeout=(timeout, min(timeout, stall_s)), headers=headers) as r:
                 if r.status_code == 416:  # the .part file is already complete (or bigger than the file)
                     r.close()
                 else:
@@ -1004,14 +1204,16 @@ def download(url, path, sha256=None, retries=3, timeout=30, desc=None, progress=
                     if have and r.status_code != 206:
                         have = 0  # server ignored the Range header: start over
                     total = int(r.headers.get("content-length", 0)) + have
+                    if total > max_bytes:
+                        raise _TooBig(f"{url} announces {total:,} bytes, over the {max_bytes:,}-byte cap for this "
+                                      f"file")
                     # keep the bytes of a transfer cut short (urllib3 would drop them); we check the length below
                     r.raw.enforce_content_length = False
-                    with open(part, "ab" if have else "wb") as f, tqdm(
+                    with _open_part(part, have, by_hand) as f, tqdm(
                             total=total or None, initial=have, unit="B", unit_scale=True, unit_divisor=1024,
                             desc=desc or os.path.basename(path), disable=not progress, leave=False) as bar:
-                        for block in r.iter_content(1 << 16):
-                            f.write(block)
-                            bar.update(len(block))
+                        _stream(r, f, bar, have, min(total or max_bytes, max_bytes), url, stall_s,
+                                (deadline, deadline_s or DOWNLOAD_DEADLINE_S))
                     got = os.path.getsize(part)
                     if total and got < total:
                         raise IOError(f"connection closed after {got} of {total} bytes")
@@ -1023,12 +1225,18 @@ def download(url, path, sha256=None, retries=3, timeout=30, desc=None, progress=
                                         f"{sha256[:12]}...); the partial file was deleted; rerun, or {by_hand}")
             os.replace(part, path)
             return path
+        except _TooBig as e:
+            with contextlib.suppress(OSError):
+                os.remove(part)
+            raise DownloadError(f"{e}; nothing was kept: check the URL or mirror, or {by_hand}") from None
         except DownloadError:
             raise
         except (requests.RequestException, OSError) as e:
             last = e
             if isinstance(e, requests.HTTPError) and e.response is not None and e.response.status_code < 500:
                 break  # 404 and friends will not change on retry
+            if time.monotonic() >= deadline:
+                break
             if attempt < retries:
                 time.sleep(min(2 ** attempt, 10) * 0.25)
     reason = type(last).__name__ if last is not None else "unknown error"
@@ -1039,14 +1247,74 @@ def download(url, path, sha256=None, retries=3, timeout=30, desc=None, progress=
     raise DownloadError(f"could not download {url} ({reason}); rerun to resume, or {by_hand}")
 
 
+def _stream(r, f, bar, have, cap, url, stall_s, deadline):
+    """Copy the body of response r into f until it ends, refusing more than cap bytes in all, a window of stall_s
+    seconds with under DOWNLOAD_MIN_BYTES, and deadline: (its time.monotonic(), its length in seconds)."""
+    read = getattr(r.raw, "read1", None)  # urllib3 >= 2: returns what has come, so a trickle is seen as it comes
+    blocks = iter(lambda: read(1 << 16, decode_content=True), b"") if read else r.iter_content(1 << 16)
+    got, window_start, window_got = have, time.monotonic(), 0
+    while True:
+        try:
+            block = next(blocks, b"")
+        except urllib3.exceptions.HTTPError as e:  # what requests' iter_content would raise as its own errors
+            raise requests.ConnectionError(str(e).rsplit(": ", 1)[-1] or type(e).__name__) from None
+        if not block:
+            return
+        got += len(block)
+        if got > cap:
+            raise _TooBig(f"{url} sent more than the {cap:,}-byte cap for this file")
+        f.write(block)
+        bar.update(len(block))
+        now, window_got = time.monotonic(), window_got + len(block)
+        if now > deadline[0]:
+            raise IOError(f"the download passed its deadline of {deadline[1]:g} s (got {got:,} bytes)")
+        if now - window_start > stall_s:
+            if window_got < DOWNLOAD_MIN_BYTES:
+                raise IOError(f"the download stalled: {window_got:,} bytes in {now - window_start:.0f} s (under "
+                              f"{DOWNLOAD_MIN_BYTES:,} per {stall_s:g} s)")
+            window_start, window_got = now, 0
+
+
+def _part_size(part, by_hand):
+    """Bytes of an earlier partial download at part (0 when none); a link, pipe or folder there is refused."""
+    try:
+        st = os.lstat(part)
+    except FileNotFoundError:
+        return 0
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        what = ("a symbolic link" if stat.S_ISLNK(st.st_mode) else _kind(st) if not stat.S_ISREG(st.st_mode)
+                else "a hard link to another file")
+        raise DownloadError(f"{part} is {what}, not a partial download: delete it and rerun, or {by_hand}")
+    return st.st_size
+
+
+def _open_part(part, have, by_hand):
+    """The partial download file for appending (emptied unless have > 0), never opened through a link."""
+    try:
+        fd = os.open(part, os.O_WRONLY | os.O_CREAT | _NOFOLLOW | _NONBLOCK | _CLOEXEC, 0o666)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
+            raise DownloadError(f"{part} is not a regular file (a link, folder or pipe was put there): delete it "
+                                f"and rerun, or {by_hand}") from None
+        raise
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        os.close(fd)
+        raise DownloadError(f"{part} is not a partial download of ours: delete it and rerun, or {by_hand}")
+    if not have:
+        os.ftruncate(fd, 0)
+    os.lseek(fd, 0, os.SEEK_END)
+    return open(fd, "ab")
+
+
 def fetch_data(name, data_dir=None, base_url=None):
     """Path of a known corpus (DATA_FILES), downloaded and verified on first use. base_url (or the GPT2_DATA_URL
     environment variable) replaces the host folder, e.g. for a mirror."""
     url, digest = DATA_FILES[name]
     data_dir = data_dir or DATA_DIR
     path = os.path.join(data_dir, name)
-    if os.path.exists(path):
-        if sha256_of(path) != digest:
+    if os.path.lexists(path):
+        if sha256_of(check_input(path, f"the {name} download")) != digest:
             raise UserError(f"{path} does not match the expected sha256 {digest[:12]}...: delete it to download "
                             f"it again")
         return path
@@ -1352,8 +1620,8 @@ def fetch_sms_spam(data_dir=None, base_url=None):
     environment variable) replaces the zip's host folder."""
     data_dir = data_dir or DATA_DIR
     path = os.path.join(data_dir, "SMSSpamCollection")
-    if os.path.exists(path):
-        if sha256_of(path) != SMS_SPAM_SHA256:
+    if os.path.lexists(path):
+        if sha256_of(check_input(path, "the SMS Spam Collection")) != SMS_SPAM_SHA256:
             raise UserError(f"{path} does not match the expected sha256 {SMS_SPAM_SHA256[:12]}...: delete it to "
                             f"download it again")
         return path
@@ -1399,6 +1667,7 @@ def read_sms_spam(path):
     """SMSSpamCollection -> list of (text, label), label 'ham' or 'spam'. Lines are split at the first tab only: the
     file has no quoting, and its texts contain quote characters."""
     rows = []
+    check_input(path, "the SMS Spam Collection")
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
             line = line.rstrip("\r\n")
@@ -1418,8 +1687,9 @@ def read_labelled_csv(path, text_column="Text", label_column="Label"):
     Rows with empty text are skipped, with a note on stderr that counts them and names their lines; a row with text
     but no label is refused. Every problem raises a UserError that says how to fix the file or the flags.
     """
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         raise UserError(f"no CSV file at {path}: check the path")
+    check_input(path, "the CSV file")
     try:
         with open(path, encoding="utf-8-sig", newline="") as f:
             content = f.read()
@@ -1436,6 +1706,10 @@ def read_labelled_csv(path, text_column="Text", label_column="Label"):
     rows, skipped = [], []
     try:
         found = [c for c in (reader.fieldnames or []) if c is not None]
+        twice = sorted({c for c in found if found.count(c) > 1})
+        if twice:  # DictReader would keep the last of them without a word
+            raise UserError(f"{path} names the column(s) {', '.join(map(repr, twice))} more than once in its "
+                            f"header: rename them so that each column has its own name")
         missing = [c for c in (text_column, label_column) if c not in found]
         if missing:
             raise UserError(f"{path} has no column {', '.join(map(repr, missing))} (columns found: "

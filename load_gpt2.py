@@ -7,6 +7,7 @@ classifier models, as a folder transformers loads with its tokenizer.
     python load_gpt2.py --export runs/x/model.pth --out hf_model/   # a folder transformers loads, tokenizer included
     python load_gpt2.py --model hf_cls/ --out runs/cls/from_hf.pth     # a GPT2ForSequenceClassification folder back
 """
+import errno
 import hashlib
 import json
 import math
@@ -21,12 +22,12 @@ import requests
 import torch
 import torch.nn as nn
 
-from data import (ALPACA_INTRO, EOT_ID, RESPONSE_HEADER, TEMPLATE_NAME, DownloadError, atomic_write, check_output,
-                  check_parent, download, get_tokenizer, json_depth, make_folder, parse_json, save_pth, sha256_of,
-                  write_json)
+from data import (ALPACA_INTRO, EOT_ID, JSON_MAX_BYTES, RESPONSE_HEADER, TEMPLATE_NAME, DownloadError, atomic_write,
+                  check_input, check_output, check_parent, download, get_tokenizer, json_depth, make_folder,
+                  new_temp_dir, parse_json, remove_stale_temp_dirs, save_pth, sha256_of, write_json)
 from layers import add_lora, is_int8_state_dict, merge_lora, quantize_int8
-from model import (GPT_CONFIG_124M, HEADS_FOR_WIDTH, CheckpointError, GPTModel, check_config, checkpoint_dict,
-                   count_parameters, empty_model, infer_config, load_state, read_checkpoint)
+from model import (GPT_CONFIG_124M, HEADS_FOR_WIDTH, MAX_SIZE, CheckpointError, GPTModel, check_config,
+                   checkpoint_dict, count_parameters, empty_model, infer_config, load_state, read_checkpoint)
 from settings import UserError, entry, few, get_config
 
 DEFAULTS = dict(
@@ -42,6 +43,9 @@ DEFAULTS = dict(
 
 # published name -> size in our file names
 PRETRAINED = {"gpt2": "124M", "gpt2-medium": "355M", "gpt2-large": "774M", "gpt2-xl": "1558M"}
+# published name -> the most bytes its model.safetensors download may bring (each file is about 7% under this)
+SAFETENSORS_MAX_BYTES = {"gpt2": 600 << 20, "gpt2-medium": 1650 << 20, "gpt2-large": 3500 << 20,
+                         "gpt2-xl": 6900 << 20}
 INIT_HELP = "gpt2 | gpt2-medium | gpt2-large | gpt2-xl | scratch | PATH.pth | PATH.safetensors | FOLDER"
 HUB_URL = "https://huggingface.co"
 REPO = "openai-community"
@@ -78,8 +82,9 @@ class SafetensorsFile:
 
     def __init__(self, path):
         self.path = path
-        if not os.path.isfile(path):
+        if not os.path.lexists(path):
             raise CheckpointError(f"no safetensors file at {path}")
+        check_input(path, "the weights file")
         size = os.path.getsize(path)
         with open(path, "rb") as f:
             if size < 8:
@@ -302,21 +307,20 @@ def _find_files(path):
 
 def config_from_json(path, drop_rate=0.0):
     """Our config dict from a Hugging Face GPT-2 config.json, refusing variants our model does not compute."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            hf = parse_json(f.read(), path)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot read {path} as JSON ({str(e).splitlines()[0][:80]})") from None
-    if not isinstance(hf, dict):
-        raise CheckpointError(f"{path} is not a JSON object")
+    hf = _read_json(path)
     if hf.get("model_type", "gpt2") != "gpt2":
         raise CheckpointError(f"{path} describes a {hf['model_type']!r} model, not gpt2")
     if "n_positions" not in hf and "n_ctx" in hf:
         hf["n_positions"] = hf["n_ctx"]
     sizes = ("vocab_size", "n_embd", "n_layer", "n_head", "n_positions")
-    wrong = [f"{k} {hf.get(k)!r}" for k in sizes if type(hf.get(k)) is not int or hf[k] < 1]
+    wrong = [f"{k} {hf.get(k)!r}" for k in sizes if type(hf.get(k)) is not int or not 1 <= hf[k] <= MAX_SIZE]
     if wrong:
-        raise CheckpointError(f"{path}: {', '.join(wrong)}: each of {', '.join(sizes)} must be a whole number >= 1")
+        raise CheckpointError(f"{path}: {', '.join(wrong)}: each of {', '.join(sizes)} must be a whole number from 1 "
+                              f"to {MAX_SIZE:,}")
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        if hf.get(key) is not None and (type(hf[key]) is not int or not 0 <= hf[key] < hf["vocab_size"]):
+            raise CheckpointError(f"{path}: {key} {hf[key]!r} is not a token id (a whole number from 0 to "
+                                  f"vocab_size - 1 = {hf['vocab_size'] - 1})")
     ctx = hf["n_positions"]
     act = hf.get("activation_function", "gelu_new")
     if act not in ("gelu_new", "gelu_pytorch_tanh"):
@@ -336,6 +340,21 @@ def config_from_json(path, drop_rate=0.0):
     return {"vocab_size": hf["vocab_size"], "context_length": ctx, "emb_dim": hf["n_embd"], "n_heads": hf["n_head"],
             "n_layers": hf["n_layer"], "drop_rate": drop_rate, "qkv_bias": True,
             "tie_weights": bool(hf.get("tie_word_embeddings", True))}
+
+
+def _read_json(path, what="a JSON object"):
+    """The JSON object in path (a regular readable file of at most JSON_MAX_BYTES), or a CheckpointError."""
+    check_input(path, "the model folder's file")
+    try:
+        if os.path.getsize(path) > JSON_MAX_BYTES:
+            raise CheckpointError(f"{path} is over {JSON_MAX_BYTES:,} bytes: not a config file of GPT-2's")
+        with open(path, encoding="utf-8") as f:
+            obj = parse_json(f.read(), path)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read {path} as JSON ({str(e).splitlines()[0][:80]})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} is not {what}")
+    return obj
 
 
 def _config_from_shapes(entries, n_heads, drop_rate, path):
@@ -378,8 +397,7 @@ def load_hf_classifier(path, drop_rate=0.0):
     """
     model, score = _load_published(path, drop_rate, classifier=True)
     _, cj_path = _find_files(path)
-    with open(cj_path, encoding="utf-8") as f:
-        hf = json.load(f)
+    hf = _read_json(cj_path)
     C, d = score.shape
     id2label = hf.get("id2label") or {}
     if C < 2:
@@ -393,21 +411,14 @@ def load_hf_classifier(path, drop_rate=0.0):
         model.out_head.bias.zero_()
     model.cfg.update(num_classes=C, tie_weights=False)
     context = model.cfg["context_length"]
-    tok_max = _read_json_or_none(os.path.join(os.path.dirname(cj_path), "tokenizer_config.json"))
-    max_length = (tok_max or {}).get("model_max_length")
-    if not isinstance(max_length, int) or not 0 < max_length <= context:
+    tok_path = os.path.join(os.path.dirname(cj_path), "tokenizer_config.json")
+    tok_max = _read_json(tok_path) if os.path.lexists(tok_path) else {}
+    max_length = tok_max.get("model_max_length")
+    if type(max_length) is not int or not 0 < max_length <= context:  # transformers writes 10^30 for "no limit"
         max_length = context
-    pad_id = hf.get("pad_token_id")
+    pad_id = hf.get("pad_token_id")  # range-checked by config_from_json
     return model, {"class_names": [str(id2label[str(i)]) for i in range(C)], "max_length": max_length,
-                   "pad_id": pad_id if isinstance(pad_id, int) else EOT_ID}
-
-
-def _read_json_or_none(path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
+                   "pad_id": pad_id if type(pad_id) is int else EOT_ID}
 
 
 def _load_published(path, drop_rate=0.0, n_heads=None, classifier=False):
@@ -538,11 +549,15 @@ def _write_record(path, digest):
 def _check_record(path, rehash=False):
     """True when path matches its record (size and mtime, or the hash when asked or when those changed); False
     when there is no record. Raises CheckpointError when the file changed since it was verified."""
+    record = _record_path(path)
+    if not os.path.lexists(record):
+        return False
     try:
-        with open(_record_path(path)) as f:
-            rec = json.load(f)
+        rec = _read_json(record)
         digest, size, mtime = rec["sha256"], rec["size"], rec["mtime_ns"]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (CheckpointError, KeyError):
+        return False
+    if not (isinstance(digest, str) and type(size) is int and type(mtime) is int):
         return False
     st = os.stat(path)
     if not rehash and st.st_size == size and st.st_mtime_ns == mtime:
@@ -573,14 +588,15 @@ def ensure_downloaded(model_name, models_dir="models", hub_url=None, verify=Fals
         raise DownloadError(f"{e}: check the connection, or {by_hand}") from None
     if not os.path.isfile(cj):
         print(f"downloading {urls['config.json']}")
-        download(urls["config.json"], cj, progress=progress)
+        download(urls["config.json"], cj, progress=progress, max_bytes=JSON_MAX_BYTES)
     if os.path.isfile(st):
         digest = sha256_of(st)
         if expected and digest != expected:
             raise CheckpointError(f"{st} does not match the hub's sha256 {expected[:12]}...: delete it and rerun")
     else:
         print(f"downloading {urls['model.safetensors']}" + ("" if expected else " (the server sends no sha256)"))
-        download(urls["model.safetensors"], st, sha256=expected, progress=progress)
+        download(urls["model.safetensors"], st, sha256=expected, progress=progress,
+                 max_bytes=SAFETENSORS_MAX_BYTES[model_name])
         digest = expected or sha256_of(st)
     _write_record(st, digest)
     return folder
@@ -765,6 +781,7 @@ def load_classifier(path, quantize="none", kind="cls"):
         raise UserError(f"{path} is {what}, not a {'reward model' if kind == 'reward' else 'classifier'}: train one "
                         f"with {made_by} and pass the .pth it writes")
     cfg = checkpoint_config(ckpt, path)
+    check_classifier_fields(ckpt, cfg, path)
     with torch.device("meta"):  # no memory, no random init: every tensor comes from the file
         model = GPTModel(cfg)
         model.out_head = nn.Linear(cfg["emb_dim"], len(names), bias="out_head.bias" in sd)
@@ -778,6 +795,25 @@ def load_classifier(path, quantize="none", kind="cls"):
     if quantize == "int8":
         quantize_int8(merge_lora(model))  # only swaps layers that are still float
     return model.eval(), ckpt
+
+
+def check_classifier_fields(ckpt, cfg, path):
+    """Refuse a classifier checkpoint whose own numbers are out of range (an edited or foreign file): max_length
+    (None, or 1..context_length), pad_id (a token id), and the LoRA rank (its adapters') and alpha (finite)."""
+    max_length, pad_id, lora = ckpt.get("max_length"), ckpt.get("pad_id", EOT_ID), ckpt.get("lora")
+    if max_length is not None and (type(max_length) is not int or not 1 <= max_length <= cfg["context_length"]):
+        raise CheckpointError(f"{path}: max_length {max_length!r} is not a whole number from 1 to the model's "
+                              f"context_length {cfg['context_length']}: a damaged or edited checkpoint")
+    if type(pad_id) is not int or not 0 <= pad_id < cfg["vocab_size"]:
+        raise CheckpointError(f"{path}: pad_id {pad_id!r} is not a token id (0 to {cfg['vocab_size'] - 1}): a "
+                              f"damaged or edited checkpoint")
+    if not lora:
+        return
+    ranks = {tuple(v.shape)[0] for k, v in ckpt["model"].items() if k.endswith(".A") and v.dim() == 2}
+    if not (isinstance(lora, dict) and type(lora.get("rank")) is int and ranks == {lora["rank"]}
+            and type(lora.get("alpha")) in (int, float) and math.isfinite(lora["alpha"])):
+        raise CheckpointError(f"{path}: its lora settings {str(lora)[:80]} are not the rank of its adapters "
+                              f"({few(sorted(ranks)) or 'none'}) and a finite alpha: a damaged or edited checkpoint")
 
 
 def fold_head_bias(weight, bias, shift):
@@ -845,8 +881,8 @@ def cached_bpe_file(url, sha256):
     """The bytes tiktoken cached for url, or None when the cache holds no intact copy."""
     folder = tiktoken_cache_dir()
     path = os.path.join(folder, hashlib.sha1(url.encode()).hexdigest()) if folder else None
-    if not path or not os.path.isfile(path):
-        return None
+    if not path or not os.path.isfile(path) or not os.access(path, os.R_OK):
+        return None  # none, or not one to read (a pipe, no permission): the files are rebuilt from tiktoken's ranks
     with open(path, "rb") as f:
         data = f.read()
     return data if hashlib.sha256(data).hexdigest() == sha256 else None
@@ -997,17 +1033,34 @@ def export_hf(pth_path, out_dir, force=False):
         config = hf_config(model.cfg, tied)
         max_length = model.cfg["context_length"]
     files = {"config.json": _json_bytes(config), **hf_side_files(model.cfg, ckpt, max_length, pth_path)}
-    created = not os.path.isdir(out_dir)
-    make_folder(out_dir, "the export (--out)")
+    make_folder(os.path.dirname(os.path.abspath(out_dir)), "the export (--out)")
+    remove_stale_temp_dirs(out_dir)
+    # a new folder is filled beside out_dir and renamed into place at the end, which fails when out_dir is no longer
+    # missing or empty: an export that another command finished meanwhile is not replaced; --force writes into it
+    target = out_dir if force and os.path.isdir(out_dir) else new_temp_dir(out_dir)
     try:
-        write_safetensors(os.path.join(out_dir, "model.safetensors"), tensors, {"format": "pt"})
+        write_safetensors(os.path.join(target, "model.safetensors"), tensors, {"format": "pt"})
         for name, content in files.items():
-            atomic_write(os.path.join(out_dir, name), lambda f, content=content: f.write(content))
+            atomic_write(os.path.join(target, name), lambda f, content=content: f.write(content))
+        if target != out_dir:
+            _rename_folder_into_place(target, out_dir)
     except BaseException:
-        if created:
-            shutil.rmtree(out_dir, ignore_errors=True)
+        if target != out_dir:
+            shutil.rmtree(target, ignore_errors=True)
         raise
     return out_dir
+
+
+def _rename_folder_into_place(tmp, out_dir):
+    """Rename the finished folder tmp to out_dir, which must be missing or an empty folder (checked by rename
+    itself, so two exports that ran at once cannot both win)."""
+    try:
+        os.rename(tmp, out_dir)
+    except OSError as e:
+        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+            raise
+        raise UserError(f"{out_dir} was filled by another command while this export ran: pass --force to write "
+                        f"into it, or pick a new folder") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1046,11 +1099,11 @@ def main(argv=None):
         model, extras = load_hf_classifier(folder)
         print(f"loaded classifier {name}: {count_parameters(model) / 1e6:.1f}M parameters, classes "
               f"{', '.join(extras['class_names'])}")
-        save_pth(out, checkpoint_dict(model, "cls", source=name, **extras))
+        save_pth(out, checkpoint_dict(model, "cls", source=name, **extras), exclusive=not cfg["force"])
     else:
         model = load_hf_checkpoint(folder, n_heads=cfg["n_heads"] or None)
         print(f"loaded {name}: {count_parameters(model) / 1e6:.1f}M parameters")
-        save_pth(out, checkpoint_dict(model, "pretrained", source=name))
+        save_pth(out, checkpoint_dict(model, "pretrained", source=name), exclusive=not cfg["force"])
     print(f"wrote {out}")
     return out
 

@@ -9,6 +9,7 @@ ff.layers, norm1.scale, final_norm, out_head, ...), so its checkpoints load unch
 """
 import math
 import os
+import secrets
 import zipfile
 
 import torch
@@ -32,6 +33,7 @@ MODEL_CONFIGS = {name: {**GPT_CONFIG_124M, "emb_dim": d, "n_layers": L, "n_heads
                  for name, (d, L, h) in _SIZES.items()}
 # heads of the standard sizes, to complete a config inferred from a bare state_dict
 HEADS_FOR_WIDTH = {d: h for d, _, h in _SIZES.values()}
+MAX_SIZE = 1 << 24  # the most any size in a config may be (a bigger one is a damaged or hostile file)
 
 
 class CheckpointError(ValueError):
@@ -44,8 +46,8 @@ def check_config(cfg):
     if missing:
         raise ValueError(f"model config lacks {missing}; start from a copy of GPT_CONFIG_124M")
     for k in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
-        if type(cfg[k]) is not int or cfg[k] < 1:
-            raise ValueError(f"model config {k} must be a whole number >= 1, got {cfg[k]!r}")
+        if type(cfg[k]) is not int or not 1 <= cfg[k] <= MAX_SIZE:
+            raise ValueError(f"model config {k} must be a whole number from 1 to {MAX_SIZE:,}, got {cfg[k]!r}")
     if cfg["emb_dim"] % cfg["n_heads"]:
         raise ValueError(f"emb_dim {cfg['emb_dim']} must be divisible by n_heads {cfg['n_heads']}")
     if type(cfg["drop_rate"]) not in (int, float) or not 0 <= cfg["drop_rate"] < 1:
@@ -362,18 +364,31 @@ def checkpoint_dict(model, kind="pretrain", **extra):
 
 
 def save_checkpoint(path, model, kind="pretrain", **extra):
-    """Write {model, config, kind, **extra} to path (through a temporary file, so never half a file); returns path."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    torch.save(checkpoint_dict(model, kind, **extra), tmp)
-    os.replace(tmp, path)
+    """Write {model, config, kind, **extra} to path (through a temporary file, so never half a file); returns path.
+    The temporary file is created exclusively under a random name (O_EXCL), so a link planted beside path is never
+    written through."""
+    folder, base = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(folder, f"{base}.{os.getpid()}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    try:
+        with open(fd, "wb") as f:
+            torch.save(checkpoint_dict(model, kind, **extra), f)
+        os.replace(tmp, path)
+    except BaseException:
+        os.remove(tmp)
+        raise
     return path
 
 
 def read_checkpoint(path, check=None, verify=True):
     """Load a .pth without unpickling code (weights_only=True), tensors memory-mapped -> dict; a bare state_dict is
     {"model": sd, "config": None, "kind": None}. check(loaded) may refuse it; verify=False skips the checksums."""
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise CheckpointError(f"no checkpoint at {path}")
+    if not os.path.isfile(path):  # a folder, a FIFO (which would block a read), a device
+        raise CheckpointError(f"{path} is not a regular file: pass a checkpoint file")
+    if not os.access(path, os.R_OK):
+        raise CheckpointError(f"cannot read {path}: permission denied (check its permissions)")
     if os.path.getsize(path) == 0:
         raise CheckpointError(f"{path} is empty (0 bytes): the save was interrupted; delete it and rerun")
     try:  # torch.load does not check each record's CRC-32: a damaged byte would load as a wrong weight

@@ -41,6 +41,7 @@ import os
 import pickle
 import pty
 import random
+import re
 import resource
 import select
 import shutil
@@ -49,6 +50,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import zipfile
@@ -309,8 +311,10 @@ class FileHandler(http.server.BaseHTTPRequestHandler):
     /NAME or /MODE/NAME answers with `body` when it is set, else with the file NAME from `folder`. MODE (default
     ok): ok - a Range request gets 206 and the rest (416 past the end), and is recorded in `ranges`; bad - the bytes
     reversed; short - half the bytes, then the connection closes; stall - half the bytes, then 3 s of silence;
-    loop - a 302 redirect to the same path. Every request is recorded in `log` as (method, path, Range header)."""
-    folder, body, files, etags, ranges, log = SHARED_DATA, None, {}, {}, [], []
+    loop - a 302 redirect to the same path; endless - no Content-Length and bytes without end; trickle - one byte
+    every 0.1 s. The attribute `mode`, when set, is the mode of every path. Every request is recorded in `log` as
+    (method, path, Range header)."""
+    folder, body, files, etags, ranges, log, mode = SHARED_DATA, None, {}, {}, [], [], None
 
     def log_message(self, *args):
         pass
@@ -332,6 +336,15 @@ class FileHandler(http.server.BaseHTTPRequestHandler):
         else:
             parts = self.path.strip("/").split("/")
             mode, name = (parts[0], parts[-1]) if len(parts) > 1 else ("ok", parts[0])
+            mode = self.mode or mode
+            if mode == "endless":
+                self.send_response(200)
+                self.end_headers()
+                with contextlib.suppress(OSError):
+                    while send_body:  # until the client hangs up
+                        self.wfile.write(b"{" * 65536)
+                self.close_connection = True
+                return
             if mode == "loop":
                 self.send_response(302)
                 self.send_header("Location", self.path)
@@ -366,6 +379,14 @@ class FileHandler(http.server.BaseHTTPRequestHandler):
             self.send_header("ETag", f'"{self.etags[self.path]}"')
         self.end_headers()
         if not send_body:
+            return
+        if mode == "trickle":
+            with contextlib.suppress(OSError):
+                for i in range(len(body)):
+                    self.wfile.write(body[i:i + 1])
+                    self.wfile.flush()
+                    time.sleep(0.1)
+            self.close_connection = True
             return
         if mode in ("short", "stall"):
             self.wfile.write(body[: len(body) // 2])
@@ -4852,8 +4873,7 @@ def test_balance_says_it_dropped_rows_and_names_the_rare_class(tmp_path, capsys)
     assert "--balance false" in captured.err
 
 
-# ===============================================================================================================
-# 11. Talk to it: the chat REPL at a terminal, serve.py's OpenAI-compatible API, its chat page, bench.py --serve
+# ========================================================================================================# 11. Talk to it: the chat REPL at a terminal, serve.py's OpenAI-compatible API, its chat page, bench.py --serve
 # ===============================================================================================================
 
 def endless_checkpoint(path, context_length=4096, kind="chat"):
@@ -5272,3 +5292,317 @@ def test_chat_page_streams_an_answer_stops_and_shows_errors_in_a_real_browser(tm
         assert browser.js("messages.length") == 0 and browser.js("document.querySelectorAll('.msg').length") == 0
     finally:
         browser.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hostile file system and servers: links, pipes, unreadable files, endless downloads, numbers from files, races,
+# pathological text, ambiguous CSV headers, sources replaced behind a cache's back
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_files_are_never_written_through_links(tmp_path, verdict, serve):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    # a run folder's .lock: a link to a file elsewhere, a dangling link, a second name of a file elsewhere
+    for i, plant in enumerate((lambda p: p.symlink_to(victim), lambda p: p.symlink_to(tmp_path / "made.txt"),
+                               lambda p: os.link(victim, p))):
+        out = tmp_path / f"run{i}"
+        out.mkdir()
+        plant(out / ".lock")
+        code, _, err = run_main(pretrain.main, pre(verdict) + ["--out_dir", str(out), "--max_steps", "1"])
+        assert_one_error_line(code, err, "lock file", str(out / ".lock"))
+        assert victim.read_text() == "precious" and not (tmp_path / "made.txt").exists()
+    # the token cache folder's .lock, and a token file that is a link
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / ".lock").symlink_to(victim)
+    with pytest.raises(settings.UserError, match="symbolic link"):
+        cached(verdict, tmp_path)
+    os.remove(tmp_path / "cache" / ".lock")
+    bin_path, meta_path = data.cache_paths(verdict, str(tmp_path / "cache"))
+    os.symlink(victim, bin_path)
+    assert cached(verdict, tmp_path).tokens.tolist() == encode(open(verdict).read())
+    assert victim.read_text() == "precious" and not os.path.islink(bin_path)
+    # links at the temporary names an atomic write used to take (NAME.PID.tmp) are never written through; its
+    # own names are new each time and unpredictable
+    target = tmp_path / "settings.json"
+    for pid in (os.getpid(), os.getpid() + 1):
+        os.symlink(victim, f"{target}.{pid}.tmp")
+    data.write_json(str(target), {"a": 1})
+    assert read_json(target) == {"a": 1} and not target.is_symlink() and victim.read_text() == "precious"
+    for pid in (os.getpid(), os.getpid() + 1):
+        os.remove(f"{target}.{pid}.tmp")
+    names = set()
+    for _ in range(3):
+        fd, name = data.new_temp_file(str(target))
+        os.close(fd)
+        names.add(name)
+        assert re.fullmatch(re.escape(f"{target}.{os.getpid()}.") + "[0-9a-f]{16}.tmp", name)
+    assert len(names) == 3
+    # stale temporary files of killed writers go, in the new and the old form; a live writer's file stays
+    dead = [tmp_path / "model.pth.999999999.0123456789abcdef.tmp", tmp_path / "model.pth.999999999.tmp"]
+    for p in dead:
+        p.write_bytes(b"half")
+    removed = data.remove_stale_tmp(str(tmp_path))
+    assert sorted(removed) == sorted(p.name for p in dead) and all(os.path.exists(n) for n in names)
+    # a download's .part file planted as a link
+    url, _ = serve(body=b"downloaded bytes")
+    dest = tmp_path / "corpus.txt"
+    os.symlink(victim, str(dest) + ".part")
+    with pytest.raises(data.DownloadError, match="symbolic link") as e:
+        data.download(f"{url}/ok/corpus.txt", str(dest), retries=1, progress=False)
+    assert len(str(e.value).splitlines()) == 1 and victim.read_text() == "precious" and not dest.exists()
+    os.remove(str(dest) + ".part")
+    data.download(f"{url}/ok/corpus.txt", str(dest), retries=1, progress=False)
+    assert dest.read_bytes() == b"downloaded bytes" and not dest.is_symlink()
+
+
+def as_nobody(tmp_path, calls):
+    """Run each (script, args) of calls through settings.entry in one child process that drops to uid/gid 65534
+    after its imports (root reads files of mode 000, so only another user sees a missing permission) -> a list of
+    (exit code, stderr). The files it reads must lie in a folder that other users may enter."""
+    code = f"""
+import contextlib, io, json, os, sys
+sys.path.insert(0, {HERE!r})
+import data, finetune_cls, generate, load_gpt2, pretrain, settings
+data.get_tokenizer()
+os.setgid(65534); os.setuid(65534)
+results = []
+for script, args in {calls!r}:
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            settings.entry(lambda: getattr(sys.modules[script], "main")(args))
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        except BaseException as e:
+            code, err = 99, io.StringIO(repr(e))
+    results.append((code, err.getvalue()))
+print(json.dumps(results))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=ENV,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+def test_inputs_that_are_not_readable_regular_files_are_one_line(tmp_path):
+    # a FIFO where a model folder's tokenizer_config.json or a download's .sha256 record belongs: refused, not read
+    folder = load_gpt2.export_hf(save_classifier(tmp_path / "cls.pth", biased_classifier()), str(tmp_path / "hf"))
+    os.remove(os.path.join(folder, "tokenizer_config.json"))
+    os.mkfifo(os.path.join(folder, "tokenizer_config.json"))
+    proc = run_script("load_gpt2.py", "--model", folder, "--out", str(tmp_path / "back.pth"), timeout=120)
+    assert_one_line_error(proc, "tokenizer_config.json", "FIFO")
+    models = tmp_path / "models"
+    load_gpt2.export_hf(M.save_checkpoint(str(tmp_path / "lm.pth"), tiny_model()), str(models / "gpt2"))
+    os.mkfifo(models / "gpt2" / "model.safetensors.sha256")
+    proc = run_script("load_gpt2.py", "--model", "gpt2", "--models_dir", str(models), "--out",
+                      str(tmp_path / "g.pth"), timeout=120)
+    assert_one_line_error(proc, "model.safetensors.sha256", "FIFO")
+    # a run folder's .lock that is a folder or a FIFO
+    for i, make in enumerate((os.mkdir, os.mkfifo)):
+        out = tmp_path / f"run{i}"
+        out.mkdir()
+        make(out / ".lock")
+        proc = run_script("pretrain.py", *short_pretrain_flags(os.path.join(SHARED_DATA, "the-verdict.txt")),
+                          "--out_dir", str(out), "--max_steps", "1", timeout=120)
+        assert_one_line_error(proc, "lock file", "a folder" if make is os.mkdir else "FIFO")
+    # unreadable checkpoints and weights, for a user who may not read them
+    if not hasattr(os, "setuid") or os.geteuid() != 0:
+        pytest.skip("the unreadable-file cases drop to another user, which takes root")
+    public = tempfile.mkdtemp(prefix="unreadable-", dir="/tmp")
+    try:
+        os.chmod(public, 0o777)  # the other user may create its run folder here
+        lm = M.save_checkpoint(os.path.join(public, "lm.pth"), tiny_model())
+        cls = save_classifier(os.path.join(public, "cls.pth"), biased_classifier())
+        hf = load_gpt2.export_hf(lm, os.path.join(public, "hf"))
+        for p in (lm, cls, os.path.join(hf, "model.safetensors")):
+            os.chmod(p, 0)
+        weights = os.path.join(hf, "model.safetensors")
+        calls = [("generate", ["--checkpoint", lm, "--device", "cpu", "--max_new_tokens", "2"], lm),
+                 ("pretrain", ["--init", lm, "--data", os.path.join(SHARED_DATA, "the-verdict.txt"), "--out_dir",
+                               os.path.join(public, "run"), "--device", "cpu"], lm),
+                 ("finetune_cls", ["--predict", "hello", "--checkpoint", cls, "--device", "cpu"], cls),
+                 ("load_gpt2", ["--model", hf, "--out", os.path.join(public, "back.pth")], weights),
+                 ("load_gpt2", ["--model", weights, "--out", os.path.join(public, "b.pth")], weights)]
+        results = as_nobody(public, [call[:2] for call in calls])
+    finally:
+        shutil.rmtree(public, ignore_errors=True)
+    for (code, err), (_, _, path) in zip(results, calls):
+        assert_one_error_line(code, err, "permission denied", path)
+
+
+def test_downloads_are_bounded_in_size_and_time_and_say_which_bound(tmp_path, serve):
+    dest = tmp_path / "config.json"
+    # a server that streams without end: cut at the cap, nothing kept
+    url, _ = serve(mode="endless")
+    start = time.time()
+    with pytest.raises(data.DownloadError, match="cap") as e:
+        data.download(f"{url}/config.json", str(dest), max_bytes=data.JSON_MAX_BYTES, progress=False)
+    assert time.time() - start < 20 and len(str(e.value).splitlines()) == 1
+    assert not dest.exists() and not os.path.exists(str(dest) + ".part")
+    # ... also where load_gpt2 downloads a model's config.json from a hub
+    code, _, err = run_main(load_gpt2.main, ["--model", "gpt2", "--models_dir", str(tmp_path / "models"),
+                                             "--hub_url", url])
+    last = err.replace("\r", "\n").strip().splitlines()[-1]  # after the progress bar
+    assert code == 1 and "Traceback" not in err and "config.json sent more than the 1,048,576-byte cap" in last
+    # a server that announces more than the cap is refused before any byte
+    url, _ = serve(body=b"x" * 5000)
+    with pytest.raises(data.DownloadError, match="announces 5,000 bytes"):
+        data.download(f"{url}/ok/big.txt", str(dest), max_bytes=4000, progress=False)
+    assert not os.path.exists(str(dest) + ".part")
+    # a byte every 0.1 s: never a read timeout, but a stall, or past the deadline, whichever is set tighter
+    url, _ = serve(body=b"y" * 1000, mode="trickle")
+    start = time.time()
+    with pytest.raises(data.DownloadError, match="stalled"):
+        data.download(f"{url}/slow.txt", str(dest), retries=1, stall_s=1, progress=False)
+    with pytest.raises(data.DownloadError, match="deadline of 1 s"):
+        data.download(f"{url}/slow.txt", str(dest), retries=2, stall_s=30, deadline_s=1, progress=False)
+    assert time.time() - start < 15 and not dest.exists()
+
+
+def test_numbers_read_from_files_are_range_checked_where_they_are_read(tmp_path):
+    # an exported classifier folder's config.json: token ids and sizes out of range are refused at conversion
+    folder = load_gpt2.export_hf(save_classifier(tmp_path / "cls.pth", biased_classifier()), str(tmp_path / "hf"))
+    config = read_json(os.path.join(folder, "config.json"))
+    for edit, words in (({"pad_token_id": 10 ** 30}, "pad_token_id 10000"), ({"pad_token_id": -1}, "pad_token_id -1"),
+                        ({"pad_token_id": 50257}, "pad_token_id 50257"), ({"pad_token_id": "0"}, "pad_token_id '0'"),
+                        ({"eos_token_id": 2.5}, "eos_token_id 2.5"), ({"n_embd": 10 ** 30}, "n_embd 1000")):
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump({**config, **edit}, f)
+        code, _, err = run_main(load_gpt2.main, ["--model", folder, "--out", str(tmp_path / "back.pth")])
+        assert_one_error_line(code, err, words)
+        assert not (tmp_path / "back.pth").exists()
+    # a classifier checkpoint's own numbers, where finetune_cls.py reads them
+    good = torch.load(tmp_path / "cls.pth", weights_only=True)
+    for edit, words in (({"max_length": -1}, "max_length -1"), ({"max_length": 0}, "max_length 0"),
+                        ({"max_length": 10 ** 30}, "max_length 1000"), ({"max_length": 33}, "context_length 32"),
+                        ({"max_length": "16"}, "max_length '16'"), ({"pad_id": 10 ** 30}, "pad_id 1000"),
+                        ({"pad_id": -5}, "pad_id -5"), ({"lora": {"rank": 10 ** 9, "alpha": 1.0}}, "lora"),
+                        ({"config": {**good["config"], "n_layers": 10 ** 30}}, "n_layers must be a whole number")):
+        torch.save({**good, **edit}, tmp_path / "edited.pth")
+        code, _, err = run_main(finetune_cls.main, ["--predict", "hello", "--checkpoint", str(tmp_path / "edited.pth"),
+                                                    "--device", "cpu"])
+        assert_one_error_line(code, err, words)
+    code, out, _ = run_main(finetune_cls.main, ["--predict", "hello", "--checkpoint", str(tmp_path / "cls.pth"),
+                                                "--device", "cpu"])
+    assert code == 0 and out.strip()
+
+
+def test_two_commands_writing_one_output_do_not_both_win(tmp_path):
+    lm = M.save_checkpoint(str(tmp_path / "lm.pth"), tiny_model())
+    # the final step refuses what another command put in place since this one started
+    out = tmp_path / "out.pth"
+    out.write_bytes(b"the other command's")
+    with pytest.raises(settings.UserError, match="written by another command while this one ran"):
+        data.save_pth(str(out), {"x": torch.zeros(1)}, exclusive=True)
+    assert out.read_bytes() == b"the other command's"
+    assert sorted(os.listdir(tmp_path)) == ["lm.pth", "out.pth"]  # no temporary file left
+    tmp = data.new_temp_dir(str(tmp_path / "hf"))
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    with pytest.raises(settings.UserError, match="filled by another command while this export ran"):
+        load_gpt2._rename_folder_into_place(tmp, str(tmp_path / "hf"))
+    os.rmdir(tmp)
+    # a killed export's folder is cleaned up by the next export beside it
+    dead = tmp_path / "hf2.999999999.0123456789abcdef.tmp"
+    dead.mkdir()
+    load_gpt2.export_hf(lm, str(tmp_path / "hf2"))
+    assert not dead.exists() and os.path.isfile(tmp_path / "hf2" / "model.safetensors")
+    # two exports, and two conversions, started at once: exactly one wins, the other says why
+    for args in (["--export", lm, "--out", str(tmp_path / "same")],
+                 ["--model", str(tmp_path / "hf2"), "--out", str(tmp_path / "same.pth")]):
+        procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "load_gpt2.py"), *args], cwd=tmp_path,
+                                  env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for _ in range(2)]
+        results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+        assert sorted(code for code, _ in results) == [0, 1], results
+        err = next(err for code, err in results if code)
+        assert "Traceback" not in err and re.search("another command|not empty|already exists", err), err
+    assert sorted(os.listdir(tmp_path / "same")) == sorted(os.listdir(tmp_path / "hf2"))
+    assert load_gpt2.main(["--model", str(tmp_path / "hf2"), "--out", str(tmp_path / "same.pth"), "--force"])
+
+
+def test_text_without_safe_cuts_keeps_memory_bounded(tmp_path, monkeypatch):
+    rng = random.Random(3)
+    letters = "".join(rng.choice("abcdefghij") for _ in range(5000))  # one giant "word": no safe cut anywhere
+    # (letters outside the few ranges safe_cut knows give no cut either: a forced cut would land in <|endoftext|>)
+    for text, longest in ((letters, 40), (letters[:997] + "<|endoftext|>" + letters[:2000], 64),
+                          ("\u00e9" * 5 + "<|endoftext|>" + "\u00e9" * 30, 10)):
+        forced = []
+        pieces = list(data.safe_pieces([text[i:i + 7] for i in range(0, len(text), 7)], 10,
+                                       on_forced_cut=lambda: forced.append(1), longest=longest))
+        assert "".join(pieces) == text and max(map(len, pieces)) < longest + len(data.EOT_TEXT) and forced
+        ids = [t for p in pieces for t in encode(p)]  # never cut inside <|endoftext|>: it stays the special token
+        assert ids.count(data.EOT_ID) == text.count(data.EOT_TEXT) and len(ids) <= len(encode(text)) + 2 * len(forced)
+    # a corpus of such text: pieces stay small, the text comes back whole, and it is said once
+    monkeypatch.setattr(data, "READ_BYTES", 100)
+    monkeypatch.setattr(data, "PIECE_CHARS", 64)
+    monkeypatch.setattr(data, "MAX_PIECE_CHARS", 256)
+    folder = make_corpus(tmp_path / "corpus", {"a.txt": letters, "b.txt": letters[::-1], "c.txt": "short text"})
+    spy = Spy(monkeypatch)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        c = cached(folder, tmp_path)
+    assert max(map(len, spy.texts)) <= 256 and err.getvalue().count("note:") == 1, err.getvalue()
+    assert "a.txt" in err.getvalue() and "cut every 64 characters" in err.getvalue()
+    whole = "<|endoftext|>".join([letters, letters[::-1], "short text"])
+    assert tiktoken.get_encoding("gpt2").decode(c.tokens.tolist()) == whole
+    # ordinary text is still cut only where it tokenizes as the whole
+    text = words_text(3000)
+    (tmp_path / "w.txt").write_text(text)
+    assert cached(tmp_path / "w.txt", tmp_path).tokens.tolist() == encode(text)
+
+
+def test_a_csv_header_that_names_a_column_twice_is_refused(tmp_path):
+    for header, twice in (("Label,Text,Text", "'Text'"), ("Label,Label,Text", "'Label'"),
+                          ("id,id,Label,Text", "'id'"), ("Text\tLabel\tText", "'Text'")):
+        sep = "\t" if "\t" in header else ","
+        path = tmp_path / ("t.tsv" if sep == "\t" else "t.csv")
+        rows = [sep.join(["ham" if c == "Label" else f"{c} {i}" for c in header.split(sep)]) for i in range(12)]
+        path.write_text("\n".join([header, *rows]) + "\n")
+        with pytest.raises(settings.UserError, match=f"names the column\\(s\\) {twice} more than once"):
+            data.read_labelled_csv(str(path))
+        code, _, err = run_main(finetune_cls.main, ["--csv", str(path), "--out_dir", str(tmp_path / "run")])
+        assert_one_error_line(code, err, twice, "more than once")
+    path = tmp_path / "fine.csv"
+    path.write_text("Label,Text,Texts\nham,one,two\n")  # names that differ are fine
+    assert data.read_labelled_csv(str(path)) == [("one", "ham")]
+
+
+def test_a_cache_notices_a_source_replaced_with_the_same_size_and_mtime(tmp_path):
+    src = tmp_path / "corpus.txt"
+    src.write_text("the first text of this corpus")
+    first = cached(src, tmp_path)
+    st = os.stat(src)
+    meta_path = first.path[:-4] + ".json"
+    meta_mtime = os.stat(meta_path).st_mtime_ns
+    assert cached(src, tmp_path).tokens.tolist() == encode("the first text of this corpus")
+    assert os.stat(meta_path).st_mtime_ns == meta_mtime  # unchanged: not tokenized again
+    # another file of the same size and mtime put in its place (cp -p, tar -x, rsync -t), and the same file
+    # rewritten in place with its mtime set back
+    for n, replace in enumerate((True, False)):
+        text = f"other words, of equal size: {n}"
+        assert len(text) == st.st_size
+        if replace:
+            (tmp_path / "new.txt").write_text(text)
+            os.utime(tmp_path / "new.txt", ns=(st.st_atime_ns, st.st_mtime_ns))
+            os.replace(tmp_path / "new.txt", src)
+        else:
+            with open(src, "r+") as f:
+                f.write(text)
+            os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns))
+        assert (os.stat(src).st_size, os.stat(src).st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+        assert cached(src, tmp_path).tokens.tolist() == encode(text)
+    # metadata edited by hand, with values of the right types, is rebuilt rather than trusted
+    tokens = encode(src.read_text())
+    edits = [lambda m: m["files"][0].update(mtime_ns=m["files"][0]["mtime_ns"] + 1),
+             lambda m: m["files"][0].update(n_chars=1), lambda m: m.pop("checksum"),
+             lambda m: m["files"][0].update(index=[[0, 0], [1, 1]]), lambda m: m.update(checksum="0" * 64)]
+    for edit in edits:
+        meta = read_json(meta_path)
+        edit(meta)
+        with open(meta_path, "w") as f:
+            json.dump(meta, f)
+        again = cached(src, tmp_path)
+        assert again.tokens.tolist() == tokens and again.meta == data.with_checksum(again.meta)
+        assert read_json(meta_path) == again.meta

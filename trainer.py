@@ -39,7 +39,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import RandomSampler, SequentialSampler, default_collate
 from tqdm import tqdm
 
-from data import append_text, atomic_write, check_parent, remove_stale_tmp, save_pth, write_json
+from data import append_text, atomic_write, check_parent, open_lock, remove_stale_tmp, save_pth, write_json
 from model import (MODEL_CONFIGS, GPTModel, checkpoint_dict, clean_state_dict, count_parameters, load_state,
                    read_checkpoint)
 from settings import UserError, autocast, few, keep_freed_memory, pyplot
@@ -201,7 +201,7 @@ class RunFolder:
         self._created = not os.path.exists(out_dir)
         try:
             os.makedirs(out_dir, exist_ok=True)
-            self._lock = open(self.path(".lock"), "a+")
+            self._lock = open_lock(self.path(".lock"))  # never through a link, never a pipe or folder
         except OSError as e:
             raise UserError(f"cannot use --out_dir {out_dir} ({e.strerror}): pass a folder you can write to") from None
         try:
