@@ -624,6 +624,9 @@ def check_position(ckpt, path, batches_per_epoch):
                             f"damaged; --overwrite to start over")
         position[key] = value
     saved = ckpt.get("batches_per_epoch")
+    if isinstance(saved, int) and position["batch_pos"] > saved:
+        raise UserError(f"{path}: its batch_pos is {position['batch_pos']}, past the end of an epoch of {saved} "
+                        f"batches: the file was edited or damaged; --overwrite to start over")
     if saved is not None and saved != batches_per_epoch or position["batch_pos"] > batches_per_epoch:
         was = f"{saved} batches an epoch" if saved is not None else f"batch {position['batch_pos']} of an epoch"
         raise UserError(f"{path} was saved at {was}, and the training data now gives {batches_per_epoch}: the data "
