@@ -4764,7 +4764,7 @@ def test_divergence_on_the_last_step_exits_non_zero_without_a_model(verdict, tmp
 
 @pytest.mark.parametrize("over,words", [
     ({"n_head": 0}, "n_head 0"), ({"n_head": -2}, "n_head -2"), ({"layer_norm_epsilon": "x"}, "layer_norm_epsilon"),
-    ({"n_layer": 10 ** 9}, "n_layers 1000000000"), ({"n_embd": 1.5}, "n_embd 1.5"),
+    ({"n_layer": 10 ** 9}, "n_layer 1000000000"), ({"n_embd": 1.5}, "n_embd 1.5"),
     ({"tie_word_embeddings": "yes"}, "tie_word_embeddings")])
 def test_config_json_values_are_checked_before_anything_is_sized(tmp_path, over, words):
     folder = str(tmp_path / "hf")
