@@ -27,6 +27,7 @@ import secrets
 import shutil
 import stat
 import sys
+import tempfile
 import time
 import zipfile
 import zlib
@@ -41,7 +42,8 @@ import urllib3
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from settings import UserError, cpu_count, few, note
+from settings import UserError, cpu_count, few, get_config, note
+from settings import entry as settings_entry  # "entry" names a record here
 
 try:
     import fcntl
@@ -60,6 +62,13 @@ EOT_ID = 50256  # <|endoftext|>, also used as padding
 _TOKENIZER = None
 
 
+# the files tiktoken downloads for GPT-2's BPE, and the names it caches them under (the sha1 of each URL)
+TOKENIZER_FILES = {"https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe":
+                   "6d1cbeee0f20b3d9449abfede4726ed8212e3aee",
+                   "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json":
+                   "6c7ea1a7e38e3a7f062df639a5b80947f075ffe6"}
+
+
 def get_tokenizer():
     """tiktoken's GPT-2 BPE (cached; set TIKTOKEN_CACHE_DIR to work offline)."""
     global _TOKENIZER
@@ -67,8 +76,12 @@ def get_tokenizer():
         try:
             _TOKENIZER = tiktoken.get_encoding("gpt2")
         except Exception as e:
-            raise UserError(f"cannot load the GPT-2 tokenizer ({type(e).__name__}): connect to the internet once, "
-                            f"or set TIKTOKEN_CACHE_DIR to a folder holding tiktoken's gpt2 files") from None
+            folder = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR") or os.path.join(
+                tempfile.gettempdir(), "data-gym-cache")
+            files = " and ".join(f"{url} as {name}" for url, name in TOKENIZER_FILES.items())
+            raise UserError(f"cannot load the GPT-2 tokenizer ({type(e).__name__}): connect to the internet once, or "
+                            f"download {files} into {folder} (or into any folder that TIKTOKEN_CACHE_DIR then "
+                            f"names)") from None
     return _TOKENIZER
 
 
@@ -1802,3 +1815,27 @@ class ClassificationDataset(Dataset):
 
     def __getitem__(self, i):
         return self.input_ids[i], self.labels[i], self.lengths[i]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# python data.py: fetch the corpora ahead of time
+# ---------------------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    """python data.py --fetch all: download (and check) every corpus the scripts use, e.g. before going offline;
+    without --fetch, list them and whether each is here. The scripts also fetch each one on first use."""
+    cfg = get_config(dict(fetch=""), argv, "Download the corpora the scripts use.\n\n" + main.__doc__)
+    names = [*DATA_FILES, "SMSSpamCollection"]
+    if cfg["fetch"] not in ("", "all", *names):
+        raise UserError(f"--fetch must be all or one of {', '.join(names)}, got {cfg['fetch']!r}")
+    for name in names:
+        if cfg["fetch"] in ("all", name):
+            print(f"{name}: {fetch_sms_spam() if name == 'SMSSpamCollection' else fetch_data(name)}")
+        elif not cfg["fetch"]:
+            here = os.path.isfile(os.path.join(DATA_DIR, name))
+            print(f"{name}: {'in ' + DATA_DIR if here else 'not downloaded yet'}")
+    return names
+
+
+if __name__ == "__main__":
+    settings_entry(main)

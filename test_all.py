@@ -2033,6 +2033,12 @@ def test_no_cache_and_no_tiktoken_is_one_clear_line(monkeypatch, tmp_path):
     with pytest.raises(settings.UserError, match="TIKTOKEN_CACHE_DIR") as e:
         load_gpt2.gpt2_bpe_files()
     assert "\n" not in str(e.value)
+    with pytest.raises(settings.UserError) as e:
+        data.get_tokenizer()
+    message = str(e.value)  # the two files, where they come from, and the folder to put them in
+    for url, name in data.TOKENIZER_FILES.items():
+        assert url in message and name in message
+    assert f"into {tmp_path}" in message and "TIKTOKEN_CACHE_DIR" in message
 
 
 def test_autotokenizer_ids_equal_tiktokens(lm_tokenizer):
