@@ -6,6 +6,7 @@
     python bench.py --wait_idle 60                   # on a shared machine: time each run when the CPUs are idle
     python bench.py --corpus my_texts/               # the token cache and training on a corpus of your own
     python bench.py --corpus my_texts/ --nanogpt ../nanoGPT/train.py   # time-to-loss: ours against nanoGPT's
+    python bench.py --serve runs/mychat/scratch-sft.pth   # serve.py's time to first token and tokens/s, and direct
 
 Numbers, never pass/fail: each is the median of --repeats runs (--steps for training). MFU is the model's FLOPs per
 second over the measured matmul ceiling of the dtype it trains in (fp32 or bf16), counting 6 FLOPs per matmul
@@ -19,6 +20,7 @@ import csv
 import gc
 import json
 import os
+import socket
 import platform
 import resource
 import shutil
@@ -27,13 +29,17 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 
 import torch
 from tqdm import tqdm
 
-from data import (GPTDatasetV1, TokenWindows, check_output, corpus_files, fetch_data, token_cache, write_json)
+from data import (GPTDatasetV1, TokenWindows, check_output, corpus_files, fetch_data, get_tokenizer, token_cache,
+                  write_json)
 from layers import quantize_int8
-from model import GPT_CONFIG_124M, MODEL_CONFIGS, GPTModel, count_parameters, generate
+from load_gpt2 import init_model
+from model import GPT_CONFIG_124M, MODEL_CONFIGS, GPTModel, KVCache, count_parameters, generate
+from replies import Reply
 from settings import (UserError, autocast, changed_settings, entry, get_config, has_native_bf16, keep_freed_memory,
                       pick_device)
 from trainer import calc_loss_batch, make_optimizer
@@ -64,6 +70,8 @@ DEFAULTS = dict(
     nanogpt="",                # with --corpus: race our pretrain.py against nanoGPT's train.py (this path; its
                                # folder's model.py and configurator.py are copied beside it into a scratch folder)
     race_s=180,                # --nanogpt: wall seconds each trainer gets (4 layers x 128, context 128, batch 16)
+    serve="",                  # instead of the above: time the first token and tokens/s of this checkpoint through
+                               # serve.py (streamed, greedy) against generating in this process; "" = off
 )
 
 SIZES = [*MODEL_CONFIGS, "tiny"]
@@ -704,6 +712,78 @@ def race_nanogpt(cfg):
         print(f"ours reached nanoGPT's final loss in {t / rows['nanoGPT'][-1][0]:.2f}x nanoGPT's time")
     return result
 
+SERVE_PROMPT = "Every effort moves you"
+
+
+def streamed_times(pieces):
+    """(seconds to the first piece, seconds from the first piece to the last) of an iterator of text pieces."""
+    start = time.perf_counter()
+    first = last = None
+    for _ in pieces:
+        last = time.perf_counter()
+        first = first or last
+    return first - start, last - first
+
+
+def server_pieces(url, body):
+    """The text pieces of one streamed /v1/completions answer, as they arrive; the usage lands in body["usage"]."""
+    request = urllib.request.Request(f"{url}/v1/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=600) as res:
+        for line in res:
+            if line.startswith(b"data: {"):
+                event = json.loads(line[6:])
+                if event.get("usage"):
+                    body["usage"] = event["usage"]
+                elif event["choices"][0]["text"]:
+                    yield event["choices"][0]["text"]
+
+
+def serve_bench(cfg, device):
+    """Time to first token and decode tokens/s of cfg["serve"] through serve.py (a child process, streamed over
+    HTTP) and generating in this process the way generate.py does (a Reply on the same KV cache settings), greedy,
+    cfg["decode_tokens"] new tokens after SERVE_PROMPT, medians of cfg["repeats"] after one warm-up each."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    threads = str(torch.get_num_threads())
+    proc = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve.py"),
+                             "--checkpoint", cfg["serve"], "--port", str(port), "--device", str(device)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": threads})
+    try:
+        if "serving" not in proc.stdout.readline():
+            raise UserError(f"serve.py did not start on {cfg['serve']}: run `python serve.py --checkpoint "
+                            f"{cfg['serve']}` to see why")
+        url, n = f"http://127.0.0.1:{port}", cfg["decode_tokens"]
+        body = {"prompt": SERVE_PROMPT, "max_tokens": n, "temperature": 0, "stream": True,
+                "stream_options": {"include_usage": True}}
+        served = [streamed_times(server_pieces(url, body)) for _ in range(cfg["repeats"] + 1)][1:]
+        served_tokens = body["usage"]["completion_tokens"]
+    finally:
+        proc.terminate()
+        proc.wait()
+    model, _ = init_model(cfg["serve"], device=device, int8_ok=True)
+    ids = torch.tensor([get_tokenizer().encode(SERVE_PROMPT)], device=device)
+    cache = KVCache(model.eval(), 1, model.cfg["context_length"])
+    runs = [Reply(model, ids, n, kv_cache=cache, chat=False) for _ in range(cfg["repeats"] + 1)]
+    direct = [streamed_times(r) for r in runs][1:]
+    rows = {}
+    for name, times, tokens in (("serve.py, streamed over HTTP", served, served_tokens),
+                                ("in process, as generate.py", direct, runs[-1].n_tokens)):
+        ttft = statistics.median(t for t, _ in times)
+        rate = (tokens - 1) / statistics.median(d for _, d in times)
+        rows[name] = {"ttft_ms": 1000 * ttft, "tokens_per_s": rate, "tokens": tokens}
+    print(f"\n{cfg['serve']}: {n} new tokens after {SERVE_PROMPT!r}, greedy, {threads} threads, medians of "
+          f"{cfg['repeats']}\n")
+    print(f"{'':30}  {'first token':>12}  {'tokens/s':>10}")
+    for name, row in rows.items():
+        print(f"{name:30}  {row['ttft_ms']:>9.1f} ms  {row['tokens_per_s']:>10.1f}")
+    a, b = rows.values()
+    print(f"{'server / in process':30}  {a['ttft_ms'] / b['ttft_ms']:>11.2f}x  "
+          f"{a['tokens_per_s'] / b['tokens_per_s']:>9.2f}x")
+    return rows
+
 
 def main(argv=None):
     cfg = get_config(DEFAULTS, argv, __doc__, check=check_settings)
@@ -716,9 +796,13 @@ def main(argv=None):
     check_output(cfg["json"] if cfg["json"] != "-" else "", "--json", cfg["force"])  # before the long work
     if cfg["nanogpt"] and not cfg["corpus"]:
         raise UserError("--nanogpt races on a corpus: add --corpus FILE_OR_FOLDER")
-    if cfg["corpus"]:
-        work = cfg["corpus"] and cfg["nanogpt"] and race_nanogpt(cfg)
-        result = {"corpus": cfg["corpus"], "settings": cfg, "results": work or corpus_bench(cfg)}
+    if cfg["corpus"] or cfg["serve"]:
+        if cfg["serve"]:
+            results = serve_bench(cfg, device)
+        else:
+            results = race_nanogpt(cfg) if cfg["nanogpt"] else corpus_bench(cfg)
+        result = {"corpus" if cfg["corpus"] else "serve": cfg["corpus"] or cfg["serve"], "settings": cfg,
+                  "results": results}
         if cfg["json"] == "-":
             print(json.dumps(result, indent=1))
         elif cfg["json"]:

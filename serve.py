@@ -2,7 +2,8 @@
 
     python serve.py --checkpoint runs/mychat/scratch-sft.pth     # then open http://127.0.0.1:8000/
     python serve.py --init gpt2 --port 8080 --api_key secret      # a pretrained model: POST /v1/completions
-    curl 127.0.0.1:8000/v1/chat/completions -d '{"model": "scratch-sft", "messages": [{"role": "user", "content": "Hi"}]}'
+    curl 127.0.0.1:8000/v1/chat/completions \\
+        -d '{"model": "scratch-sft", "messages": [{"role": "user", "content": "Hi"}]}'
 
 Routes: GET / (the page, chat.html), GET /v1/models, POST /v1/chat/completions (a chat model: its messages go through
 the prompt template generate.py --chat uses), POST /v1/completions (plain continuation; any model). Requests take
