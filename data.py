@@ -358,16 +358,17 @@ def record_text(line, path, line_no, text_field):
     return text
 
 
-def corpus_files(data_path):
+def corpus_files(data_path, include_hidden=False):
     """(root, files): the absolute path of a corpus and its files, each a dict of path (relative to a folder,
     "/"-separated; a file's own name) and its stat (STAT_KEYS). A folder is searched recursively for .txt, .md and
-    .jsonl files, skipping hidden names and not following links to folders, and sorted by relative path. Entries that
-    cannot be read (FIFOs, sockets, broken links, no permission) are skipped with a note each; they are never
-    opened, so a FIFO cannot block."""
+    .jsonl files, not following links to folders, and sorted by relative path; hidden files and folders (names that
+    start with ".") are skipped unless include_hidden, with a note that says how many. Entries that cannot be read
+    (FIFOs, sockets, broken links, no permission) are skipped with a note each; they are never opened, so a FIFO
+    cannot block."""
     root = os.path.abspath(data_path)
     if not os.path.isdir(root):
         return root, [_single_file(data_path, root)]
-    files = []
+    files, hidden = [], 0
 
     def unlistable(e):
         note(f"skipped folder {e.filename} ({e.strerror})")
@@ -376,9 +377,13 @@ def corpus_files(data_path):
         for d in [d for d in dirs if os.path.islink(os.path.join(folder, d))]:
             if not d.startswith("."):
                 note(f"skipped {os.path.join(folder, d)}: a link to a folder (links to folders are not followed)")
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        hidden += sum(d.startswith(".") for d in dirs) if not include_hidden else 0
+        dirs[:] = [d for d in dirs if include_hidden or not d.startswith(".")]
         for name in names:
-            if name.startswith(".") or not name.lower().endswith(CORPUS_SUFFIXES):
+            if name.startswith(".") and not include_hidden:
+                hidden += 1
+                continue
+            if not name.lower().endswith(CORPUS_SUFFIXES):
                 continue
             full = os.path.join(folder, name)
             why, st = _unreadable(full)
@@ -386,9 +391,12 @@ def corpus_files(data_path):
                 note(f"skipped {full}: {why}")
                 continue
             files.append(_file_entry(os.path.relpath(full, root).replace(os.sep, "/"), st))
+    if hidden:
+        note(f"skipped {hidden} hidden file(s) and folder(s) in {data_path} (names starting with \".\"): pass "
+             f"--include_hidden to read them too")
     if not files:
         raise UserError(f"folder {data_path} holds no readable .txt, .md or .jsonl files: put text files there or "
-                        f"pass a file to --data")
+                        f"pass a file to --data" + (" (or --include_hidden for the hidden ones)" if hidden else ""))
     return root, sorted(files, key=lambda f: f["path"])
 
 
@@ -433,7 +441,7 @@ def cache_paths(data_path, cache_dir=None):
     return stem + ".bin", stem + ".json"
 
 
-def token_cache(data_path, cache_dir=None, text_field="text", progress=True):
+def token_cache(data_path, cache_dir=None, text_field="text", progress=True, include_hidden=False):
     """A corpus (a file, or a folder of .txt, .md and .jsonl files) as GPT-2 token ids: TokenCache(tokens, meta,
     path), tokens a read-only uint16 numpy.memmap of the cache file at path, meta its metadata (cache_meta).
 
@@ -445,7 +453,7 @@ def token_cache(data_path, cache_dir=None, text_field="text", progress=True):
     written, so a killed build leaves no cache that a later call accepts. A lock file serializes processes (DDP
     ranks) that build the same cache.
     """
-    root, files = corpus_files(data_path)
+    root, files = corpus_files(data_path, include_hidden)
     bin_path, meta_path = cache_paths(data_path, cache_dir)
     try:
         return _cached_or_built(data_path, root, files, bin_path, meta_path, text_field, progress)

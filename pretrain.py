@@ -20,8 +20,8 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from data import (DATA_FILES, RandomWindows, TokenWindows, fetch_data, split_point, text_to_token_ids, token_cache,
-                  token_ids_to_text)
+from data import (DATA_FILES, EOT_ID, RandomWindows, TokenWindows, fetch_data, split_point, text_to_token_ids,
+                  token_cache, token_ids_to_text)
 from model import MODEL_CONFIGS, count_parameters, generate
 from settings import (UserError, autocast, changed_settings, check_training, describe_device, entry, get_config,
                       pick_device, pick_dtype, training_settings)
@@ -37,6 +37,7 @@ DEFAULTS = dict(
                                # the-verdict.txt is downloaded on first use
     cache_dir="",              # where the tokenized corpus is kept; "" = data/token-cache (under $GPT2_DATA_DIR)
     text_field="text",         # the field of each .jsonl record that holds its text
+    include_hidden=False,      # also read hidden files and folders (names starting with ".") of a --data folder
     out_dir="runs/pretrain",   # where model.pth, model_and_optimizer.pth, log.csv and loss-plot.png go
     init="scratch",            # scratch | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | PATH.pth
     model="gpt2",              # architecture when init=scratch: gpt2 | gpt2-medium | gpt2-large | gpt2-xl
@@ -51,7 +52,8 @@ DEFAULTS = dict(
     windows="auto",            # sliding (every --stride tokens, reshuffled each epoch, as the book) | random (at
                                # random offsets, for corpora too big to shuffle) | auto (random above 10M windows)
     stride=0,                  # tokens between sliding window starts; 0 = context_length (no overlap)
-    sample_prompt="Every effort moves you",  # printed continuation after each epoch; "" = off
+    sample_prompt="auto",      # printed continuation after each epoch; auto = the book's "Every effort moves you" on
+                               # the-verdict, else the first words of the validation text; "" = off
     sample_tokens=50,          # length of that continuation
     **training_settings(
         batch_size=2,          # windows per micro-batch (per process under torchrun)
@@ -66,7 +68,8 @@ DEFAULTS = dict(
 
 # what this run is: --resume with another value of one of these would continue it as another run
 RUN_SETTINGS = ("model", "context_length", "emb_dim", "n_heads", "n_layers", "drop_rate", "qkv_bias", "tie_weights",
-                "batch_size", "grad_accum_steps", "stride", "windows", "train_ratio", "seed", "text_field", "fsdp")
+                "batch_size", "grad_accum_steps", "stride", "windows", "train_ratio", "seed", "text_field",
+                "include_hidden", "fsdp")
 INPUTS = ("data", "init")  # settings that name files the run reads (never written over)
 MAX_SHUFFLED = 10_000_000  # windows: more, and --windows auto draws random offsets instead of a permutation
 
@@ -95,9 +98,24 @@ def load_cache(cfg):
     with local_main_first():  # under torchrun one process per machine downloads, the others then find the file
         if path in DATA_FILES and not os.path.exists(path):
             path = fetch_data(path)
-        cache = token_cache(path, cfg["cache_dir"] or None, cfg["text_field"], progress=not cfg["quiet"])
+        cache = token_cache(path, cfg["cache_dir"] or None, cfg["text_field"], not cfg["quiet"], cfg["include_hidden"])
     print(f"data: {path}, {len(cache.tokens):,} tokens in {len(cache.meta['files'])} file(s), cached in {cache.path}")
     return cache
+
+
+BOOK_PROMPT = "Every effort moves you"  # the book's sample prompt, a line of the-verdict
+
+
+def sample_prompt(cache, split, cfg):
+    """--sample_prompt auto: the book's prompt on the-verdict; on any other corpus the start of its validation text
+    (its first 6 tokens, from the first whole word), which a prompt written for the-verdict would not fit."""
+    if cfg["sample_prompt"] != "auto":
+        return cfg["sample_prompt"]
+    if os.path.basename(cfg["data"]) == "the-verdict.txt":
+        return BOOK_PROMPT
+    ids = [int(t) for t in cache.tokens[split:split + 12] if int(t) != EOT_ID]
+    words = token_ids_to_text(ids).split()
+    return " ".join(words[1:7] if len(words) > 2 else words)  # the first piece may be the end of a word
 
 
 def make_loaders(cache, cfg):
@@ -132,7 +150,9 @@ def main(argv=None):
     outputs = [os.path.join(cfg["out_dir"], "model.pth")]
     folder = RunFolder(cfg, outputs, command_line(__file__, argv), RUN_SETTINGS, INPUTS) if trains else None
     with folder or contextlib.nullcontext() as run:
-        train_loader, val_loader = make_loaders(load_cache(cfg), cfg)
+        cache = load_cache(cfg)
+        train_loader, val_loader = make_loaders(cache, cfg)
+        cfg["sample_prompt"] = sample_prompt(cache, split_point(cache, cfg["train_ratio"]), cfg)
         if cfg["dry_run"]:
             model_cfg = model_config(cfg) if cfg["init"] == "scratch" else build_model(cfg)[0].cfg
             return print_dry_run(model_cfg, cfg, len(train_loader), dtype, device, time_steps=3)

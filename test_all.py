@@ -770,6 +770,31 @@ def test_folder_joins_documents_like_load_text(tmp_path):
     assert cached(folder, tmp_path).tokens.tolist() == encode(data.load_text(folder))
 
 
+def test_hidden_entries_are_counted_and_read_on_request(tmp_path, capsys):
+    folder = make_corpus(tmp_path / "c", {"a.txt": "alpha", ".agents/b.txt": "beta", ".agents/c/d.md": "delta",
+                                          ".e.txt": "eps", "sub/.f.md": "phi"})
+    root, files = data.corpus_files(folder)
+    assert [f["path"] for f in files] == ["a.txt"]
+    assert "skipped 3 hidden file(s) and folder(s)" in capsys.readouterr().err  # .agents, .e.txt, sub/.f.md
+    root, files = data.corpus_files(folder, include_hidden=True)
+    assert [f["path"] for f in files] == [".agents/b.txt", ".agents/c/d.md", ".e.txt", "a.txt", "sub/.f.md"]
+    assert "hidden" not in capsys.readouterr().err
+    only_hidden = make_corpus(tmp_path / "h", {".x/y.txt": "why"})
+    with pytest.raises(settings.UserError, match="--include_hidden"):
+        data.corpus_files(only_hidden)
+
+
+def test_an_own_corpus_run_samples_from_its_validation_text(tmp_path, capsys):
+    (tmp_path / "own.txt").write_text(words_text(400))
+    pretrain.main(short_pretrain_flags("own.txt", sample_prompt="auto", sample_tokens=3) + ["--out_dir", "run"])
+    out = capsys.readouterr().out
+    cache = data.token_cache("own.txt", progress=False)
+    prompt = pretrain.sample_prompt(cache, data.split_point(cache, 0.9), {"sample_prompt": "auto", "data": "own.txt"})
+    start = data.token_ids_to_text(cache.tokens[data.split_point(cache, 0.9):][:40].tolist())
+    assert len(prompt.split()) >= 3 and prompt in " ".join(start.split()) and prompt in out  # the sample starts so
+    assert pretrain.BOOK_PROMPT not in out
+
+
 def test_pieces_tokenize_like_the_whole_text(tmp_path, monkeypatch):
     rng = random.Random(1)
     tok = tiktoken.get_encoding("gpt2")
