@@ -45,7 +45,7 @@ from trainer import (BEST, POSITION, STOP, TRAIN_STATE, DivergenceGuard, Progres
                      batches_per_epoch, build_model, calc_loss_batch, calc_loss_loader, catch_signals, clip_gradients,
                      command_line, count_steps, describe_distributed, evaluate_model, finished, grad_sync, is_best,
                      is_main_process, last_token_logits, loader_batches, local_main_first, lr_at_step, make_optimizer,
-                     plot_losses, print_dry_run, process_rank, save_best, save_model, save_train_state,
+                     plot_losses, print_dry_run, process_rank, progress_bar, save_best, save_model, save_train_state,
                      setup_distributed, start_position, world_size, wrap_model)
 
 DEFAULTS = dict(
@@ -349,17 +349,19 @@ def dpo_batch_loss(policy, reference, batch, beta, device, ref_logp=None):
 
 
 @torch.no_grad()
-def evaluate_dpo(policy, reference, loader, beta, device, num_batches=None, dtype=torch.float32, ref_cache=None):
+def evaluate_dpo(policy, reference, loader, beta, device, num_batches=None, dtype=torch.float32, ref_cache=None,
+                 progress=False):
     """Mean DPO loss, reward margin (chosen minus rejected reward) and reward accuracy (share of pairs where the
     chosen response gains more than the rejected one) over the first num_batches batches (all when None).
 
     The reference model never changes, so with a ref_cache dict (one per unshuffled loader) its log-probs are
-    computed at the first evaluation only.
+    computed at the first evaluation only. progress: a bar (the first evaluation scores the reference too).
     """
     was_training = policy.training
     policy.eval()
     losses, chosen, rejected = [], [], []
-    for i, batch in enumerate(loader):
+    n = len(loader) if num_batches is None else min(num_batches, len(loader))
+    for i, batch in enumerate(progress_bar(loader, n, "DPO scores", progress, announce=True)):
         if num_batches is not None and i >= num_batches or STOP:  # a stop request ends it at once
             break
         with autocast(device, dtype):
@@ -413,13 +415,14 @@ def reward_pair_scores(reward_model, batch, device):
 
 
 @torch.no_grad()
-def evaluate_reward_model(reward_model, loader, device, num_batches=None, dtype=torch.float32):
+def evaluate_reward_model(reward_model, loader, device, num_batches=None, dtype=torch.float32, progress=False):
     """Bradley-Terry loss, pairwise accuracy (share of pairs where the chosen answer scores higher) and mean
     margin (chosen minus rejected score) over the first num_batches batches (all when None)."""
     was_training = reward_model.training
     reward_model.eval()
     chosen, rejected = [], []
-    for i, batch in enumerate(loader):
+    n = len(loader) if num_batches is None else min(num_batches, len(loader))
+    for i, batch in enumerate(progress_bar(loader, n, "reward model scores", progress, announce=True)):
         if num_batches is not None and i >= num_batches or STOP:  # a stop request ends it at once
             break
         with autocast(device, dtype):
@@ -543,7 +546,7 @@ def rollout(policy, reference, prompts, reward_fn, cfg, generator, device, dtype
     tokenizer = get_tokenizer()
     samples = []
     policy.eval()
-    for prompt in prompts:
+    for prompt in progress_bar(prompts, len(prompts), "rollouts", show=not cfg["quiet"]):
         if STOP:  # a stop request: leave at once, the caller saves
             policy.train()
             return None
@@ -627,9 +630,10 @@ def split_scores(model, loaders, splits, cfg, device, dtype, num_batches=None, r
     for split in (s for s in splits if s in loaders):
         if cfg["method"] == "dpo":
             scores[split] = evaluate_dpo(model, reference, loaders[split], cfg["beta"], device, num_batches, dtype,
-                                         ref_cache[split])
+                                         ref_cache[split], progress=not cfg["quiet"] and num_batches is None)
         elif cfg["method"] == "rm":
-            scores[split] = evaluate_reward_model(model, loaders[split], device, num_batches, dtype)
+            scores[split] = evaluate_reward_model(model, loaders[split], device, num_batches, dtype,
+                                                  progress=not cfg["quiet"] and num_batches is None)
         else:
             scores[split] = {"loss": calc_loss_loader(loaders[split], model, device, num_batches, dtype,
                                                       progress=not cfg["quiet"])}
@@ -995,9 +999,6 @@ def run_sft(cfg, device, dtype, run):
 
 
 def run_dpo(cfg, device, dtype, run):
-    if cfg["init"].endswith(".pth") and not os.path.isfile(cfg["init"]):
-        raise UserError(f"no SFT checkpoint at {cfg['init']}: run `python finetune_chat.py` first, or pass "
-                        f"--init PATH of one")
     path = resolve_data(cfg)
     train, test, val = split_data(load_preference_records(path), cfg)
     policy = build_policy(cfg, device)
@@ -1137,6 +1138,8 @@ def run_rl(cfg, device, dtype, run):
     startup_line(cfg, device, dtype, policy, f"{len(prompts['train'])} train / {len(prompts['val'])} held-out prompts "
                                              f"from {path}, {cfg['group_size']} answers each, reward {cfg['reward']}")
     held_out = prompts["val"][:cfg["eval_iters"] * cfg["prompts_per_step"]]
+    if not cfg["quiet"]:
+        print(f"sampling answers of the policy and of the SFT model to {len(held_out)} held-out prompts")
     before = evaluate_policy(policy, reference, held_out, reward_fn, cfg, device, dtype)
     print("before: " + ", ".join(f"{k} {v:.3f}" for k, v in before.items()))
     start = time.time()
@@ -1171,6 +1174,9 @@ def main(argv=None):
                                      ("metrics.json", "instruction-data-with-response.json", "accuracy-plot.png",
                                       "reward-plot.png", "kl-plot.png")]
     run_method = {"sft": run_sft, "dpo": run_dpo, "rm": run_rm, "grpo": run_rl, "rloo": run_rl}[cfg["method"]]
+    if cfg["method"] != "sft" and cfg["init"].endswith(".pth") and not os.path.isfile(cfg["init"]):
+        raise UserError(f"no SFT checkpoint at {cfg['init']}: --method {cfg['method']} starts from an instruction-"
+                        f"tuned model, so run `python finetune_chat.py` (sft) first, or pass --init PATH of one")
     folder = RunFolder(cfg, outputs, command_line(__file__, argv), RUN_SETTINGS, INPUTS) if not cfg["dry_run"] else None
     with folder or nullcontext() as run:
         return run_method(cfg, device, dtype, run)

@@ -2909,8 +2909,10 @@ def test_bad_preference_data_and_missing_init(tmp_path):
     empty = write_json(tmp_path / "empty.json", [{"instruction": "a", "chosen": "b", "rejected": " "}])
     with pytest.raises(settings.UserError, match=r"record 0 \(0-based\) has an empty 'rejected' response"):
         finetune_chat.main(["--method", "dpo", "--init", init, "--data", empty, "--device", "cpu"])
-    with pytest.raises(settings.UserError, match=r"no SFT checkpoint at .*nope.pth"):
-        finetune_chat.main(["--method", "dpo", "--init", str(tmp_path / "nope.pth"), "--data", prefs])
+    for method in ("dpo", "rm", "grpo", "rloo"):  # every method that starts from the SFT model says how to get one
+        with pytest.raises(settings.UserError, match=r"no SFT checkpoint at .*nope.pth.*finetune_chat.py. \(sft\)"):
+            finetune_chat.main(["--method", method, "--init", str(tmp_path / "nope.pth"), "--data", prefs,
+                                "--reward", "contains:b"])
 
 
 def test_chat_misspelled_flag_or_bad_value_exits_2(capsys):

@@ -384,6 +384,15 @@ class Progress:
             self.bar = None
 
 
+def progress_bar(items, total, desc, show=True, announce=False):
+    """items, with a bar on stderr while they are worked through when show and stderr is a terminal; with announce,
+    where stderr is a file or a pipe, one line that says what runs (for phases of more than a few seconds)."""
+    shown = show and is_main_process()
+    if shown and announce and not sys.stderr.isatty():
+        print(f"{desc}: {total} to go", file=sys.stderr, flush=True)
+    return tqdm(items, total=total, desc=desc, unit="batch", leave=False, disable=not (shown and sys.stderr.isatty()))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The step log: log.csv, one row per optimizer step, appended as the run goes
 # ---------------------------------------------------------------------------------------------------------------
