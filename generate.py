@@ -18,8 +18,8 @@ import sys
 
 import torch
 
-from data import (EOT_ID, TEMPLATE_NAME, atomic_write, check_output, get_tokenizer, read_text_file, save_pth,
-                  text_to_token_ids)
+from data import (EOT_ID, TEMPLATE_NAME, atomic_write, check_output, get_tokenizer, make_folder, read_text_file,
+                  save_pth, text_to_token_ids)
 from layers import quantize_int8
 from load_gpt2 import init_model
 from model import KVCache, checkpoint_dict, count_parameters, generate_stream
@@ -46,7 +46,7 @@ DEFAULTS = dict(
     seed=123,                  # sampling seed
     stream=False,              # print tokens as they come
     show_probs=False,          # print the next-token distribution at temperatures 1, 0.1 and 5 and exit
-    probs_plot="temperature-plot.png",  # where --show_probs draws its chart (needs matplotlib); "" = off
+    probs_plot="runs/temperature-plot.png",  # where --show_probs draws its chart (needs matplotlib); "" = off
     chat=False,                # talk: one message per line on standard input, replies keep the conversation
     system="",                 # --chat: a first instruction that holds for the whole conversation; "" = none
     n_heads=0,                 # heads of a bare state_dict (no config) whose width is not a GPT-2 size; 0 = from width
@@ -192,6 +192,7 @@ def show_next_token_probs(model, idx, tokenizer, plot_path, k=10):
         ax.set_ylabel("probability")
         ax.legend()
         fig.tight_layout()
+        make_folder(os.path.dirname(plot_path) or ".", "--probs_plot's folder")
         atomic_write(plot_path, lambda f: fig.savefig(f, dpi=120, format=plot_format(plot_path)))
         plt.close(fig)
         print(f"wrote {plot_path}")

@@ -4664,7 +4664,7 @@ def test_probs_plot_redraws_its_default_file_and_refuses_other_formats(tmp_path,
     for _ in range(2):
         code, out, err = run_main(generate_script.main, ["--checkpoint", lm, "--show_probs", "--device", "cpu"])
         assert code == 0, err
-        assert (tmp_path / "temperature-plot.png").read_bytes()[:4] == b"\x89PNG"
+        assert (tmp_path / "runs" / "temperature-plot.png").read_bytes()[:4] == b"\x89PNG"  # under runs/
     for name in ("plot.csv", "plot", "plot.pth"):
         code, _, err = run_main(generate_script.main, ["--checkpoint", lm, "--show_probs", "--device", "cpu",
                                                        "--probs_plot", name])
