@@ -139,7 +139,7 @@ TRAINING = dict(
     batch_size=8,              # examples per micro-batch (per process under torchrun)
     grad_accum_steps=1,        # micro-batches summed per optimizer step
     epochs=1,                  # passes over the training data
-    max_steps=0,               # train exactly this many optimizer steps (as many epochs as that takes); 0 = --epochs
+    max_steps=0,               # train exactly this many optimizer steps, over as many epochs as needed; 0 = --epochs
     lr=5e-5,                   # peak learning rate
     weight_decay=0.1,          # AdamW decoupled weight decay
     lr_schedule="constant",    # constant | cosine (cosine decays to min_lr after warmup)
@@ -160,8 +160,8 @@ TRAINING = dict(
     quiet=False,               # print only the evaluations and the summary: no progress bar or lines
     logger="none",             # none | tensorboard | wandb: also log every evaluation there (needs that package)
     fsdp=False,                # under torchrun: shard weights, gradients and optimizer state (FSDP2); off = DDP
-    max_steps=0,               # train exactly this many optimizer steps, over as many epochs as needed; 0 = --epochs
-                               # the estimated time, from a few timed steps), then exit
+    dry_run=False,             # print parameters, estimated memory, tokens per step, steps per epoch (and in
+                               # pretrain.py the estimated time, from a few timed steps), then exit
 )
 
 
