@@ -546,7 +546,7 @@ def rollout(policy, reference, prompts, reward_fn, cfg, generator, device, dtype
     tokenizer = get_tokenizer()
     samples = []
     policy.eval()
-    for prompt in progress_bar(prompts, len(prompts), "rollouts", show=not cfg["quiet"]):
+    for prompt in progress_bar(prompts, len(prompts), "rollouts", show=not cfg.get("quiet")):
         if STOP:  # a stop request: leave at once, the caller saves
             policy.train()
             return None
