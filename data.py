@@ -927,8 +927,8 @@ def check_input(path, flag="input"):
         raise UserError(f"no file at {path}: check {flag}")
     why, _ = _unreadable(path)
     if why:
-        raise UserError(f"cannot read {flag} {path}: it is {why}" if why.startswith("a ") else
-                        f"cannot read {flag} {path}: {why}")
+        raise UserError(f"cannot read {flag} {path}: it is {why}: pass a regular file" if why.startswith("a ")
+                        else f"cannot read {flag} {path}: {why}")
     return path
 
 
