@@ -302,7 +302,7 @@ def _find_files(path):
     else:
         raise CheckpointError(f"no model at {path}: pass a model.safetensors file or a folder holding one")
     cj = os.path.join(folder, "config.json")
-    return st, (cj if os.path.isfile(cj) else None)
+    return st, (check_input(cj, "the model folder's file") if os.path.lexists(cj) else None)
 
 
 def config_from_json(path, drop_rate=0.0):

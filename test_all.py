@@ -4789,6 +4789,10 @@ def test_inputs_that_are_not_readable_regular_files_are_one_line(tmp_path):
     os.mkfifo(os.path.join(folder, "tokenizer_config.json"))
     proc = run_script("load_gpt2.py", "--model", folder, "--out", str(tmp_path / "back.pth"), timeout=120)
     assert_one_line_error(proc, "tokenizer_config.json", "FIFO")
+    os.remove(os.path.join(folder, "config.json"))
+    os.mkfifo(os.path.join(folder, "config.json"))
+    proc = run_script("load_gpt2.py", "--model", folder, "--out", str(tmp_path / "back.pth"), timeout=120)
+    assert_one_line_error(proc, "config.json", "FIFO")
     models = tmp_path / "models"
     load_gpt2.export_hf(M.save_checkpoint(str(tmp_path / "lm.pth"), tiny_model()), str(models / "gpt2"))
     os.mkfifo(models / "gpt2" / "model.safetensors.sha256")
