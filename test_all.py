@@ -980,13 +980,13 @@ def test_killed_process_leaves_no_accepted_cache(tmp_path):
     assert not [n for n in os.listdir(cache_dir) if n.endswith(".tmp")]
 
 
-def test_full_disk_is_one_clear_error(tmp_path, monkeypatch):
-    folder = make_corpus(tmp_path / "corpus", {"a.txt": "alpha " * 5000})
-    real_open = open
-    monkeypatch.setattr(data, "open", lambda path, mode="r", **kw: real_open(
-        "/dev/full" if str(path).endswith(".tmp") and "w" in mode else path, mode, **kw), raising=False)
-    with pytest.raises(data.UserError, match=r"cannot write the token cache .*No space left on device.*GPT2_DATA_DIR"):
-        cached(folder, tmp_path)
+def test_full_disk_is_one_clear_error(tmp_path):
+    folder = make_corpus(tmp_path / "corpus", {"a.txt": "alpha " * 5000})  # 10 kB of tokens
+    code = (f"import sys; sys.path.insert(0, {HERE!r}); import data, settings\n"
+            f"settings.entry(lambda: data.token_cache({folder!r}, {str(tmp_path / 'cache')!r}, progress=False))")
+    proc = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=120,
+                          preexec_fn=_limit_file_size(4096))  # a write past 4 kB fails as on a full disk
+    assert_one_line_error(proc, "cannot write the token cache", "File too large", "GPT2_DATA_DIR")
     assert [n for n in cache_folder_files(tmp_path) if not n.endswith(".lock")] == []
 
 
