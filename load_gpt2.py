@@ -579,6 +579,8 @@ def ensure_downloaded(model_name, models_dir="models", hub_url=None, verify=Fals
     st, cj = os.path.join(folder, "model.safetensors"), os.path.join(folder, "config.json")
     urls = hub_urls(model_name, hub_url)
     by_hand = f"download {urls['model.safetensors']} and {urls['config.json']} by hand into {folder}/"
+    if os.path.lexists(st):
+        check_input(st, "the downloaded weights")  # it is hashed below: never a pipe, never unreadable
     if os.path.isfile(st) and _check_record(st, rehash=verify):
         return folder
     try:
@@ -1019,6 +1021,8 @@ def export_hf(pth_path, out_dir, force=False):
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UserError(f"--out {out_dir} is a file, not a folder: pick a folder path (it is created if missing)")
     check_parent(out_dir, "--out")
+    if os.path.islink(out_dir):
+        raise UserError(f"--out {out_dir} is a symbolic link: pass the folder it points to, or a new folder")
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not force:
         raise UserError(f"{out_dir} exists and is not empty: pick a new folder or pass --force")
     if not os.path.isfile(pth_path):

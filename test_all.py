@@ -742,8 +742,9 @@ def test_single_file_gives_tiktokens_ids(tmp_path, verdict):
     assert meta["source"] == os.path.abspath(verdict) and meta["n_tokens"] == len(c.tokens)
     st = os.stat(verdict)
     assert meta["files"] == [{"path": "the-verdict.txt", "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-                              "offset": 0, "n_tokens": len(c.tokens), "n_chars": len(open(verdict).read()),
-                              "index": [[0, 0]]}]
+                              "ctime_ns": st.st_ctime_ns, "ino": st.st_ino, "offset": 0, "n_tokens": len(c.tokens),
+                              "n_chars": len(open(verdict).read()), "index": [[0, 0]]}]
+    assert meta["checksum"] == data.with_checksum(meta)["checksum"]
 
 
 def test_folder_joins_documents_like_load_text(tmp_path):
