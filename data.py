@@ -458,7 +458,7 @@ def token_cache(data_path, cache_dir=None, text_field="text", progress=True, inc
     try:
         return _cached_or_built(data_path, root, files, bin_path, meta_path, text_field, progress)
     except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM):
             raise
         raise UserError(f"cannot write the token cache {bin_path} ({e.strerror}): free some space, or set "
                         f"GPT2_DATA_DIR to a writable folder with room for about half the corpus's size") from None
@@ -948,8 +948,8 @@ def check_input(path, flag="input"):
         raise UserError(f"no file at {path}: check {flag}")
     why, _ = _unreadable(path)
     if why:
-        raise UserError(f"cannot read {flag} {path}: it is {why}" if why.startswith("a ") else
-                        f"cannot read {flag} {path}: {why}")
+        raise UserError(f"cannot read {flag} {path}: it is {why}: pass a regular file" if why.startswith("a ")
+                        else f"cannot read {flag} {path}: {why}")
     return path
 
 

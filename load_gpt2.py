@@ -302,7 +302,7 @@ def _find_files(path):
     else:
         raise CheckpointError(f"no model at {path}: pass a model.safetensors file or a folder holding one")
     cj = os.path.join(folder, "config.json")
-    return st, (cj if os.path.isfile(cj) else None)
+    return st, (check_input(cj, "the model folder's file") if os.path.lexists(cj) else None)
 
 
 def config_from_json(path, drop_rate=0.0):
@@ -320,7 +320,8 @@ def config_from_json(path, drop_rate=0.0):
     for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
         if hf.get(key) is not None and (type(hf[key]) is not int or not 0 <= hf[key] < hf["vocab_size"]):
             raise CheckpointError(f"{path}: {key} {hf[key]!r} is not a token id (a whole number from 0 to "
-                                  f"vocab_size - 1 = {hf['vocab_size'] - 1})")
+                                  f"vocab_size - 1 = {hf['vocab_size'] - 1}): use the config.json that came with "
+                                  f"these weights")
     ctx = hf["n_positions"]
     act = hf.get("activation_function", "gelu_new")
     if act not in ("gelu_new", "gelu_pytorch_tanh"):
@@ -347,7 +348,8 @@ def _read_json(path, what="a JSON object"):
     check_input(path, "the model folder's file")
     try:
         if os.path.getsize(path) > JSON_MAX_BYTES:
-            raise CheckpointError(f"{path} is over {JSON_MAX_BYTES:,} bytes: not a config file of GPT-2's")
+            raise CheckpointError(f"{path} is over {JSON_MAX_BYTES:,} bytes, too big for a GPT-2 config: use the "
+                                  f"file that came with these weights")
         with open(path, encoding="utf-8") as f:
             obj = parse_json(f.read(), path)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -577,6 +579,8 @@ def ensure_downloaded(model_name, models_dir="models", hub_url=None, verify=Fals
     st, cj = os.path.join(folder, "model.safetensors"), os.path.join(folder, "config.json")
     urls = hub_urls(model_name, hub_url)
     by_hand = f"download {urls['model.safetensors']} and {urls['config.json']} by hand into {folder}/"
+    if os.path.lexists(st):
+        check_input(st, "the downloaded weights")  # it is hashed below: never a pipe, never unreadable
     if os.path.isfile(st) and _check_record(st, rehash=verify):
         return folder
     try:
@@ -801,19 +805,19 @@ def check_classifier_fields(ckpt, cfg, path):
     """Refuse a classifier checkpoint whose own numbers are out of range (an edited or foreign file): max_length
     (None, or 1..context_length), pad_id (a token id), and the LoRA rank (its adapters') and alpha (finite)."""
     max_length, pad_id, lora = ckpt.get("max_length"), ckpt.get("pad_id", EOT_ID), ckpt.get("lora")
+    fix = "a damaged or edited checkpoint: use the .pth that finetune_cls.py wrote"
     if max_length is not None and (type(max_length) is not int or not 1 <= max_length <= cfg["context_length"]):
         raise CheckpointError(f"{path}: max_length {max_length!r} is not a whole number from 1 to the model's "
-                              f"context_length {cfg['context_length']}: a damaged or edited checkpoint")
+                              f"context_length {cfg['context_length']}: {fix}")
     if type(pad_id) is not int or not 0 <= pad_id < cfg["vocab_size"]:
-        raise CheckpointError(f"{path}: pad_id {pad_id!r} is not a token id (0 to {cfg['vocab_size'] - 1}): a "
-                              f"damaged or edited checkpoint")
+        raise CheckpointError(f"{path}: pad_id {pad_id!r} is not a token id (0 to {cfg['vocab_size'] - 1}): {fix}")
     if not lora:
         return
     ranks = {tuple(v.shape)[0] for k, v in ckpt["model"].items() if k.endswith(".A") and v.dim() == 2}
     if not (isinstance(lora, dict) and type(lora.get("rank")) is int and ranks == {lora["rank"]}
             and type(lora.get("alpha")) in (int, float) and math.isfinite(lora["alpha"])):
         raise CheckpointError(f"{path}: its lora settings {str(lora)[:80]} are not the rank of its adapters "
-                              f"({few(sorted(ranks)) or 'none'}) and a finite alpha: a damaged or edited checkpoint")
+                              f"({few(sorted(ranks)) or 'none'}) and a finite alpha: {fix}")
 
 
 def fold_head_bias(weight, bias, shift):
@@ -1017,6 +1021,8 @@ def export_hf(pth_path, out_dir, force=False):
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UserError(f"--out {out_dir} is a file, not a folder: pick a folder path (it is created if missing)")
     check_parent(out_dir, "--out")
+    if os.path.islink(out_dir):
+        raise UserError(f"--out {out_dir} is a symbolic link: pass the folder it points to, or a new folder")
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not force:
         raise UserError(f"{out_dir} exists and is not empty: pick a new folder or pass --force")
     if not os.path.isfile(pth_path):

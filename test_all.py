@@ -749,8 +749,9 @@ def test_single_file_gives_tiktokens_ids(tmp_path, verdict):
     assert meta["source"] == os.path.abspath(verdict) and meta["n_tokens"] == len(c.tokens)
     st = os.stat(verdict)
     assert meta["files"] == [{"path": "the-verdict.txt", "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-                              "offset": 0, "n_tokens": len(c.tokens), "n_chars": len(open(verdict).read()),
-                              "index": [[0, 0]]}]
+                              "ctime_ns": st.st_ctime_ns, "ino": st.st_ino, "offset": 0, "n_tokens": len(c.tokens),
+                              "n_chars": len(open(verdict).read()), "index": [[0, 0]]}]
+    assert meta["checksum"] == data.with_checksum(meta)["checksum"]
 
 
 def test_folder_joins_documents_like_load_text(tmp_path):
@@ -1012,13 +1013,13 @@ def test_killed_process_leaves_no_accepted_cache(tmp_path):
     assert not [n for n in os.listdir(cache_dir) if n.endswith(".tmp")]
 
 
-def test_full_disk_is_one_clear_error(tmp_path, monkeypatch):
-    folder = make_corpus(tmp_path / "corpus", {"a.txt": "alpha " * 5000})
-    real_open = open
-    monkeypatch.setattr(data, "open", lambda path, mode="r", **kw: real_open(
-        "/dev/full" if str(path).endswith(".tmp") and "w" in mode else path, mode, **kw), raising=False)
-    with pytest.raises(data.UserError, match=r"cannot write the token cache .*No space left on device.*GPT2_DATA_DIR"):
-        cached(folder, tmp_path)
+def test_full_disk_is_one_clear_error(tmp_path):
+    folder = make_corpus(tmp_path / "corpus", {"a.txt": "alpha " * 5000})  # 10 kB of tokens
+    code = (f"import sys; sys.path.insert(0, {HERE!r}); import data, settings\n"
+            f"settings.entry(lambda: data.token_cache({folder!r}, {str(tmp_path / 'cache')!r}, progress=False))")
+    proc = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=120,
+                          preexec_fn=_limit_file_size(4096))  # a write past 4 kB fails as on a full disk
+    assert_one_line_error(proc, "cannot write the token cache", "File too large", "GPT2_DATA_DIR")
     assert [n for n in cache_folder_files(tmp_path) if not n.endswith(".lock")] == []
 
 
@@ -5425,6 +5426,10 @@ def test_inputs_that_are_not_readable_regular_files_are_one_line(tmp_path):
     os.mkfifo(os.path.join(folder, "tokenizer_config.json"))
     proc = run_script("load_gpt2.py", "--model", folder, "--out", str(tmp_path / "back.pth"), timeout=120)
     assert_one_line_error(proc, "tokenizer_config.json", "FIFO")
+    os.remove(os.path.join(folder, "config.json"))
+    os.mkfifo(os.path.join(folder, "config.json"))
+    proc = run_script("load_gpt2.py", "--model", folder, "--out", str(tmp_path / "back.pth"), timeout=120)
+    assert_one_line_error(proc, "config.json", "FIFO")
     models = tmp_path / "models"
     load_gpt2.export_hf(M.save_checkpoint(str(tmp_path / "lm.pth"), tiny_model()), str(models / "gpt2"))
     os.mkfifo(models / "gpt2" / "model.safetensors.sha256")
