@@ -34,8 +34,8 @@ import urllib.request
 import torch
 from tqdm import tqdm
 
-from data import (GPTDatasetV1, TokenWindows, check_output, corpus_files, fetch_data, get_tokenizer, token_cache,
-                  write_json)
+from data import GPTDatasetV1, TokenWindows, corpus_files, fetch_data, get_tokenizer, token_cache
+from files import check_output, write_json
 from layers import quantize_int8
 from load_gpt2 import init_model
 from model import GPT_CONFIG_124M, MODEL_CONFIGS, GPTModel, KVCache, count_parameters, generate

@@ -1,5 +1,7 @@
-"""Everything between files and tensors: the GPT-2 tokenizer, datasets and collate functions (pretraining text,
-labelled CSVs, instructions, preferences), readers of text/CSV/JSON, verified downloads, and atomic file writes.
+"""What every stage needs between text and tensors: the GPT-2 tokenizer, the book's GPTDatasetV1 and
+create_dataloader_v1, text files, the token cache of a corpus and its training windows, verified downloads of the
+corpora, and the Alpaca prompt template. Task data lives with its script (labelled CSVs in finetune_cls.py,
+instruction and preference records in finetune_chat.py); writing and checking files in files.py.
 
     from data import get_tokenizer, text_to_token_ids, create_dataloader_v1, fetch_data
     path = fetch_data("the-verdict.txt")            # downloads once, checks sha256
@@ -13,18 +15,13 @@ labelled CSVs, instructions, preferences), readers of text/CSV/JSON, verified do
 """
 import codecs
 import contextlib
-import csv
 import errno
 import glob
 import hashlib
-import io
 import json
 import mmap
 import os
-import random
 import re
-import secrets
-import shutil
 import stat
 import sys
 import tempfile
@@ -42,6 +39,8 @@ import urllib3
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from files import (CLOEXEC, NOFOLLOW, NONBLOCK, atomic_write, check_input, file_kind, make_folder, new_temp_file,
+                   open_lock, unreadable, write_json)
 from settings import UserError, cpu_count, few, get_config, note
 from settings import entry as settings_entry  # "entry" names a record here
 
@@ -386,7 +385,7 @@ def corpus_files(data_path, include_hidden=False):
             if not name.lower().endswith(CORPUS_SUFFIXES):
                 continue
             full = os.path.join(folder, name)
-            why, st = _unreadable(full)
+            why, st = unreadable(full)
             if why:
                 note(f"skipped {full}: {why}")
                 continue
@@ -403,23 +402,10 @@ def corpus_files(data_path, include_hidden=False):
 def _single_file(data_path, root):
     if not os.path.lexists(root):
         raise UserError(f"no file at {data_path}: check the path or pass --data")
-    why, st = _unreadable(root)
+    why, st = unreadable(root)
     if why:
         raise UserError(f"cannot read {data_path}: {why}; pass a text file or a folder")
     return _file_entry(os.path.basename(root), st)
-
-
-def _unreadable(path):
-    """(why path cannot be read as a text file, or None; its stat) without opening it."""
-    try:
-        st = os.stat(path)
-    except OSError as e:
-        return ("a broken link" if os.path.islink(path) else e.strerror), None
-    if not stat.S_ISREG(st.st_mode):
-        return f"{_kind(st)}, not a regular file", st
-    if not os.access(path, os.R_OK):
-        return "permission denied (check its permissions)", st
-    return None, st
 
 
 # What a cache compares to tell that a source changed, as git does: size and mtime, and the inode number and ctime,
@@ -592,7 +578,7 @@ def _extend_cache(root, meta, added, bin_path, meta_path, progress):
     holds and committed_meta cuts the partial tokens off."""
     note(f"{len(added)} file(s) added since the token cache was built: tokenizing them")
     _remove_leftovers(bin_path, meta_path)
-    with open(os.open(bin_path, os.O_RDWR | _NOFOLLOW | _CLOEXEC), "r+b") as out:  # never through a link
+    with open(os.open(bin_path, os.O_RDWR | NOFOLLOW | CLOEXEC), "r+b") as out:  # never through a link
         out.seek(2 * meta["n_tokens"])
         entries = tokenize_files(root, added, out, meta["text_field"], progress, offset=meta["n_tokens"],
                                  after=True)
@@ -855,311 +841,6 @@ def _mix64(x):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Writing files: all at once or not at all
-# ---------------------------------------------------------------------------------------------------------------
-
-TMP_SUFFIX = ".tmp"
-_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)   # Windows has no links to follow here
-_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
-_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
-_STALE_TMP = re.compile(r".+\.(\d+)(?:\.[0-9a-f]{16})?" + re.escape(TMP_SUFFIX))  # NAME.PID[.RANDOM].tmp
-
-
-def new_temp_file(path):
-    """(fd, name) of a new empty file beside path, NAME.PID.RANDOM.tmp, opened for writing. It is created exclusively
-    (O_EXCL: never through a link planted there, never over a file that exists), under a name nobody can predict,
-    with the permissions of any new file (the umask); the PID in the name lets remove_stale_tmp tell a killed
-    writer's file from a live one's."""
-    folder, base = os.path.split(os.path.abspath(path))
-    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC | getattr(os, "O_BINARY", 0)
-    for _ in range(100):
-        tmp = os.path.join(folder, f"{base}.{os.getpid()}.{secrets.token_hex(8)}{TMP_SUFFIX}")
-        try:
-            return os.open(tmp, flags, 0o666), tmp
-        except FileExistsError:
-            continue
-    raise FileExistsError(errno.EEXIST, "no free temporary name", path)
-
-
-def new_temp_dir(path):
-    """A new empty folder beside path, NAME.PID.RANDOM.tmp, created exclusively (mkdir fails on anything already
-    there, a link included), with the permissions of any new folder (the umask). Returns its path."""
-    folder, base = os.path.split(os.path.abspath(path))
-    for _ in range(100):
-        tmp = os.path.join(folder, f"{base}.{os.getpid()}.{secrets.token_hex(8)}{TMP_SUFFIX}")
-        try:
-            os.mkdir(tmp, 0o777)
-            return tmp
-        except FileExistsError:
-            continue
-    raise FileExistsError(errno.EEXIST, "no free temporary name", path)
-
-
-def remove_stale_temp_dirs(path):
-    """Delete the folders new_temp_dir(path) made for processes that are gone (killed midway)."""
-    folder, base = os.path.split(os.path.abspath(path))
-    pattern = re.compile(re.escape(base) + r"\.(\d+)\.[0-9a-f]{16}" + re.escape(TMP_SUFFIX))
-    for name in os.listdir(folder) if os.path.isdir(folder) else []:
-        m = pattern.fullmatch(name)
-        full = os.path.join(folder, name)
-        if m and not _process_alive(int(m.group(1))) and os.path.isdir(full) and not os.path.islink(full):
-            shutil.rmtree(full, ignore_errors=True)
-
-
-def open_lock(path):
-    """The lock file at path opened for reading and writing (created if missing), for fcntl.flock. It is never
-    opened through a link, never truncated on opening, and must be a regular file with no other name (a hard link
-    to a file elsewhere): anything else is a UserError, so a planted link or pipe can neither be written through
-    nor block."""
-    why = None
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | _NOFOLLOW | _NONBLOCK | _CLOEXEC, 0o666)
-    except OSError as e:
-        if e.errno == errno.ELOOP or os.path.islink(path):
-            why = "a symbolic link"
-        elif e.errno == errno.EISDIR:
-            why = "a folder"
-        else:
-            raise
-    else:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            why = f"{_kind(st)}, not a regular file"
-        elif st.st_nlink != 1:
-            why = f"a file with {st.st_nlink} names (a hard link to a file elsewhere)"
-        if why:
-            os.close(fd)
-        else:
-            return os.fdopen(fd, "r+", encoding="utf-8")
-    raise UserError(f"the lock file {path} is {why}: a lock file is made by this project; delete it and rerun")
-
-
-def _kind(st):
-    """What a stat result that is not a regular file is, in words."""
-    return ("a FIFO" if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode)
-            else "a folder" if stat.S_ISDIR(st.st_mode) else "a device" if stat.S_ISCHR(st.st_mode)
-            or stat.S_ISBLK(st.st_mode) else "not a regular file")
-
-
-def check_input(path, flag="input"):
-    """Refuse, with one line naming flag, an input that is missing or is not a regular file this process may read
-    (a folder, a FIFO, a socket, a device, a broken link, no permission); FIFOs are never opened. Returns path."""
-    if not os.path.lexists(path):
-        raise UserError(f"no file at {path}: check {flag}")
-    why, _ = _unreadable(path)
-    if why:
-        raise UserError(f"cannot read {flag} {path}: it is {why}: pass a regular file" if why.startswith("a ")
-                        else f"cannot read {flag} {path}: {why}")
-    return path
-
-
-
-
-def atomic_write(path, write, mode="wb", exclusive=False):
-    """Write path all at once or not at all; returns path.
-
-    write(f) fills a new temporary file beside path (new_temp_file: created exclusively under a name nobody can
-    predict, so a link planted beside path is never written through), which is flushed to disk and renamed over
-    path, so a crash or a full disk never leaves half a file and any earlier file at path stays whole until the
-    rename. The file gets the permissions of any new file (the umask). An OSError becomes a UserError that says
-    what to do. exclusive: the file must not exist when it is put in place (another command that wrote it
-    meanwhile is not overwritten): a UserError says so and the new file is dropped.
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = None
-    try:
-        if os.path.isdir(path):
-            raise IsADirectoryError(errno.EISDIR, "is a folder", path)
-        if os.path.lexists(path) and not os.path.isfile(path):  # never swap a file in for a pipe or a device
-            raise UserError(f"could not write {path}: it is not a regular file (a pipe, a device or a broken "
-                            f"link): choose another path")
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = new_temp_file(path)
-        with open(fd, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": ""})) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        if exclusive:
-            _link_exclusively(tmp, path)
-        else:
-            os.replace(tmp, path)
-    except BaseException as e:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
-        # torch's zip writer reports an OSError as a RuntimeError raised while handling it: look one exception back
-        err = e if isinstance(e, OSError) else e.__context__ if isinstance(e.__context__, OSError) else None
-        if err is None or isinstance(e, UserError):
-            raise
-        raise UserError(f"could not write {path}: {write_error_advice(path, err)}; any earlier file at that path "
-                        f"is untouched") from None
-    return path
-
-
-def _link_exclusively(tmp, path):
-    """Put the finished file tmp at path only if nothing is there (a hard link fails when path exists), then drop
-    the temporary name; where the file system has no hard links, a check just before the rename."""
-    try:
-        os.link(tmp, path, follow_symlinks=False)
-    except FileExistsError:
-        raise UserError(f"{path} was written by another command while this one ran: pass --force to replace it, "
-                        f"or choose another path") from None
-    except OSError as e:
-        if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK, errno.ENOSYS):
-            raise
-        if os.path.lexists(path):
-            raise UserError(f"{path} was written by another command while this one ran: pass --force to replace "
-                            f"it, or choose another path") from None
-        os.replace(tmp, path)
-        return
-    os.remove(tmp)
-
-
-def write_error_advice(path, err):
-    """What an OSError from writing path means, and what to do about it."""
-    code = getattr(err, "errno", None)
-    if code in (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", -1)):
-        return f"{err.strerror or err}: free disk space or choose another folder"
-    if code == errno.EISDIR:
-        return "that path is a folder: pass a file path"
-    if code in (errno.ENOTDIR, errno.EEXIST) or _parent_is_file(path):
-        return "a folder on that path is a regular file: choose another path"
-    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return f"{err.strerror}: choose a folder you can write to"
-    return f"{err.strerror or err}: choose another path"
-
-
-def _parent_is_file(path):
-    parent = os.path.dirname(os.path.abspath(path))
-    while parent and not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    return bool(parent) and not os.path.isdir(parent)
-
-
-def make_folder(folder, what):
-    """os.makedirs(folder), with an OSError turned into a UserError that names what the folder is for."""
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create the folder {folder} for {what}: {write_error_advice(folder, e)}") from None
-    return folder
-
-
-def check_parent(path, flag):
-    """Refuse a path below a regular file (e.g. afile/x.pth) before any work starts."""
-    if _parent_is_file(path):
-        raise UserError(f"{flag} {path}: a folder on that path is a regular file: choose another path")
-    return path
-
-
-def save_pth(path, obj, exclusive=False):
-    """torch.save(obj) to path, atomically (exclusive: see atomic_write)."""
-    return atomic_write(path, lambda f: torch.save(obj, f), exclusive=exclusive)
-
-
-def write_json(path, obj):
-    """obj as indented JSON (UTF-8) at path, atomically."""
-    return atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, ensure_ascii=False) + "\n"), "w")
-
-
-def append_text(path, text):
-    """Append text (UTF-8) to the file at path, created when missing; a link at path is refused, never followed."""
-    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
-    try:
-        with os.fdopen(os.open(path, flags, 0o644), "a", encoding="utf-8") as f:
-            f.write(text)
-    except OSError as e:
-        raise UserError(f"cannot append to {path}: {write_error_advice(path, e)}") from None
-
-
-def remove_stale_tmp(folder):
-    """Delete the temporary files atomic_write left in folder when its process was killed (NAME.PID.RANDOM.tmp, or
-    NAME.PID.tmp from older versions, whose PID is gone); a live writer's file is kept."""
-    if not os.path.isdir(folder):
-        return []
-    removed = []
-    for name in os.listdir(folder):
-        m = _STALE_TMP.fullmatch(name)
-        if m and not _process_alive(int(m.group(1))):
-            with contextlib.suppress(OSError):
-                os.remove(os.path.join(folder, name))
-                removed.append(name)
-    return removed
-
-
-def _process_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True
-    return True
-
-
-def check_output(path, flag, force=False, inputs=(), replaceable=False):
-    """Refuse, before any work starts, an output path that cannot be written (below a regular file, a folder, a
-    pipe or a device), that is one of the command's own inputs, or that holds a file already unless force (a
-    checkpoint, or any other file; replaceable: the setting's default file, which every run rewrites, unless it
-    holds a checkpoint). Returns path."""
-    if not path:
-        return path
-    check_parent(path, flag)
-    if os.path.isdir(path):
-        raise UserError(f"{flag} {path} is a folder: pass a file path")
-    if not os.path.lexists(path):
-        return path
-    if not os.path.isfile(path):
-        raise UserError(f"{flag} {path} is not a regular file (a pipe, a device or a broken link): choose "
-                        f"another path")
-    if any(os.path.exists(i) and os.path.samefile(path, i) for i in inputs if i):
-        raise UserError(f"{flag} {path} is this command's own input, which it never writes over: choose another "
-                        f"path")
-    if force:
-        return path
-    fix = "pass --force to replace it, or choose another path"
-    if is_checkpoint_file(path):
-        raise UserError(f"{flag} {path} already holds a checkpoint: {fix}")
-    if not replaceable:
-        raise UserError(f"{flag} {path} already exists: {fix}")
-    return path
-
-
-def is_checkpoint_file(path):
-    """Whether path starts like a torch checkpoint (a zip or a pickle) or a safetensors file."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(9)
-    except OSError:
-        return False
-    return head[:2] in (b"PK", b"\x80\x02") or len(head) == 9 and head[8:9] == b"{"
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# JSON with bounded nesting
-# ---------------------------------------------------------------------------------------------------------------
-
-MAX_JSON_DEPTH = 64
-
-
-def json_depth(text):
-    """How deeply the arrays and objects of a JSON text nest (strings skipped), without parsing it."""
-    bare = re.sub(r'"(?:[^"\\]|\\.)*"', "", text)
-    brackets = np.frombuffer(re.sub(r"[^\[\]{}]", "", bare).encode("ascii"), dtype=np.uint8)
-    if not len(brackets):
-        return 0
-    steps = np.where((brackets == ord("[")) | (brackets == ord("{")), 1, -1)
-    return int(np.cumsum(steps).max())
-
-
-def parse_json(text, source):
-    """json.loads after checking that the nesting is at most MAX_JSON_DEPTH deep (a deeper file is refused)."""
-    if json_depth(text) > MAX_JSON_DEPTH:
-        raise UserError(f"{source} nests arrays or objects more than {MAX_JSON_DEPTH} deep: not a file of ours")
-    return json.loads(text)
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Downloads
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -1303,7 +984,7 @@ def _part_size(part, by_hand):
     except FileNotFoundError:
         return 0
     if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
-        what = ("a symbolic link" if stat.S_ISLNK(st.st_mode) else _kind(st) if not stat.S_ISREG(st.st_mode)
+        what = ("a symbolic link" if stat.S_ISLNK(st.st_mode) else file_kind(st) if not stat.S_ISREG(st.st_mode)
                 else "a hard link to another file")
         raise DownloadError(f"{part} is {what}, not a partial download: delete it and rerun, or {by_hand}")
     return st.st_size
@@ -1312,7 +993,7 @@ def _part_size(part, by_hand):
 def _open_part(part, have, by_hand):
     """The partial download file for appending (emptied unless have > 0), never opened through a link."""
     try:
-        fd = os.open(part, os.O_WRONLY | os.O_CREAT | _NOFOLLOW | _NONBLOCK | _CLOEXEC, 0o666)
+        fd = os.open(part, os.O_WRONLY | os.O_CREAT | NOFOLLOW | NONBLOCK | CLOEXEC, 0o666)
     except OSError as e:
         if e.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
             raise DownloadError(f"{part} is not a regular file (a link, folder or pipe was put there): delete it "
@@ -1426,206 +1107,6 @@ def encode_segments(segments, tokenizer=None):
     return ids, learn
 
 
-def _parse_json_records(text, path):
-    """A JSON list of records, or JSON Lines (one record per line); malformed JSON names its line and column."""
-    def malformed(e, line=None):
-        return UserError(f"{path}, line {line or e.lineno}, column {e.colno}: malformed JSON ({e.msg}): fix the "
-                         f"file (a JSON list of records, or one record per line)")
-
-    if not path.endswith(".jsonl"):
-        try:
-            records = parse_json(text, path)
-        except json.JSONDecodeError as e:
-            if e.msg != "Extra data":  # "Extra data" after the first value: probably JSON Lines
-                raise malformed(e) from None
-        else:
-            if not isinstance(records, list):
-                raise UserError(f"{path} holds a JSON {type(records).__name__}, expected a list of records "
-                                f"[{{...}}, ...] or one record per line (JSONL)")
-            return records
-    records = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                records.append(parse_json(line, f"{path}, line {n}"))
-            except json.JSONDecodeError as e:
-                raise malformed(e, n) from None
-    return records
-
-
-def _check_messages(messages, where):
-    if not isinstance(messages, list) or not messages:
-        raise UserError(f"{where}: 'messages' must be a non-empty list of {{\"role\", \"content\"}} objects")
-    expected = "user"
-    for j, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise UserError(f"{where}: messages[{j}] needs a 'role' and a 'content' field")
-        if not isinstance(m["content"], str):
-            raise UserError(f"{where}: messages[{j}].content is a {type(m['content']).__name__}, expected text")
-        if j == 0 and m["role"] == "system":
-            continue
-        if m["role"] != expected:
-            raise UserError(f"{where}: messages[{j}] has role {m['role']!r} where {expected!r} was expected: turns "
-                            f"alternate user, assistant, ... (an optional system message first)")
-        expected = "assistant" if expected == "user" else "user"
-    if messages[-1]["role"] != "assistant":
-        raise UserError(f"{where}: the last message must be the assistant's reply, the text the model learns")
-
-
-def load_records(path, required=("instruction", "output"), optional=("input",), allow_messages=True):
-    """Records of a JSON or JSONL file, checked: each is an object with the required text fields (or, where
-    allow_messages, a "messages" conversation). Raises UserError naming the file, record index and field."""
-    records = _parse_json_records(read_text_file(path), path)
-    if not records:
-        raise UserError(f"{path} holds no records: add some, e.g. "
-                        f"{{\"instruction\": ..., \"input\": \"\", \"output\": ...}}")
-    for i, r in enumerate(records):
-        where = f"{path}: record {i} (0-based)"
-        if not isinstance(r, dict):
-            raise UserError(f"{where} is a JSON {type(r).__name__}, expected an object with "
-                            f"{', '.join(required)}" + (" (or messages)" if allow_messages else ""))
-        if allow_messages and "messages" in r:
-            _check_messages(r["messages"], where)
-            continue
-        for field in required:
-            if field not in r:
-                raise UserError(f"{where} has no {field!r} field: every record needs {', '.join(required)}"
-                                + (", or a 'messages' conversation" if allow_messages else ""))
-        for field in (*required, *optional):
-            if field in r and not isinstance(r[field], str):
-                raise UserError(f"{where}: field {field!r} is a JSON {type(r[field]).__name__}, expected text")
-    return records
-
-
-def load_preference_records(path):
-    """Records with instruction, chosen and rejected (input optional), as instruction-data-with-preference.json."""
-    records = load_records(path, required=("instruction", "chosen", "rejected"), optional=("input", "output"),
-                           allow_messages=False)
-    for i, r in enumerate(records):
-        for field in ("chosen", "rejected"):
-            if not r[field].strip():
-                raise UserError(f"{path}: record {i} (0-based) has an empty {field!r} response: DPO compares two "
-                                f"non-empty answers; fill it in or drop the record")
-    return records
-
-
-def split_records(records, train_ratio=0.85, test_ratio=0.10, seed=None):
-    """(train, test, val) lists: the book's 85/10/5 split, after a shuffle with `seed` (None keeps file order)."""
-    records = list(records)
-    if seed is not None:
-        random.Random(seed).shuffle(records)
-    n_train, n_test = int(len(records) * train_ratio), int(len(records) * test_ratio)
-    return records[:n_train], records[n_train:n_train + n_test], records[n_train + n_test:]
-
-
-class InstructionDataset(Dataset):
-    """Instruction records (or conversations), tokenized once in the template.
-
-    Item i is the list of token ids, or (ids, learn) with mask_instruction, where learn[j] marks response tokens.
-    With max_length, records longer than that are counted in `truncated` (the collate cuts them); under
-    mask_instruction, those whose response falls wholly beyond the cut teach nothing and are dropped (`skipped`).
-    """
-
-    def __init__(self, data, tokenizer=None, mask_instruction=False, max_length=None):
-        tokenizer = tokenizer or get_tokenizer()
-        self.mask_instruction = mask_instruction
-        self.encoded_texts, self.learn = [], []
-        self.truncated = self.skipped = 0
-        for entry in data:
-            ids, learn = encode_segments(record_segments(entry), tokenizer)
-            if max_length and len(ids) > max_length:
-                # target j predicts token j + 1; the end-of-text after the record falls beyond the cut
-                if mask_instruction and not any(learn[1:max_length + 1]):
-                    self.skipped += 1
-                    continue
-                self.truncated += 1
-            self.encoded_texts.append(ids)
-            self.learn.append(learn)
-
-    def __len__(self):
-        return len(self.encoded_texts)
-
-    def __getitem__(self, i):
-        if self.mask_instruction:
-            return self.encoded_texts[i], self.learn[i]
-        return self.encoded_texts[i]
-
-
-def custom_collate_fn(batch, pad_token_id=EOT_ID, ignore_index=IGNORE_INDEX, allowed_max_length=None, device=None):
-    """Token id lists (or (ids, learn) pairs) -> (inputs, targets), both (B, T) LongTensors.
-
-    Each sequence gets one end-of-text appended and is padded with pad_token_id to the longest in the batch; the
-    targets are the inputs shifted by one. The end-of-text is a target (the model learns to stop), every padding
-    position after it is ignore_index, and so is every target whose learn flag is False (the prompt, under
-    --mask_instruction). Then both are cut to allowed_max_length.
-    """
-    pairs = [item if isinstance(item, tuple) else (item, None) for item in batch]
-    longest = max(len(ids) for ids, _ in pairs) + 1
-    inputs, targets = [], []
-    for ids, learn in pairs:
-        n = len(ids)
-        padded = torch.tensor(list(ids) + [pad_token_id] * (longest - n))
-        x, y = padded[:-1], padded[1:].clone()  # y[j] = padded[j + 1]; y[n - 1] is the end-of-text
-        y[n:] = ignore_index
-        if learn is not None:
-            prompt = ~torch.tensor(list(learn[1:]), dtype=torch.bool)  # targets 0..n-2 are tokens 1..n-1
-            y[:n - 1][prompt] = ignore_index
-        inputs.append(x)
-        targets.append(y)
-    inputs, targets = torch.stack(inputs), torch.stack(targets)
-    if allowed_max_length is not None:
-        inputs, targets = inputs[:, :allowed_max_length], targets[:, :allowed_max_length]
-    if device is not None:
-        inputs, targets = inputs.to(device), targets.to(device)
-    return inputs, targets
-
-
-class PreferenceDataset(Dataset):
-    """Preference records -> dicts of token ids: prompt (template + response header), chosen and rejected (each
-    the prompt followed by that response). Records whose prompt leaves no room for a response within max_length
-    are dropped and counted in `skipped`; longer ones are counted in `truncated` (the collate cuts them)."""
-
-    def __init__(self, data, tokenizer=None, max_length=None):
-        tokenizer = tokenizer or get_tokenizer()
-        self.encoded, self.truncated, self.skipped = [], 0, 0
-        for entry in data:
-            prompt = tokenizer.encode(format_prompt(entry), allowed_special={"<|endoftext|>"})
-            chosen = prompt + tokenizer.encode(entry["chosen"], allowed_special={"<|endoftext|>"})
-            rejected = prompt + tokenizer.encode(entry["rejected"], allowed_special={"<|endoftext|>"})
-            if max_length and len(prompt) >= max_length:
-                self.skipped += 1
-                continue
-            if max_length and max(len(chosen), len(rejected)) > max_length:
-                self.truncated += 1
-            self.encoded.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
-
-    def __len__(self):
-        return len(self.encoded)
-
-    def __getitem__(self, i):
-        return self.encoded[i]
-
-
-def preference_collate_fn(batch, pad_token_id=EOT_ID, allowed_max_length=None, mask_prompt=True, device=None):
-    """PreferenceDataset items -> dict of (B, T) tensors: chosen, rejected (padded to one common length) and
-    chosen_mask, rejected_mask (True on the tokens whose log-probability counts: the response, or with
-    mask_prompt=False every real token)."""
-    longest = max(max(len(item["chosen"]), len(item["rejected"])) for item in batch)
-    out = {"chosen": [], "rejected": [], "chosen_mask": [], "rejected_mask": []}
-    for item in batch:
-        n_prompt = len(item["prompt"]) if mask_prompt else 0
-        for key in ("chosen", "rejected"):
-            ids = item[key]
-            mask = torch.zeros(longest, dtype=torch.bool)
-            mask[n_prompt:len(ids)] = True
-            out[key].append(torch.tensor(list(ids) + [pad_token_id] * (longest - len(ids))))
-            out[key + "_mask"].append(mask)
-    out = {k: torch.stack(v)[:, :allowed_max_length] for k, v in out.items()}
-    if device is not None:
-        out = {k: v.to(device) for k, v in out.items()}
-    return out
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Labelled text for classification (finetune_cls.py): the SMS Spam Collection, labelled CSVs, padded datasets
 # ---------------------------------------------------------------------------------------------------------------
@@ -1682,147 +1163,6 @@ def _extract_verified(zip_path, member, path, sha256, url):
     if digest != sha256:
         raise refuse(f"holds a {member} with sha256 {digest[:12]}..., expected {sha256[:12]}...")
     atomic_write(path, lambda f: f.write(raw))
-
-
-def read_sms_spam(path):
-    """SMSSpamCollection -> list of (text, label), label 'ham' or 'spam'. Lines are split at the first tab only: the
-    file has no quoting, and its texts contain quote characters."""
-    rows = []
-    check_input(path, "the SMS Spam Collection")
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            label, tab, text = line.partition("\t")
-            if not tab or not label.strip():
-                raise UserError(f"{path} line {line_no} is not `label<TAB>text`: delete the file to download it "
-                                f"again")
-            rows.append((text, label.strip()))
-    return rows
-
-
-def read_labelled_csv(path, text_column="Text", label_column="Label"):
-    """A CSV (a .tsv is read tab-separated) with a header row -> list of (text, label).
-
-    Rows with empty text are skipped, with a note on stderr that counts them and names their lines; a row with text
-    but no label is refused. Every problem raises a UserError that says how to fix the file or the flags.
-    """
-    if not os.path.lexists(path):
-        raise UserError(f"no CSV file at {path}: check the path")
-    check_input(path, "the CSV file")
-    try:
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            content = f.read()
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not UTF-8 (bad byte at offset {e.start}): convert it, e.g. "
-                        f"`iconv -f latin1 -t utf-8`") from None
-    except OSError as e:
-        raise UserError(f"cannot read {path} ({e.strerror}): check its permissions") from None
-    if not content.strip():
-        raise UserError(f"{path} is empty: it needs a header line naming the {label_column!r} and {text_column!r} "
-                        f"columns, then one example per row")
-    reader = csv.DictReader(io.StringIO(content, newline=""), delimiter="\t" if path.endswith(".tsv") else ",",
-                            strict=True)  # a quote never closed is an error, not the rest of the file in one text
-    rows, skipped = [], []
-    try:
-        found = [c for c in (reader.fieldnames or []) if c is not None]
-        twice = sorted({c for c in found if found.count(c) > 1})
-        if twice:  # DictReader would keep the last of them without a word
-            raise UserError(f"{path} names the column(s) {', '.join(map(repr, twice))} more than once in its "
-                            f"header: rename them so that each column has its own name")
-        missing = [c for c in (text_column, label_column) if c not in found]
-        if missing:
-            raise UserError(f"{path} has no column {', '.join(map(repr, missing))} (columns found: "
-                            f"{', '.join(map(repr, found)) or 'none'}): pass --text_column / --label_column")
-        for r in reader:
-            text, label = r.get(text_column) or "", (r.get(label_column) or "").strip()
-            if not text.strip():
-                skipped.append(reader.line_num)
-                continue
-            if not label:
-                raise UserError(f"{path} line {reader.line_num} has text but an empty {label_column!r}: fill in "
-                                f"its label or delete the row")
-            rows.append((text, label))
-    except csv.Error as e:
-        fix = ("shorten that text (GPT-2 reads at most 1,024 tokens of it), or fix a quote that is never closed "
-               "and runs on into the lines after it" if "field larger" in str(e) else
-               "a quote opened on an earlier line is never closed: close it" if "end of data" in str(e) else
-               "check its quotes and delimiters (a quoted field holds a quote as two quotes: \"\")")
-        raise UserError(f"{path} line {reader.line_num} is not valid CSV ({e}): {fix}") from None
-    if skipped:
-        note(f"{path}: skipped {len(skipped)} row(s) with empty {text_column!r} (lines {few(skipped)})")
-    if not rows:
-        raise UserError(f"{path} has no rows with text in column {text_column!r}: add examples")
-    return rows
-
-
-def write_labelled_csv(path, rows, text_column="Text", label_column="Label"):
-    """Write (text, label) rows as a CSV with the columns label_column, text_column."""
-    def write(f):
-        w = csv.writer(f)
-        w.writerow([label_column, text_column])
-        w.writerows((label, text) for text, label in rows)
-    return atomic_write(path, write, "w")
-
-
-def class_names_of(labels):
-    """The sorted distinct labels (numerically when they are all integers): position = class id."""
-    names = set(labels)
-    if all(re.fullmatch(r"-?\d+", n) for n in names):
-        return sorted(names, key=int)
-    return sorted(names)
-
-
-def balance_classes(rows, seed=123):
-    """Undersample every class to the size of the smallest, picking rows at random with a fixed seed (the book
-    undersamples 'ham' to the 747 'spam' messages)."""
-    by_class = {}
-    for row in rows:
-        by_class.setdefault(row[1], []).append(row)
-    n = min(len(v) for v in by_class.values())
-    rng = random.Random(seed)
-    return [row for label in class_names_of(by_class) for row in rng.sample(by_class[label], n)]
-
-
-def split_rows(rows, seed=123, train_frac=0.7, val_frac=0.1):
-    """Shuffle with a fixed seed and cut into train / validation / test: int(n * 0.7), int(n * 0.1) and the rest."""
-    rows = list(rows)
-    random.Random(seed).shuffle(rows)
-    n_train, n_val = int(len(rows) * train_frac), int(len(rows) * val_frac)
-    if n_val == 0 or len(rows) - n_train - n_val == 0:
-        raise UserError(f"{len(rows)} examples are too few to split {train_frac:.0%}/{val_frac:.0%}/rest: need at "
-                        f"least 10, or pass ready-made --train_csv/--val_csv/--test_csv")
-    return rows[:n_train], rows[n_train:n_train + n_val], rows[n_train + n_val:]
-
-
-class ClassificationDataset(Dataset):
-    """Texts as token ids, right-padded with pad_id to max_length: item i is (ids (max_length,), label, length).
-
-    max_length None = the longest text. Longer texts are cut to max_length tokens (`truncated` counts them).
-    `length` is the number of real tokens, so a model can read its prediction off the last real token rather than
-    off padding. labels None (texts to predict) gives label -1.
-    """
-
-    def __init__(self, texts, labels=None, tokenizer=None, max_length=None, pad_id=EOT_ID):
-        tokenizer = tokenizer or get_tokenizer()
-        encoded = [tokenizer.encode_ordinary(t) for t in texts]  # "<|endoftext|>" in a text is just text here
-        self.longest = max(map(len, encoded), default=0)
-        self.max_length = max_length or self.longest
-        self.truncated = sum(len(ids) > self.max_length for ids in encoded)
-        self.input_ids = torch.full((len(encoded), self.max_length), pad_id, dtype=torch.long)
-        self.lengths = torch.zeros(len(encoded), dtype=torch.long)
-        for i, ids in enumerate(encoded):
-            ids = ids[:self.max_length]
-            self.input_ids[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-            self.lengths[i] = len(ids)
-        self.labels = torch.tensor(labels if labels is not None else [-1] * len(encoded), dtype=torch.long)
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        return self.input_ids[i], self.labels[i], self.lengths[i]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -16,26 +16,27 @@ the prompts alone. The prompt template is the book's Alpaca one (data.format_inp
 generate.py --chat.
 """
 import copy
-from copy import deepcopy
+import json
 import math
 import os
+import random
 import re
 import string
 import sys
 import time
 from collections import Counter
 from contextlib import nullcontext
+from copy import deepcopy
 from functools import partial
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
-
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from data import (DATA_FILES, EOT_ID, TEMPLATE_NAME, InstructionDataset, PreferenceDataset, conversation_segments,
-                  custom_collate_fn, cut_reply, encode_segments, fetch_data, format_prompt, get_tokenizer,
-                  load_preference_records, load_records, preference_collate_fn, split_records, write_json)
+from data import (DATA_FILES, EOT_ID, IGNORE_INDEX, TEMPLATE_NAME, conversation_segments, cut_reply, encode_segments,
+                  fetch_data, format_prompt, get_tokenizer, read_text_file, record_segments)
+from files import parse_json, write_json
 from layers import add_lora, merge_lora
 from load_gpt2 import load_classifier
 from model import count_parameters, generate_stream
@@ -178,6 +179,210 @@ def check_rl_settings(cfg):
     if cfg["fsdp"]:
         raise UserError("--fsdp is not available for grpo/rloo (each process samples answers of its own length, "
                         "which sharded weights cannot follow): drop --fsdp to use DDP")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Records: instructions, conversations and preference pairs (JSON or JSONL), their datasets and collate functions
+# ---------------------------------------------------------------------------------------------------------------
+
+def _parse_json_records(text, path):
+    """A JSON list of records, or JSON Lines (one record per line); malformed JSON names its line and column."""
+    def malformed(e, line=None):
+        return UserError(f"{path}, line {line or e.lineno}, column {e.colno}: malformed JSON ({e.msg}): fix the "
+                         f"file (a JSON list of records, or one record per line)")
+
+    if not path.endswith(".jsonl"):
+        try:
+            records = parse_json(text, path)
+        except json.JSONDecodeError as e:
+            if e.msg != "Extra data":  # "Extra data" after the first value: probably JSON Lines
+                raise malformed(e) from None
+        else:
+            if not isinstance(records, list):
+                raise UserError(f"{path} holds a JSON {type(records).__name__}, expected a list of records "
+                                f"[{{...}}, ...] or one record per line (JSONL)")
+            return records
+    records = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(parse_json(line, f"{path}, line {n}"))
+            except json.JSONDecodeError as e:
+                raise malformed(e, n) from None
+    return records
+
+
+def _check_messages(messages, where):
+    if not isinstance(messages, list) or not messages:
+        raise UserError(f"{where}: 'messages' must be a non-empty list of {{\"role\", \"content\"}} objects")
+    expected = "user"
+    for j, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise UserError(f"{where}: messages[{j}] needs a 'role' and a 'content' field")
+        if not isinstance(m["content"], str):
+            raise UserError(f"{where}: messages[{j}].content is a {type(m['content']).__name__}, expected text")
+        if j == 0 and m["role"] == "system":
+            continue
+        if m["role"] != expected:
+            raise UserError(f"{where}: messages[{j}] has role {m['role']!r} where {expected!r} was expected: turns "
+                            f"alternate user, assistant, ... (an optional system message first)")
+        expected = "assistant" if expected == "user" else "user"
+    if messages[-1]["role"] != "assistant":
+        raise UserError(f"{where}: the last message must be the assistant's reply, the text the model learns")
+
+
+def load_records(path, required=("instruction", "output"), optional=("input",), allow_messages=True):
+    """Records of a JSON or JSONL file, checked: each is an object with the required text fields (or, where
+    allow_messages, a "messages" conversation). Raises UserError naming the file, record index and field."""
+    records = _parse_json_records(read_text_file(path), path)
+    if not records:
+        raise UserError(f"{path} holds no records: add some, e.g. "
+                        f"{{\"instruction\": ..., \"input\": \"\", \"output\": ...}}")
+    for i, r in enumerate(records):
+        where = f"{path}: record {i} (0-based)"
+        if not isinstance(r, dict):
+            raise UserError(f"{where} is a JSON {type(r).__name__}, expected an object with "
+                            f"{', '.join(required)}" + (" (or messages)" if allow_messages else ""))
+        if allow_messages and "messages" in r:
+            _check_messages(r["messages"], where)
+            continue
+        for field in required:
+            if field not in r:
+                raise UserError(f"{where} has no {field!r} field: every record needs {', '.join(required)}"
+                                + (", or a 'messages' conversation" if allow_messages else ""))
+        for field in (*required, *optional):
+            if field in r and not isinstance(r[field], str):
+                raise UserError(f"{where}: field {field!r} is a JSON {type(r[field]).__name__}, expected text")
+    return records
+
+
+def load_preference_records(path):
+    """Records with instruction, chosen and rejected (input optional), as instruction-data-with-preference.json."""
+    records = load_records(path, required=("instruction", "chosen", "rejected"), optional=("input", "output"),
+                           allow_messages=False)
+    for i, r in enumerate(records):
+        for field in ("chosen", "rejected"):
+            if not r[field].strip():
+                raise UserError(f"{path}: record {i} (0-based) has an empty {field!r} response: DPO compares two "
+                                f"non-empty answers; fill it in or drop the record")
+    return records
+
+
+def split_records(records, train_ratio=0.85, test_ratio=0.10, seed=None):
+    """(train, test, val) lists: the book's 85/10/5 split, after a shuffle with `seed` (None keeps file order)."""
+    records = list(records)
+    if seed is not None:
+        random.Random(seed).shuffle(records)
+    n_train, n_test = int(len(records) * train_ratio), int(len(records) * test_ratio)
+    return records[:n_train], records[n_train:n_train + n_test], records[n_train + n_test:]
+
+
+class InstructionDataset(Dataset):
+    """Instruction records (or conversations), tokenized once in the template.
+
+    Item i is the list of token ids, or (ids, learn) with mask_instruction, where learn[j] marks response tokens.
+    With max_length, records longer than that are counted in `truncated` (the collate cuts them); under
+    mask_instruction, those whose response falls wholly beyond the cut teach nothing and are dropped (`skipped`).
+    """
+
+    def __init__(self, data, tokenizer=None, mask_instruction=False, max_length=None):
+        tokenizer = tokenizer or get_tokenizer()
+        self.mask_instruction = mask_instruction
+        self.encoded_texts, self.learn = [], []
+        self.truncated = self.skipped = 0
+        for record in data:
+            ids, learn = encode_segments(record_segments(record), tokenizer)
+            if max_length and len(ids) > max_length:
+                # target j predicts token j + 1; the end-of-text after the record falls beyond the cut
+                if mask_instruction and not any(learn[1:max_length + 1]):
+                    self.skipped += 1
+                    continue
+                self.truncated += 1
+            self.encoded_texts.append(ids)
+            self.learn.append(learn)
+
+    def __len__(self):
+        return len(self.encoded_texts)
+
+    def __getitem__(self, i):
+        if self.mask_instruction:
+            return self.encoded_texts[i], self.learn[i]
+        return self.encoded_texts[i]
+
+
+def custom_collate_fn(batch, pad_token_id=EOT_ID, ignore_index=IGNORE_INDEX, allowed_max_length=None, device=None):
+    """Token id lists (or (ids, learn) pairs) -> (inputs, targets), both (B, T) LongTensors.
+
+    Each sequence gets one end-of-text appended and is padded with pad_token_id to the longest in the batch; the
+    targets are the inputs shifted by one. The end-of-text is a target (the model learns to stop), every padding
+    position after it is ignore_index, and so is every target whose learn flag is False (the prompt, under
+    --mask_instruction). Then both are cut to allowed_max_length.
+    """
+    pairs = [item if isinstance(item, tuple) else (item, None) for item in batch]
+    longest = max(len(ids) for ids, _ in pairs) + 1
+    inputs, targets = [], []
+    for ids, learn in pairs:
+        n = len(ids)
+        padded = torch.tensor(list(ids) + [pad_token_id] * (longest - n))
+        x, y = padded[:-1], padded[1:].clone()  # y[j] = padded[j + 1]; y[n - 1] is the end-of-text
+        y[n:] = ignore_index
+        if learn is not None:
+            prompt = ~torch.tensor(list(learn[1:]), dtype=torch.bool)  # targets 0..n-2 are tokens 1..n-1
+            y[:n - 1][prompt] = ignore_index
+        inputs.append(x)
+        targets.append(y)
+    inputs, targets = torch.stack(inputs), torch.stack(targets)
+    if allowed_max_length is not None:
+        inputs, targets = inputs[:, :allowed_max_length], targets[:, :allowed_max_length]
+    if device is not None:
+        inputs, targets = inputs.to(device), targets.to(device)
+    return inputs, targets
+
+
+class PreferenceDataset(Dataset):
+    """Preference records -> dicts of token ids: prompt (template + response header), chosen and rejected (each
+    the prompt followed by that response). Records whose prompt leaves no room for a response within max_length
+    are dropped and counted in `skipped`; longer ones are counted in `truncated` (the collate cuts them)."""
+
+    def __init__(self, data, tokenizer=None, max_length=None):
+        tokenizer = tokenizer or get_tokenizer()
+        self.encoded, self.truncated, self.skipped = [], 0, 0
+        for record in data:
+            prompt = tokenizer.encode(format_prompt(record), allowed_special={"<|endoftext|>"})
+            chosen = prompt + tokenizer.encode(record["chosen"], allowed_special={"<|endoftext|>"})
+            rejected = prompt + tokenizer.encode(record["rejected"], allowed_special={"<|endoftext|>"})
+            if max_length and len(prompt) >= max_length:
+                self.skipped += 1
+                continue
+            if max_length and max(len(chosen), len(rejected)) > max_length:
+                self.truncated += 1
+            self.encoded.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+
+    def __len__(self):
+        return len(self.encoded)
+
+    def __getitem__(self, i):
+        return self.encoded[i]
+
+
+def preference_collate_fn(batch, pad_token_id=EOT_ID, allowed_max_length=None, mask_prompt=True, device=None):
+    """PreferenceDataset items -> dict of (B, T) tensors: chosen, rejected (padded to one common length) and
+    chosen_mask, rejected_mask (True on the tokens whose log-probability counts: the response, or with
+    mask_prompt=False every real token)."""
+    longest = max(max(len(item["chosen"]), len(item["rejected"])) for item in batch)
+    out = {"chosen": [], "rejected": [], "chosen_mask": [], "rejected_mask": []}
+    for item in batch:
+        n_prompt = len(item["prompt"]) if mask_prompt else 0
+        for key in ("chosen", "rejected"):
+            ids = item[key]
+            mask = torch.zeros(longest, dtype=torch.bool)
+            mask[n_prompt:len(ids)] = True
+            out[key].append(torch.tensor(list(ids) + [pad_token_id] * (longest - len(ids))))
+            out[key + "_mask"].append(mask)
+    out = {k: torch.stack(v)[:, :allowed_max_length] for k, v in out.items()}
+    if device is not None:
+        out = {k: v.to(device) for k, v in out.items()}
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -13,8 +13,11 @@ messages) and split 70/10/20; every split made here is written to OUT_DIR as tra
 The classifier reads its answer off the last real token of each text (padding, id 50256, comes after it).
 """
 import contextlib
+import csv
+import io
 import math
 import os
+import random
 import re
 import sys
 import time
@@ -23,17 +26,16 @@ from collections import Counter
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from data import (EOT_ID, ClassificationDataset, balance_classes, check_output, class_names_of, fetch_sms_spam,
-                  read_labelled_csv, read_sms_spam, read_text_file, save_pth, split_rows, write_json,
-                  write_labelled_csv)
+from data import EOT_ID, fetch_sms_spam, get_tokenizer, read_text_file
+from files import atomic_write, check_input, check_output, save_pth, write_json
 from layers import Int8Linear, add_lora, merge_lora
 from load_gpt2 import load_classifier
 from model import checkpoint_dict, count_parameters
-from settings import (UserError, autocast, changed_settings, check_training, describe_device, entry, get_config, note,
-                      pick_device, pick_dtype, training_settings)
+from settings import (UserError, autocast, changed_settings, check_training, describe_device, entry, few, get_config,
+                      note, pick_device, pick_dtype, training_settings)
 from trainer import (BEST, POSITION, STOP, TRAIN_STATE, DivergenceGuard, Progress, RunFolder, StepLog, any_process,
                      batches_per_epoch, build_model, catch_signals, clip_gradients, command_line, count_steps,
                      describe_distributed, finished, grad_sync, is_main_process, last_token_logits, loader_batches,
@@ -227,6 +229,147 @@ def format_metrics(split, m, class_names):
 # ---------------------------------------------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------------------------------------------
+
+def read_sms_spam(path):
+    """SMSSpamCollection -> list of (text, label), label 'ham' or 'spam'. Lines are split at the first tab only: the
+    file has no quoting, and its texts contain quote characters."""
+    rows = []
+    check_input(path, "the SMS Spam Collection")
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            label, tab, text = line.partition("\t")
+            if not tab or not label.strip():
+                raise UserError(f"{path} line {line_no} is not `label<TAB>text`: delete the file to download it "
+                                f"again")
+            rows.append((text, label.strip()))
+    return rows
+
+
+def read_labelled_csv(path, text_column="Text", label_column="Label"):
+    """A CSV (a .tsv is read tab-separated) with a header row -> list of (text, label).
+
+    Rows with empty text are skipped, with a note on stderr that counts them and names their lines; a row with text
+    but no label is refused. Every problem raises a UserError that says how to fix the file or the flags.
+    """
+    if not os.path.lexists(path):
+        raise UserError(f"no CSV file at {path}: check the path")
+    check_input(path, "the CSV file")
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            content = f.read()
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 (bad byte at offset {e.start}): convert it, e.g. "
+                        f"`iconv -f latin1 -t utf-8`") from None
+    except OSError as e:
+        raise UserError(f"cannot read {path} ({e.strerror}): check its permissions") from None
+    if not content.strip():
+        raise UserError(f"{path} is empty: it needs a header line naming the {label_column!r} and {text_column!r} "
+                        f"columns, then one example per row")
+    reader = csv.DictReader(io.StringIO(content, newline=""), delimiter="\t" if path.endswith(".tsv") else ",",
+                            strict=True)  # a quote never closed is an error, not the rest of the file in one text
+    rows, skipped = [], []
+    try:
+        found = [c for c in (reader.fieldnames or []) if c is not None]
+        twice = sorted({c for c in found if found.count(c) > 1})
+        if twice:  # DictReader would keep the last of them without a word
+            raise UserError(f"{path} names the column(s) {', '.join(map(repr, twice))} more than once in its "
+                            f"header: rename them so that each column has its own name")
+        missing = [c for c in (text_column, label_column) if c not in found]
+        if missing:
+            raise UserError(f"{path} has no column {', '.join(map(repr, missing))} (columns found: "
+                            f"{', '.join(map(repr, found)) or 'none'}): pass --text_column / --label_column")
+        for r in reader:
+            text, label = r.get(text_column) or "", (r.get(label_column) or "").strip()
+            if not text.strip():
+                skipped.append(reader.line_num)
+                continue
+            if not label:
+                raise UserError(f"{path} line {reader.line_num} has text but an empty {label_column!r}: fill in "
+                                f"its label or delete the row")
+            rows.append((text, label))
+    except csv.Error as e:
+        fix = ("shorten that text (GPT-2 reads at most 1,024 tokens of it), or fix a quote that is never closed "
+               "and runs on into the lines after it" if "field larger" in str(e) else
+               "a quote opened on an earlier line is never closed: close it" if "end of data" in str(e) else
+               "check its quotes and delimiters (a quoted field holds a quote as two quotes: \"\")")
+        raise UserError(f"{path} line {reader.line_num} is not valid CSV ({e}): {fix}") from None
+    if skipped:
+        note(f"{path}: skipped {len(skipped)} row(s) with empty {text_column!r} (lines {few(skipped)})")
+    if not rows:
+        raise UserError(f"{path} has no rows with text in column {text_column!r}: add examples")
+    return rows
+
+
+def write_labelled_csv(path, rows, text_column="Text", label_column="Label"):
+    """Write (text, label) rows as a CSV with the columns label_column, text_column."""
+    def write(f):
+        w = csv.writer(f)
+        w.writerow([label_column, text_column])
+        w.writerows((label, text) for text, label in rows)
+    return atomic_write(path, write, "w")
+
+
+def class_names_of(labels):
+    """The sorted distinct labels (numerically when they are all integers): position = class id."""
+    names = set(labels)
+    if all(re.fullmatch(r"-?\d+", n) for n in names):
+        return sorted(names, key=int)
+    return sorted(names)
+
+
+def balance_classes(rows, seed=123):
+    """Undersample every class to the size of the smallest, picking rows at random with a fixed seed (the book
+    undersamples 'ham' to the 747 'spam' messages)."""
+    by_class = {}
+    for row in rows:
+        by_class.setdefault(row[1], []).append(row)
+    n = min(len(v) for v in by_class.values())
+    rng = random.Random(seed)
+    return [row for label in class_names_of(by_class) for row in rng.sample(by_class[label], n)]
+
+
+def split_rows(rows, seed=123, train_frac=0.7, val_frac=0.1):
+    """Shuffle with a fixed seed and cut into train / validation / test: int(n * 0.7), int(n * 0.1) and the rest."""
+    rows = list(rows)
+    random.Random(seed).shuffle(rows)
+    n_train, n_val = int(len(rows) * train_frac), int(len(rows) * val_frac)
+    if n_val == 0 or len(rows) - n_train - n_val == 0:
+        raise UserError(f"{len(rows)} examples are too few to split {train_frac:.0%}/{val_frac:.0%}/rest: need at "
+                        f"least 10, or pass ready-made --train_csv/--val_csv/--test_csv")
+    return rows[:n_train], rows[n_train:n_train + n_val], rows[n_train + n_val:]
+
+
+class ClassificationDataset(Dataset):
+    """Texts as token ids, right-padded with pad_id to max_length: item i is (ids (max_length,), label, length).
+
+    max_length None = the longest text. Longer texts are cut to max_length tokens (`truncated` counts them).
+    `length` is the number of real tokens, so a model can read its prediction off the last real token rather than
+    off padding. labels None (texts to predict) gives label -1.
+    """
+
+    def __init__(self, texts, labels=None, tokenizer=None, max_length=None, pad_id=EOT_ID):
+        tokenizer = tokenizer or get_tokenizer()
+        encoded = [tokenizer.encode_ordinary(t) for t in texts]  # "<|endoftext|>" in a text is just text here
+        self.longest = max(map(len, encoded), default=0)
+        self.max_length = max_length or self.longest
+        self.truncated = sum(len(ids) > self.max_length for ids in encoded)
+        self.input_ids = torch.full((len(encoded), self.max_length), pad_id, dtype=torch.long)
+        self.lengths = torch.zeros(len(encoded), dtype=torch.long)
+        for i, ids in enumerate(encoded):
+            ids = ids[:self.max_length]
+            self.input_ids[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+            self.lengths[i] = len(ids)
+        self.labels = torch.tensor(labels if labels is not None else [-1] * len(encoded), dtype=torch.long)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.input_ids[i], self.labels[i], self.lengths[i]
+
 
 def check_two_classes(rows, source):
     names = class_names_of(label for _, label in rows)

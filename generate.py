@@ -18,8 +18,8 @@ import sys
 
 import torch
 
-from data import (EOT_ID, TEMPLATE_NAME, atomic_write, check_output, get_tokenizer, make_folder, read_text_file,
-                  save_pth, text_to_token_ids)
+from data import EOT_ID, TEMPLATE_NAME, get_tokenizer, read_text_file, text_to_token_ids
+from files import atomic_write, check_output, make_folder, save_pth
 from layers import quantize_int8
 from load_gpt2 import init_model
 from model import KVCache, checkpoint_dict, count_parameters, generate_stream

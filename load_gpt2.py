@@ -22,9 +22,10 @@ import requests
 import torch
 import torch.nn as nn
 
-from data import (ALPACA_INTRO, EOT_ID, JSON_MAX_BYTES, RESPONSE_HEADER, TEMPLATE_NAME, DownloadError, atomic_write,
-                  check_input, check_output, check_parent, download, get_tokenizer, json_depth, make_folder,
-                  new_temp_dir, parse_json, remove_stale_temp_dirs, save_pth, sha256_of, write_json)
+from data import (ALPACA_INTRO, EOT_ID, JSON_MAX_BYTES, RESPONSE_HEADER, TEMPLATE_NAME, DownloadError, download,
+                  get_tokenizer, sha256_of)
+from files import (atomic_write, check_input, check_output, check_parent, json_depth, make_folder, new_temp_dir,
+                   parse_json, remove_stale_temp_dirs, save_pth, write_json)
 from layers import add_lora, is_int8_state_dict, merge_lora, quantize_int8
 from model import (GPT_CONFIG_124M, HEADS_FOR_WIDTH, MAX_SIZE, CheckpointError, GPTModel, check_config,
                    checkpoint_dict, count_parameters, empty_model, infer_config, load_state, read_checkpoint)

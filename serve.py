@@ -26,7 +26,8 @@ import uuid
 
 import torch
 
-from data import EOT_ID, get_tokenizer, parse_json
+from data import EOT_ID, get_tokenizer
+from files import parse_json
 from load_gpt2 import init_model
 from model import KVCache, count_parameters
 from replies import Reply, chat_prompt

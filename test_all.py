@@ -12,10 +12,14 @@ Contents, in pipeline order; each section opens with a banner comment:
    7. generation      the KV cache, sampling, generate.py, beam search, repetition penalty
    8. speed           int8 weights, the decoding layout, bench.py
    9. distributed     DDP and FSDP over 2 gloo processes, started the way torchrun starts them
-  10. faults          kills and resume, disk full, bad input to every script, hostile files, stalled downloads
+  10. faults          kills and resume, disk full, bad input to every script, hostile files, stalled downloads;
+                      the loop's helpers: the step log, stopping on a signal, the resumable state, unread output
   11. talk to it      the chat REPL's Ctrl-C at a pseudo-terminal; serve.py through the openai client: answers as
                       generate.py --chat gives them, bad requests, 8 clients at once, disconnects, signals; the chat
                       page in headless Chromium
+  12. hostile files   links planted at locks, temporary names and downloads, pipes and unreadable inputs, endless and
+                      trickling downloads, numbers read from files, races between commands, text without cuts,
+                      duplicated CSV columns, sources replaced behind a cache's back
 
 Helpers shared by several sections come first: one tiny config (tiny_cfg, tiny_model, tiny_classifier), the flags of
 each entry script built from it (tiny_flags, pretrain_flags, cls_flags, chat_flags), and a local file server.
@@ -63,6 +67,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 import bench
 import data
+import files
 import finetune_chat
 import finetune_cls
 import generate as generate_script
@@ -2185,7 +2190,7 @@ def test_a_classifier_trained_by_finetune_cls_matches_transformers(tmp_path, tra
     rows = [(f"WIN a free prize number {i} now!" + " Call today." * (i % 3), "spam") for i in range(8)] + \
            [(f"See you at {i} for lunch" + ", ok?" * (i % 4), "ham") for i in range(8)] + \
            [(f"{i} eggs, scrambled" + " please" * (i % 2), "eggs") for i in range(8)]
-    csv_path = data.write_labelled_csv(str(tmp_path / "texts.csv"), rows)
+    csv_path = finetune_cls.write_labelled_csv(str(tmp_path / "texts.csv"), rows)
     out = str(tmp_path / "run")
     finetune_cls.main(cls_flags(csv=csv_path, trainable="lora", lora_rank=2, max_length=16, lr="1e-2", epochs=1,
                                 max_steps=4, batch_size=4, out_dir=out))
@@ -2255,7 +2260,7 @@ def small_csv(tmp_path_factory):
     """60 real SMS texts, 30 per class, as a CSV with the default columns."""
     if not os.path.isfile(SMS_FILE):
         pytest.skip("../shared/data/SMSSpamCollection not present")
-    rows = data.read_sms_spam(SMS_FILE)
+    rows = finetune_cls.read_sms_spam(SMS_FILE)
     picked = [r for r in rows if r[1] == "spam"][:30] + [r for r in rows if r[1] == "ham"][:30]
     return write_csv(tmp_path_factory.mktemp("csv") / "small.csv", [(label, text) for text, label in picked])
 
@@ -2273,22 +2278,22 @@ def small_run(small_csv, tmp_path_factory):
 
 @needs_sms
 def test_balancing_and_split_sizes_are_exact():
-    rows = data.read_sms_spam(SMS_FILE)
+    rows = finetune_cls.read_sms_spam(SMS_FILE)
     assert len(rows) == 5574 and sum(label == "spam" for _, label in rows) == 747
-    balanced = data.balance_classes(rows, seed=123)
+    balanced = finetune_cls.balance_classes(rows, seed=123)
     assert len(balanced) == 1494
     assert sum(label == "ham" for _, label in balanced) == 747 == sum(label == "spam" for _, label in balanced)
     assert len({id(row) for row in balanced}) == len(balanced)  # each row at most once (the texts repeat)
-    train, val, test = data.split_rows(balanced, seed=123)
+    train, val, test = finetune_cls.split_rows(balanced, seed=123)
     assert (len(train), len(val), len(test)) == (1045, 149, 300)
     assert sorted(train + val + test) == sorted(balanced)
-    assert data.split_rows(balanced, seed=123) == (train, val, test)  # the seed fixes the split
-    assert data.balance_classes(rows, seed=7) != balanced
+    assert finetune_cls.split_rows(balanced, seed=123) == (train, val, test)  # the seed fixes the split
+    assert finetune_cls.balance_classes(rows, seed=7) != balanced
 
 
 def test_last_real_token_is_read_past_the_padding():
     texts = ["Hi", "Free entry in 2 a wkly comp to win FA Cup final tkts", "ok <|endoftext|> then"]
-    ds = data.ClassificationDataset(texts, [0, 1, 0])
+    ds = finetune_cls.ClassificationDataset(texts, [0, 1, 0])
     tok = data.get_tokenizer()
     lengths = [len(tok.encode_ordinary(t)) for t in texts]
     assert ds.lengths.tolist() == lengths and ds.max_length == max(lengths)
@@ -2307,27 +2312,27 @@ def test_last_real_token_is_read_past_the_padding():
 
 
 def test_long_texts_are_cut_and_counted():
-    ds = data.ClassificationDataset(["one two three four five six", "hi"], [0, 1], max_length=3)
+    ds = finetune_cls.ClassificationDataset(["one two three four five six", "hi"], [0, 1], max_length=3)
     assert ds.truncated == 1 and ds.lengths.tolist() == [3, 1] and ds.input_ids.shape == (2, 3)
 
 
 def test_csv_problems_say_what_is_wrong(tmp_path, capsys):
     good = write_csv(tmp_path / "a.csv", [("spam", "win"), ("ham", ""), ("ham", "  "), ("ham", "see you")])
-    assert data.read_labelled_csv(good) == [("win", "spam"), ("see you", "ham")]
+    assert finetune_cls.read_labelled_csv(good) == [("win", "spam"), ("see you", "ham")]
     assert "skipped 2 row(s) with empty 'Text'" in capsys.readouterr().err
     with pytest.raises(settings.UserError, match=r"no column 'review'.*columns found: 'Label', 'Text'"):
-        data.read_labelled_csv(good, text_column="review")
+        finetune_cls.read_labelled_csv(good, text_column="review")
     (tmp_path / "empty.csv").write_text("")
     with pytest.raises(settings.UserError, match="is empty"):
-        data.read_labelled_csv(str(tmp_path / "empty.csv"))
+        finetune_cls.read_labelled_csv(str(tmp_path / "empty.csv"))
     no_label = write_csv(tmp_path / "b.csv", [("spam", "win"), ("", "who am I")])
     with pytest.raises(settings.UserError, match="line 3 has text but an empty 'Label'"):
-        data.read_labelled_csv(no_label)
+        finetune_cls.read_labelled_csv(no_label)
     with pytest.raises(settings.UserError, match="no CSV file"):
-        data.read_labelled_csv(str(tmp_path / "missing.csv"))
+        finetune_cls.read_labelled_csv(str(tmp_path / "missing.csv"))
     tsv = tmp_path / "c.tsv"
     tsv.write_text("text\tlabel\nhello there\tpos\n")
-    assert data.read_labelled_csv(str(tsv), "text", "label") == [("hello there", "pos")]
+    assert finetune_cls.read_labelled_csv(str(tsv), "text", "label") == [("hello there", "pos")]
 
 
 def test_single_class_and_bad_columns_stop_training(tmp_path):
@@ -2624,7 +2629,7 @@ def test_cls_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
 def test_a_classifier_of_a_csv_is_not_named_spam(tmp_path):
     rows = [("ham", f"see you at {i} o'clock") for i in range(20)] + [("spam", f"WIN {i} cash now") for i in range(20)]
     path = tmp_path / "texts.csv"
-    data.write_labelled_csv(str(path), [(t, label) for label, t in rows])
+    finetune_cls.write_labelled_csv(str(path), [(t, label) for label, t in rows])
     finetune_cls.main(["--csv", str(path), "--init", "scratch", "--trainable", "all", *tiny_flags(),
                        "--max_length", "16", "--max_steps", "1", "--out_dir", str(tmp_path / "c"),
                        "--eval_freq", "100"])
@@ -2688,13 +2693,13 @@ def test_template_is_the_books_and_conversations_use_it():
 
 def test_collate_pads_shifts_and_masks_padding_after_the_first_end_of_text():
     E, I = data.EOT_ID, data.IGNORE_INDEX
-    inputs, targets = data.custom_collate_fn([[0, 1, 2, 3, 4], [5, 6], [7, 8, 9]])
+    inputs, targets = finetune_chat.custom_collate_fn([[0, 1, 2, 3, 4], [5, 6], [7, 8, 9]])
     assert inputs.tolist() == [[0, 1, 2, 3, 4], [5, 6, E, E, E], [7, 8, 9, E, E]]
     assert targets.tolist() == [[1, 2, 3, 4, E], [6, E, I, I, I], [8, 9, E, I, I]]
     # an end-of-text inside a text is a target like any token; only the padding after the appended one is ignored
-    _, targets = data.custom_collate_fn([[5, E, 6], [1]])
+    _, targets = finetune_chat.custom_collate_fn([[5, E, 6], [1]])
     assert targets.tolist() == [[E, 6, E], [E, I, I]]
-    inputs, targets = data.custom_collate_fn([[0, 1, 2, 3, 4], [5, 6]], allowed_max_length=3)
+    inputs, targets = finetune_chat.custom_collate_fn([[0, 1, 2, 3, 4], [5, 6]], allowed_max_length=3)
     assert inputs.shape == targets.shape == (2, 3)
     assert targets.tolist() == [[1, 2, 3], [6, E, I]]
 
@@ -2703,7 +2708,7 @@ def test_mask_instruction_masks_the_prompt():
     E, I = data.EOT_ID, data.IGNORE_INDEX
     # tokens 0-2 are the prompt, 3-4 the response: only targets predicting 3, 4 and the end-of-text remain
     batch = [([10, 11, 12, 13, 14], [False, False, False, True, True]), ([20, 21], [False, True])]
-    inputs, targets = data.custom_collate_fn(batch)
+    inputs, targets = finetune_chat.custom_collate_fn(batch)
     assert inputs.tolist() == [[10, 11, 12, 13, 14], [20, 21, E, E, E]]
     assert targets.tolist() == [[I, I, 13, 14, E], [21, E, I, I, I]]
 
@@ -2711,22 +2716,22 @@ def test_mask_instruction_masks_the_prompt():
     tok = data.get_tokenizer()
     n_prompt = len(tok.encode(data.format_prompt(record)))
     n_response = len(tok.encode(record["output"]))
-    masked = data.InstructionDataset([record], mask_instruction=True)
-    _, targets = data.custom_collate_fn([masked[0]])
+    masked = finetune_chat.InstructionDataset([record], mask_instruction=True)
+    _, targets = finetune_chat.custom_collate_fn([masked[0]])
     assert (targets[0, :n_prompt - 1] == I).all()
     assert int((targets != I).sum()) == n_response + 1  # the response and the end-of-text
-    _, plain = data.custom_collate_fn([data.InstructionDataset([record])[0]])
+    _, plain = finetune_chat.custom_collate_fn([finetune_chat.InstructionDataset([record])[0]])
     assert int((plain != I).sum()) == n_prompt + n_response
 
 
 def test_records_longer_than_allowed_max_length_are_cut_and_counted(capsys, tmp_path):
     records = book_records(n=4)
     long = {"instruction": "Repeat: " + "word " * 200, "input": "", "output": "word"}
-    dataset = data.InstructionDataset(records + [long], max_length=100)
+    dataset = finetune_chat.InstructionDataset(records + [long], max_length=100)
     assert (dataset.truncated, dataset.skipped, len(dataset)) == (1, 0, 5)
-    masked = data.InstructionDataset(records + [long], mask_instruction=True, max_length=100)
+    masked = finetune_chat.InstructionDataset(records + [long], mask_instruction=True, max_length=100)
     assert (masked.truncated, masked.skipped, len(masked)) == (0, 1, 4)  # its response lies beyond the cut
-    prefs = data.PreferenceDataset([{**long, "chosen": "a", "rejected": "b"}], max_length=100)
+    prefs = finetune_chat.PreferenceDataset([{**long, "chosen": "a", "rejected": "b"}], max_length=100)
     assert (prefs.skipped, len(prefs)) == (1, 0)
 
 
@@ -2987,8 +2992,8 @@ def test_bradley_terry_loss_is_ln2_at_a_zero_head():
     with torch.no_grad():
         model.out_head.weight.zero_()
         model.out_head.bias.zero_()
-    items = list(data.PreferenceDataset(json.load(open(PAIRS_FILE))[:4], max_length=256))
-    batch = data.preference_collate_fn(items, allowed_max_length=256)
+    items = list(finetune_chat.PreferenceDataset(json.load(open(PAIRS_FILE))[:4], max_length=256))
+    batch = finetune_chat.preference_collate_fn(items, allowed_max_length=256)
     chosen, rejected = finetune_chat.reward_pair_scores(model, batch, torch.device("cpu"))
     assert torch.equal(chosen, torch.zeros(4)) and torch.equal(rejected, torch.zeros(4))
     assert finetune_chat.bradley_terry_loss(chosen, rejected).item() == pytest.approx(math.log(2))
@@ -3658,8 +3663,8 @@ def sha(path):
 
 def tree_hashes(folder):
     out = {}
-    for dirpath, _, files in os.walk(folder):
-        for name in files:
+    for dirpath, _, names in os.walk(folder):
+        for name in names:
             p = os.path.join(dirpath, name)
             out[os.path.relpath(p, folder)] = sha(p) if os.path.isfile(p) else "not a regular file"  # never open a pipe
     return out
@@ -3960,7 +3965,7 @@ def make_bad_inputs(w):
     (w / "runs" / "pre" / "log.csv").write_text("step,train_loss\n1,10.9\n")
     M.save_checkpoint(str(w / "runs" / "noopt" / STATE), lm, kind="pretrain")  # no optimizer state
     wide = tiny_model(emb_dim=64, tie_weights=False)
-    data.save_pth(str(w / "runs" / "wide" / STATE), {
+    files.save_pth(str(w / "runs" / "wide" / STATE), {
         "model": wide.state_dict(), "config": dict(wide.cfg), "kind": "pretrain", "optimizer": {}, "step": 1,
         "epoch": 0, "batch_pos": 1, "tokens_seen": 64, "rng": torch.get_rng_state(), "log": []})
 
@@ -4889,7 +4894,7 @@ def test_signals_exit_130_and_143_outside_training(tmp_path, sig, code):
 def test_messages_that_used_to_mislead(tmp_path):
     # a folder where a file should be written is not "free disk space"
     with pytest.raises(settings.UserError, match="that path is a folder"):
-        data.atomic_write(str(tmp_path), lambda f: f.write(b"x"))
+        files.atomic_write(str(tmp_path), lambda f: f.write(b"x"))
     # a truncated .pth says so in our words
     raw = open(M.save_checkpoint(str(tmp_path / "lm.pth"), tiny_model()), "rb").read()
     (tmp_path / "cut.pth").write_bytes(raw[:len(raw) // 2])
@@ -4904,7 +4909,7 @@ def test_messages_that_used_to_mislead(tmp_path):
 def test_balance_says_it_dropped_rows_and_names_the_rare_class(tmp_path, capsys):
     rows = [(f"see you at {i}", "ham") for i in range(56)] + [(f"WIN {i} cash", "spam") for i in range(6)]
     path = tmp_path / "t.csv"
-    data.write_labelled_csv(str(path), rows)
+    finetune_cls.write_labelled_csv(str(path), rows)
     cfg = settings.get_config(finetune_cls.DEFAULTS, ["--csv", str(path)])
     finetune_cls.load_splits(cfg)
     captured = capsys.readouterr()
@@ -4912,7 +4917,9 @@ def test_balance_says_it_dropped_rows_and_names_the_rare_class(tmp_path, capsys)
     assert "--balance false" in captured.err
 
 
-# ========================================================================================================# 11. Talk to it: the chat REPL at a terminal, serve.py's OpenAI-compatible API, its chat page, bench.py --serve
+# ===============================================================================================================
+# 11. Talk to it: the chat REPL at a terminal, serve.py's OpenAI-compatible API, its chat page,
+# bench.py --serve
 # ===============================================================================================================
 
 def endless_checkpoint(path, context_length=4096, kind="chat"):
@@ -5333,10 +5340,10 @@ def test_chat_page_streams_an_answer_stops_and_shows_errors_in_a_real_browser(tm
         browser.close()
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Hostile file system and servers: links, pipes, unreadable files, endless downloads, numbers from files, races,
+# ===============================================================================================================
+# 12. Hostile file system and servers: links, pipes, unreadable files, endless downloads, numbers from files, races,
 # pathological text, ambiguous CSV headers, sources replaced behind a cache's back
-# ---------------------------------------------------------------------------------------------------------------
+# ===============================================================================================================
 
 def test_files_are_never_written_through_links(tmp_path, verdict, serve):
     victim = tmp_path / "victim.txt"
@@ -5365,13 +5372,13 @@ def test_files_are_never_written_through_links(tmp_path, verdict, serve):
     target = tmp_path / "settings.json"
     for pid in (os.getpid(), os.getpid() + 1):
         os.symlink(victim, f"{target}.{pid}.tmp")
-    data.write_json(str(target), {"a": 1})
+    files.write_json(str(target), {"a": 1})
     assert read_json(target) == {"a": 1} and not target.is_symlink() and victim.read_text() == "precious"
     for pid in (os.getpid(), os.getpid() + 1):
         os.remove(f"{target}.{pid}.tmp")
     names = set()
     for _ in range(3):
-        fd, name = data.new_temp_file(str(target))
+        fd, name = files.new_temp_file(str(target))
         os.close(fd)
         names.add(name)
         assert re.fullmatch(re.escape(f"{target}.{os.getpid()}.") + "[0-9a-f]{16}.tmp", name)
@@ -5380,7 +5387,7 @@ def test_files_are_never_written_through_links(tmp_path, verdict, serve):
     dead = [tmp_path / "model.pth.999999999.0123456789abcdef.tmp", tmp_path / "model.pth.999999999.tmp"]
     for p in dead:
         p.write_bytes(b"half")
-    removed = data.remove_stale_tmp(str(tmp_path))
+    removed = files.remove_stale_tmp(str(tmp_path))
     assert sorted(removed) == sorted(p.name for p in dead) and all(os.path.exists(n) for n in names)
     # a download's .part file planted as a link
     url, _ = serve(body=b"downloaded bytes")
@@ -5537,10 +5544,10 @@ def test_two_commands_writing_one_output_do_not_both_win(tmp_path):
     out = tmp_path / "out.pth"
     out.write_bytes(b"the other command's")
     with pytest.raises(settings.UserError, match="written by another command while this one ran"):
-        data.save_pth(str(out), {"x": torch.zeros(1)}, exclusive=True)
+        files.save_pth(str(out), {"x": torch.zeros(1)}, exclusive=True)
     assert out.read_bytes() == b"the other command's"
     assert sorted(os.listdir(tmp_path)) == ["lm.pth", "out.pth"]  # no temporary file left
-    tmp = data.new_temp_dir(str(tmp_path / "hf"))
+    tmp = files.new_temp_dir(str(tmp_path / "hf"))
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "config.json").write_text("{}")
     with pytest.raises(settings.UserError, match="filled by another command while this export ran"):
@@ -5604,12 +5611,12 @@ def test_a_csv_header_that_names_a_column_twice_is_refused(tmp_path):
         rows = [sep.join(["ham" if c == "Label" else f"{c} {i}" for c in header.split(sep)]) for i in range(12)]
         path.write_text("\n".join([header, *rows]) + "\n")
         with pytest.raises(settings.UserError, match=f"names the column\\(s\\) {twice} more than once"):
-            data.read_labelled_csv(str(path))
+            finetune_cls.read_labelled_csv(str(path))
         code, _, err = run_main(finetune_cls.main, ["--csv", str(path), "--out_dir", str(tmp_path / "run")])
         assert_one_error_line(code, err, twice, "more than once")
     path = tmp_path / "fine.csv"
     path.write_text("Label,Text,Texts\nham,one,two\n")  # names that differ are fine
-    assert data.read_labelled_csv(str(path)) == [("one", "ham")]
+    assert finetune_cls.read_labelled_csv(str(path)) == [("one", "ham")]
 
 
 def test_a_cache_notices_a_source_replaced_with_the_same_size_and_mtime(tmp_path):

@@ -39,7 +39,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import RandomSampler, SequentialSampler, default_collate
 from tqdm import tqdm
 
-from data import append_text, atomic_write, check_parent, open_lock, remove_stale_tmp, save_pth, write_json
+from files import append_text, atomic_write, check_parent, open_lock, remove_stale_tmp, save_pth, write_json
 from model import (MODEL_CONFIGS, GPTModel, checkpoint_dict, clean_state_dict, count_parameters, load_state,
                    read_checkpoint)
 from settings import UserError, autocast, few, keep_freed_memory, pyplot
