@@ -932,8 +932,8 @@ def train_supervised(model, train_loader, loaders, cfg, device, dtype, run, kind
                     save_best(run.path(BEST), finished_model(model, cfg, copy=True), kind, log.rows, **extra)
             if cfg["save_every"] and step % cfg["save_every"] == 0 and step < total_steps:
                 save()
-    progress.close()
-    save()
+        progress.close()
+        save()  # the last one, inside catch_signals: a signal now waits for it
     return log.rows
 
 
@@ -1052,8 +1052,8 @@ def train_policy(policy, reference, prompts, reward_fn, cfg, device, dtype, run,
                     plot_losses(log.rows, steps_per_epoch, run.path(name), keys, ylabel)
             if cfg["save_every"] and step % cfg["save_every"] == 0 and step < total_steps:
                 save()
-    progress.close()
-    save()
+        progress.close()
+        save()  # the last one, inside catch_signals: a signal now waits for it
     return log.rows
 
 

@@ -270,8 +270,8 @@ def train(model, train_loader, eval_loaders, cfg, device, dtype, run):
                     save_best(run.path(BEST), model, "pretrain", log.rows)
             if cfg["save_every"] and step % cfg["save_every"] == 0 and step < total_steps:
                 save()
-    progress.close()
-    save()
+        progress.close()
+        save()  # the last one, inside catch_signals: a signal now waits for it
     return log.rows
 
 
