@@ -4198,7 +4198,7 @@ def test_corrupt_safetensors_are_refused_without_huge_buffers(tmp_path):
                            "b": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}).encode())}
     for name, raw in bad.items():
         (tmp_path / f"{name}.safetensors").write_bytes(raw)
-    code = ("import resource, sys, load_gpt2, model\n"
+    code = ("import resource, sys, checkpoints, load_gpt2, model\n"
             "for p in sys.argv[1:]:\n"
             "    try:\n"
             "        checkpoints.read_safetensors(p) if hasattr(load_gpt2, 'read_safetensors') else "
