@@ -27,9 +27,9 @@ from settings import UserError
 # ---------------------------------------------------------------------------------------------------------------
 
 TMP_SUFFIX = ".tmp"
-NOFOLLOW = getattr(os, "ONOFOLLOW", 0)   # Windows has no links to follow here
-CLOEXEC = getattr(os, "OCLOEXEC", 0)
-NONBLOCK = getattr(os, "ONONBLOCK", 0)
+NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)   # Windows has no links to follow here
+CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 _STALE_TMP = re.compile(r".+\.(\d+)(?:\.[0-9a-f]{16})?" + re.escape(TMP_SUFFIX))  # NAME.PID[.RANDOM].tmp
 
 
@@ -245,7 +245,7 @@ def write_json(path, obj):
 
 def append_text(path, text):
     """Append text (UTF-8) to the file at path, created when missing; a link at path is refused, never followed."""
-    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "ONOFOLLOW", 0)
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | NOFOLLOW
     try:
         with os.fdopen(os.open(path, flags, 0o644), "a", encoding="utf-8") as f:
             f.write(text)
