@@ -34,10 +34,10 @@ import urllib.request
 import torch
 from tqdm import tqdm
 
+from checkpoints import init_model
 from data import GPTDatasetV1, TokenWindows, corpus_files, fetch_data, get_tokenizer, token_cache
 from files import check_output, write_json
 from layers import quantize_int8
-from load_gpt2 import init_model
 from model import GPT_CONFIG_124M, MODEL_CONFIGS, GPTModel, KVCache, count_parameters, generate
 from replies import Reply
 from settings import (UserError, autocast, changed_settings, entry, get_config, has_native_bf16, keep_freed_memory,

@@ -34,11 +34,11 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from checkpoints import load_classifier
 from data import (DATA_FILES, EOT_ID, IGNORE_INDEX, TEMPLATE_NAME, conversation_segments, cut_reply, encode_segments,
                   fetch_data, format_prompt, get_tokenizer, read_text_file, record_segments)
 from files import parse_json, write_json
 from layers import add_lora, merge_lora
-from load_gpt2 import load_classifier
 from model import count_parameters, generate_stream
 from settings import (UserError, autocast, available_memory, changed_settings, check_training, describe_device, entry,
                       get_config, pick_device, pick_dtype, training_settings)

@@ -29,10 +29,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from checkpoints import load_classifier
 from data import EOT_ID, fetch_sms_spam, get_tokenizer, read_text_file
 from files import atomic_write, check_input, check_output, save_pth, write_json
 from layers import Int8Linear, add_lora, merge_lora
-from load_gpt2 import load_classifier
 from model import checkpoint_dict, count_parameters
 from settings import (UserError, autocast, changed_settings, check_training, describe_device, entry, few, get_config,
                       note, pick_device, pick_dtype, training_settings)

@@ -18,10 +18,10 @@ import sys
 
 import torch
 
+from checkpoints import init_model
 from data import EOT_ID, TEMPLATE_NAME, get_tokenizer, read_text_file, text_to_token_ids
 from files import atomic_write, check_output, make_folder, save_pth
 from layers import quantize_int8
-from load_gpt2 import init_model
 from model import KVCache, checkpoint_dict, count_parameters, generate_stream
 from replies import Reply, chat_prompt
 from settings import (UserError, autocast, available_memory, describe_device, entry, get_config, pick_device,

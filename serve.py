@@ -26,9 +26,9 @@ import uuid
 
 import torch
 
+from checkpoints import init_model
 from data import EOT_ID, get_tokenizer
 from files import parse_json
-from load_gpt2 import init_model
 from model import KVCache, count_parameters
 from replies import Reply, chat_prompt
 from settings import UserError, autocast, describe_device, entry, get_config, pick_device, pick_dtype

@@ -66,6 +66,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 import bench
+import checkpoints
 import data
 import files
 import finetune_chat
@@ -1618,7 +1619,7 @@ def hf_config_json(**over):
 
 def write_published(folder, tensors, config=True, **config_over):
     os.makedirs(folder, exist_ok=True)
-    load_gpt2.write_safetensors(os.path.join(folder, "model.safetensors"), tensors, {"format": "pt"})
+    checkpoints.write_safetensors(os.path.join(folder, "model.safetensors"), tensors, {"format": "pt"})
     if config:
         with open(os.path.join(folder, "config.json"), "w") as f:
             json.dump(hf_config_json(**config_over), f)
@@ -1676,7 +1677,7 @@ IDX = torch.tensor([[5, 17, 3, 99, 42, 0, 7, 64], [1, 2, 3, 4, 5, 6, 7, 8]])
                                                   (False, True, True)])
 def test_logits_and_greedy_text_match_reference(tmp_path, prefix, masks, lm_head):
     sd = published_tensors(prefix=prefix, masks=masks, lm_head=lm_head)
-    model = load_gpt2.load_hf_checkpoint(write_published(tmp_path / "m", sd)).eval()
+    model = checkpoints.load_hf_checkpoint(write_published(tmp_path / "m", sd)).eval()
     assert model.out_head.weight is model.tok_emb.weight  # tied, as GPT-2 is
     with torch.no_grad():
         ours = model(IDX)
@@ -1691,7 +1692,7 @@ def test_logits_and_greedy_text_match_reference(tmp_path, prefix, masks, lm_head
 def test_half_precision_files_load_as_float32(tmp_path):
     for dtype in (torch.bfloat16, torch.float16):
         sd = published_tensors(dtype=dtype)
-        model = load_gpt2.load_hf_checkpoint(write_published(tmp_path / str(dtype), sd) / "model.safetensors")
+        model = checkpoints.load_hf_checkpoint(write_published(tmp_path / str(dtype), sd) / "model.safetensors")
         assert model.tok_emb.weight.dtype == torch.float32
         with torch.no_grad():
             assert (model(IDX).double() - reference_logits(sd, PUBLISHED["n_head"], IDX)).abs().max() < 1e-4
@@ -1700,13 +1701,13 @@ def test_half_precision_files_load_as_float32(tmp_path):
 def test_untied_lm_head_is_used(tmp_path):
     sd = published_tensors(lm_head=True)
     sd["lm_head.weight"] = torch.randn_like(sd["lm_head.weight"])
-    model = load_gpt2.load_hf_checkpoint(write_published(tmp_path / "m", sd, tie_word_embeddings=False))
+    model = checkpoints.load_hf_checkpoint(write_published(tmp_path / "m", sd, tie_word_embeddings=False))
     assert model.out_head.weight is not model.tok_emb.weight
     with torch.no_grad():
         ref = reference_logits(sd, PUBLISHED["n_head"], IDX, head=sd["lm_head.weight"])
         assert (model(IDX).double() - ref).abs().max() < 1e-4
     os.remove(tmp_path / "m" / "config.json")  # without config.json, a head that differs from wte is kept too
-    model = load_gpt2.load_hf_checkpoint(tmp_path / "m", n_heads=PUBLISHED["n_head"])
+    model = checkpoints.load_hf_checkpoint(tmp_path / "m", n_heads=PUBLISHED["n_head"])
     assert torch.equal(model.out_head.weight, sd["lm_head.weight"])
 
 
@@ -1714,8 +1715,8 @@ def test_config_from_shapes_needs_n_heads_for_odd_widths(tmp_path):
     sd = published_tensors(prefix=True)
     folder = write_published(tmp_path / "m", sd, config=False)
     with pytest.raises(M.CheckpointError, match="n_heads"):
-        load_gpt2.load_hf_checkpoint(folder)
-    model = load_gpt2.load_hf_checkpoint(folder, drop_rate=0.1, n_heads=PUBLISHED["n_head"])
+        checkpoints.load_hf_checkpoint(folder)
+    model = checkpoints.load_hf_checkpoint(folder, drop_rate=0.1, n_heads=PUBLISHED["n_head"])
     assert model.cfg["n_layers"] == 2 and model.cfg["context_length"] == 32 and model.cfg["drop_rate"] == 0.1
     with torch.no_grad():
         assert (model.eval()(IDX).double() - reference_logits(sd, PUBLISHED["n_head"], IDX)).abs().max() < 1e-4
@@ -1725,7 +1726,7 @@ def test_matches_transformers_if_installed(tmp_path, transformers):
     sd = published_tensors()
     folder = write_published(tmp_path / "m", sd)
     hf = transformers.GPT2LMHeadModel.from_pretrained(str(folder)).eval()
-    model = load_gpt2.load_hf_checkpoint(folder).eval()
+    model = checkpoints.load_hf_checkpoint(folder).eval()
     with torch.no_grad():
         assert (model(IDX) - hf(IDX).logits).abs().max() < 1e-4
     pth = M.save_checkpoint(str(tmp_path / "model.pth"), model)
@@ -1766,7 +1767,7 @@ def entry(dtype="F32", shape=(2,), offsets=(0, 8)):
 def test_reader_refuses_corrupt_files(tmp_path, header, data, header_len, message):
     path = raw_safetensors(str(tmp_path / "bad.safetensors"), header, data, header_len)
     with pytest.raises(M.CheckpointError, match=message) as e:
-        load_gpt2.read_safetensors(path)
+        checkpoints.read_safetensors(path)
     assert "\n" not in str(e.value) and path in str(e.value)
 
 
@@ -1777,23 +1778,23 @@ def test_reader_refuses_short_and_cut_files(tmp_path):
     for n in (0, 5, 20, len(raw) - 10):
         cut.write_bytes(raw[:n])
         with pytest.raises(M.CheckpointError, match="truncated"):
-            load_gpt2.load_hf_checkpoint(str(cut))
+            checkpoints.load_hf_checkpoint(str(cut))
 
 
 def test_reader_round_trips_dtypes_and_metadata(tmp_path):
     tensors = {"f32": torch.randn(3, 4), "bf16": torch.randn(5).bfloat16(), "f16": torch.randn(2, 2).half(),
                "i64": torch.arange(7), "bool": torch.tensor([True, False]), "scalar": torch.tensor(2.5),
                "empty": torch.zeros(0, 3), "t": torch.randn(4, 3).t()}
-    path = load_gpt2.write_safetensors(str(tmp_path / "x.safetensors"), tensors, {"format": "pt"})
-    back = load_gpt2.read_safetensors(path)
+    path = checkpoints.write_safetensors(str(tmp_path / "x.safetensors"), tensors, {"format": "pt"})
+    back = checkpoints.read_safetensors(path)
     assert set(back) == set(tensors)
     for k, v in tensors.items():
         assert back[k].dtype == v.dtype and torch.equal(back[k], v), k
-    assert load_gpt2.SafetensorsFile(path).metadata == {"format": "pt"}
+    assert checkpoints.SafetensorsFile(path).metadata == {"format": "pt"}
     # a header whose length is not a multiple of 8 leaves the data unaligned: still read correctly
     raw_safetensors(str(tmp_path / "u.safetensors"), b'{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}',
                     struct.pack("<2f", 1.5, -2.0))
-    assert load_gpt2.read_safetensors(str(tmp_path / "u.safetensors"))["a"].tolist() == [1.5, -2.0]
+    assert checkpoints.read_safetensors(str(tmp_path / "u.safetensors"))["a"].tolist() == [1.5, -2.0]
 
 
 def test_missing_and_unexpected_tensors_are_named(tmp_path):
@@ -1801,26 +1802,26 @@ def test_missing_and_unexpected_tensors_are_named(tmp_path):
     del sd["h.1.mlp.c_fc.bias"]
     sd["h.0.attn.rotary"] = torch.zeros(3)
     with pytest.raises(M.CheckpointError, match=r"missing h\.1\.mlp\.c_fc\.bias.*unexpected h\.0\.attn\.rotary"):
-        load_gpt2.load_hf_checkpoint(write_published(tmp_path / "a", sd))
+        checkpoints.load_hf_checkpoint(write_published(tmp_path / "a", sd))
     sd = published_tensors(n_layer=3)  # a layer more than config.json says
     with pytest.raises(M.CheckpointError, match=r"n_layers 2 \(the tensors: 3\)"):
-        load_gpt2.load_hf_checkpoint(write_published(tmp_path / "b", sd, n_layer=2))
+        checkpoints.load_hf_checkpoint(write_published(tmp_path / "b", sd, n_layer=2))
     sd = published_tensors()
     with pytest.raises(M.CheckpointError, match=r"missing lm_head\.weight"):
-        load_gpt2.load_hf_checkpoint(write_published(tmp_path / "c", sd, tie_word_embeddings=False))
+        checkpoints.load_hf_checkpoint(write_published(tmp_path / "c", sd, tie_word_embeddings=False))
 
 
 def test_shapes_that_contradict_config_json(tmp_path):
     folder = write_published(tmp_path / "m", published_tensors(), vocab_size=100)
     with pytest.raises(M.CheckpointError, match=r"vocab_size 100 \(the tensors: 101\)"):
-        load_gpt2.load_hf_checkpoint(folder)
+        checkpoints.load_hf_checkpoint(folder)
     folder = write_published(tmp_path / "n", published_tensors(), activation_function="relu")
     with pytest.raises(M.CheckpointError, match="activation_function"):
-        load_gpt2.load_hf_checkpoint(folder)
+        checkpoints.load_hf_checkpoint(folder)
     sd = published_tensors()
     sd["h.0.ln_1.weight"] = torch.zeros(4, dtype=torch.int32)
     with pytest.raises(M.CheckpointError, match=r"h\.0\.ln_1\.weight is \[4\]"):
-        load_gpt2.load_hf_checkpoint(write_published(tmp_path / "o", sd))
+        checkpoints.load_hf_checkpoint(write_published(tmp_path / "o", sd))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1845,22 +1846,22 @@ def test_main_converts_a_local_folder_to_pth(tmp_path):
 
 
 def test_init_model_sources(tmp_path):
-    model, info = load_gpt2.init_model("scratch", {"vocab_size": 101, "context_length": 16, "emb_dim": 32,
+    model, info = checkpoints.init_model("scratch", {"vocab_size": 101, "context_length": 16, "emb_dim": 32,
                                                    "n_layers": 1, "n_heads": 4})
     assert model.cfg["context_length"] == 16 and info["checkpoint"] is None
     pth = M.save_checkpoint(str(tmp_path / "s.pth"), model, kind="pretrain", step=3)
-    again, info = load_gpt2.init_model(pth)
+    again, info = checkpoints.init_model(pth)
     assert info["kind"] == "pretrain" and info["checkpoint"]["step"] == 3
     assert torch.equal(again.tok_emb.weight, model.tok_emb.weight)
     folder = write_published(tmp_path / "m", published_tensors())
-    hf, info = load_gpt2.init_model(str(folder), {"drop_rate": 0.2})
+    hf, info = checkpoints.init_model(str(folder), {"drop_rate": 0.2})
     assert hf.cfg["drop_rate"] == 0.2 and info["kind"] == "pretrained"
     with pytest.raises(settings.UserError, match="context_length=16"):
-        load_gpt2.init_model(str(folder), {"context_length": 16})
+        checkpoints.init_model(str(folder), {"context_length": 16})
     with pytest.raises(settings.UserError, match="gpt2-medium.*scratch"):
-        load_gpt2.init_model("gpt-2")
+        checkpoints.init_model("gpt-2")
     with pytest.raises(settings.UserError, match="no checkpoint"):
-        load_gpt2.init_model(str(tmp_path / "nope.pth"))
+        checkpoints.init_model(str(tmp_path / "nope.pth"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1939,23 +1940,23 @@ def test_export_round_trip(tmp_path, qkv_bias, tie):
     out = tmp_path / "hf"
     assert load_gpt2.main(["--export", pth, "--out", str(out)]) == str(out)
     assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
-    back = load_gpt2.load_hf_checkpoint(out).eval()
+    back = checkpoints.load_hf_checkpoint(out).eval()
     with torch.no_grad():
         assert torch.equal(back(IDX), model(IDX))
-        published = load_gpt2.read_safetensors(str(out / "model.safetensors"))
+        published = checkpoints.read_safetensors(str(out / "model.safetensors"))
         assert ("lm_head.weight" in published) == (not tie)
         head = published.get("lm_head.weight")
         # the exported file, read the way GPT-2 reads it
         ref = reference_logits(published, PUBLISHED["n_head"], IDX, head)
         assert (model(IDX).double() - ref).abs().max() < 1e-4
-    assert load_gpt2.SafetensorsFile(str(out / "model.safetensors")).metadata == {"format": "pt"}
+    assert checkpoints.SafetensorsFile(str(out / "model.safetensors")).metadata == {"format": "pt"}
 
 
 def test_export_of_an_int8_model_dequantizes(tmp_path):
     model = tiny_model(vocab_size=101, n_heads=4, n_layers=1, qkv_bias=True)
     layers.quantize_int8(model)
     pth = M.save_checkpoint(str(tmp_path / "int8.pth"), model)
-    back = load_gpt2.load_hf_checkpoint(load_gpt2.export_hf(pth, str(tmp_path / "hf"))).eval()
+    back = checkpoints.load_hf_checkpoint(load_gpt2.export_hf(pth, str(tmp_path / "hf"))).eval()
     # 3 x 8 = 24 rows: above Int8Linear.FEW_ROWS, so the int8 model takes its float path (the few-row decoding
     # kernel rounds activations to bf16, which would blur the comparison)
     idx = torch.cat([IDX, IDX.flip(1)])
@@ -2154,7 +2155,7 @@ def save_classifier(path, model, class_names=CLASS_NAMES, lora=None):
 
 
 def our_probabilities(pth, texts):
-    model, ckpt = load_gpt2.load_classifier(pth)
+    model, ckpt = checkpoints.load_classifier(pth)
     rows = finetune_cls.classify_texts(model, ckpt, texts, torch.device("cpu"), torch.float32)
     return torch.tensor([[probs[n] for n in ckpt["class_names"]] for _, _, probs in rows])
 
@@ -2210,7 +2211,7 @@ def test_classifier_round_trip(tmp_path):
     assert ckpt["kind"] == "cls" and ckpt["class_names"] == CLASS_NAMES and ckpt["max_length"] == 16
     assert ckpt["pad_id"] == data.EOT_ID and not ckpt["model"]["out_head.bias"].any()  # the bias now lives in ln_f
     assert (our_probabilities(back, CLS_TEXTS) - our_probabilities(pth, CLS_TEXTS)).abs().max() < 1e-5
-    model, extras = load_gpt2.load_hf_classifier(folder)
+    model, extras = checkpoints.load_hf_classifier(folder)
     assert extras == {"class_names": CLASS_NAMES, "max_length": 16, "pad_id": data.EOT_ID}
     assert model.out_head.weight.shape == (3, TINY["emb_dim"])
 
@@ -2218,13 +2219,13 @@ def test_classifier_round_trip(tmp_path):
 def test_a_classifier_folder_is_not_a_language_model(tmp_path):
     folder = load_gpt2.export_hf(save_classifier(tmp_path / "cls.pth", biased_classifier()), str(tmp_path / "hf"))
     with pytest.raises(M.CheckpointError, match="is a classifier.*--model"):
-        load_gpt2.load_hf_checkpoint(folder)
+        checkpoints.load_hf_checkpoint(folder)
     with pytest.raises(M.CheckpointError, match="is a classifier"):
-        load_gpt2.init_model(folder)
+        checkpoints.init_model(folder)
     lm = load_gpt2.export_hf(M.save_checkpoint(str(tmp_path / "lm.pth"), tiny_model(qkv_bias=True)),
                              str(tmp_path / "lm"))
     with pytest.raises(M.CheckpointError, match="not a GPT2ForSequenceClassification"):
-        load_gpt2.load_hf_classifier(lm)
+        checkpoints.load_hf_classifier(lm)
 
 
 def test_a_bias_that_cannot_be_folded_is_refused(tmp_path, transformers):
@@ -3378,7 +3379,7 @@ def test_int8_checkpoint_round_trip_is_smaller(tmp_path):
     layers.quantize_int8(model)
     int8_path = M.save_checkpoint(tmp_path / "int8.pth", model, quantize="int8")
     assert os.path.getsize(int8_path) < 0.5 * os.path.getsize(fp32_path)
-    loaded, ckpt = load_gpt2.load_pth(str(int8_path), int8_ok=True)
+    loaded, ckpt = checkpoints.load_pth(str(int8_path), int8_ok=True)
     assert isinstance(loaded.out_head, layers.Int8Linear) and ckpt["quantize"] == "int8"
     idx = torch.randint(0, 256, (1, 10))
     with torch.no_grad():
@@ -3390,7 +3391,7 @@ def test_int8_checkpoint_round_trip_is_smaller(tmp_path):
 def test_int8_checkpoint_with_tied_weights(tmp_path):
     model = layers.quantize_int8(tiny_model(tie_weights=True))
     path = M.save_checkpoint(tmp_path / "int8.pth", model)  # bare of extras: recognised by its weight_scale keys
-    loaded, _ = load_gpt2.load_pth(str(path), int8_ok=True)
+    loaded, _ = checkpoints.load_pth(str(path), int8_ok=True)
     idx = torch.randint(0, TINY["vocab_size"], (1, 10))
     with torch.no_grad():
         assert torch.equal(loaded(idx), model(idx))
@@ -3403,7 +3404,7 @@ def test_generate_save_int8_writes_a_smaller_model_that_trains_nothing(tmp_path,
     int8 = str(tmp_path / "int8.pth")
     generate_script.main(["--checkpoint", fp32, "--quantize", "int8", "--save_int8", int8, "--device", "cpu"])
     assert os.path.getsize(int8) < 0.5 * os.path.getsize(fp32)
-    loaded, ckpt = load_gpt2.load_pth(int8, int8_ok=True)
+    loaded, ckpt = checkpoints.load_pth(int8, int8_ok=True)
     # the other entries survive (generate.py --chat reads the template), and the weights are the quantized ones
     assert (ckpt["kind"], ckpt["template"], ckpt["step"], ckpt["quantize"]) == ("sft", "alpaca", 7, "int8")
     idx = torch.randint(0, 256, (1, 10))
@@ -3414,8 +3415,8 @@ def test_generate_save_int8_writes_a_smaller_model_that_trains_nothing(tmp_path,
     assert e.value.code == 2 and "--save_int8 writes int8 weights: add --quantize int8" in capsys.readouterr().err
     # the training scripts start from float weights only
     with pytest.raises(settings.UserError, match="holds int8 weights"):
-        load_gpt2.init_model(int8)
-    assert isinstance(load_gpt2.init_model(int8, int8_ok=True)[0].out_head, layers.Int8Linear)
+        checkpoints.init_model(int8)
+    assert isinstance(checkpoints.init_model(int8, int8_ok=True)[0].out_head, layers.Int8Linear)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -4197,11 +4198,11 @@ def test_corrupt_safetensors_are_refused_without_huge_buffers(tmp_path):
                            "b": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}).encode())}
     for name, raw in bad.items():
         (tmp_path / f"{name}.safetensors").write_bytes(raw)
-    code = ("import resource, sys, load_gpt2, model\n"
+    code = ("import resource, sys, checkpoints, load_gpt2, model\n"
             "for p in sys.argv[1:]:\n"
             "    try:\n"
-            "        load_gpt2.read_safetensors(p) if hasattr(load_gpt2, 'read_safetensors') else "
-            "load_gpt2.init_model(p)\n"
+            "        checkpoints.read_safetensors(p) if hasattr(load_gpt2, 'read_safetensors') else "
+            "checkpoints.init_model(p)\n"
             "        print('LOADED', p)\n"
             "    except (model.CheckpointError, load_gpt2.UserError) as e:\n"
             "        print('REFUSED', str(e).splitlines()[0])\n"
@@ -4441,8 +4442,8 @@ def test_a_hand_edited_classifier_folder_is_refused(tmp_path):
             json.dump({**config, **edit}, f)
         code, _, err = run_main(load_gpt2.main, ["--model", folder, "--out", str(tmp_path / "back.pth")])
         assert_one_error_line(code, err, words)
-    tensors = load_gpt2.read_safetensors(os.path.join(folder, "model.safetensors"))
-    load_gpt2.write_safetensors(os.path.join(folder, "model.safetensors"),
+    tensors = checkpoints.read_safetensors(os.path.join(folder, "model.safetensors"))
+    checkpoints.write_safetensors(os.path.join(folder, "model.safetensors"),
                                 {**tensors, "score.weight": tensors["score.weight"][:0]}, {"format": "pt"})
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump({**config, "id2label": {}, "num_labels": 0}, f)
@@ -4852,7 +4853,7 @@ def test_checkpoint_contents_are_checked_and_foreign_ones_named(tmp_path, ckpt, 
 def test_hugging_face_bin_is_named(verdict, tmp_path):
     folder = str(tmp_path / "hf")
     load_gpt2.export_hf(M.save_checkpoint(str(tmp_path / "lm.pth"), tiny_model()), folder)
-    tensors = load_gpt2.read_safetensors(os.path.join(folder, "model.safetensors"))
+    tensors = checkpoints.read_safetensors(os.path.join(folder, "model.safetensors"))
     torch.save({f"transformer.{k}": v for k, v in tensors.items()}, tmp_path / "pytorch_model.bin")
     code, _, err = run_main(pretrain.main, pre(verdict) + ["--init", str(tmp_path / "pytorch_model.bin"),
                                                   "--out_dir", str(tmp_path / "r")])

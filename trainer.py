@@ -39,6 +39,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import RandomSampler, SequentialSampler, default_collate
 from tqdm import tqdm
 
+from checkpoints import init_model
 from files import append_text, atomic_write, check_parent, open_lock, remove_stale_tmp, save_pth, write_json
 from model import (MODEL_CONFIGS, GPTModel, checkpoint_dict, clean_state_dict, count_parameters, load_state,
                    read_checkpoint)
@@ -1156,8 +1157,7 @@ def model_config(cfg, **sizes):
 
 def build_model(cfg, device="cpu", **sizes):
     """(model, info) for --init: a fresh model sized by the settings and `sizes` (scratch), or the weights --init
-    names (load_gpt2.init_model: OpenAI's, a .pth, a safetensors folder) with the run's drop_rate."""
-    from load_gpt2 import init_model  # the loaders of every --init: OpenAI's files, .pth, safetensors folders
+    names (checkpoints.init_model: OpenAI's, a .pth, a safetensors folder) with the run's drop_rate."""
     overrides = model_config(cfg, **sizes) if cfg["init"] == "scratch" else {"drop_rate": cfg["drop_rate"]}
     with local_main_first():  # under torchrun one process per machine downloads, the others then find the files
         return init_model(cfg["init"], cfg_overrides=overrides, device=device)
