@@ -152,7 +152,6 @@ def main(argv=None):
     with folder or contextlib.nullcontext() as run:
         cache = load_cache(cfg)
         train_loader, val_loader = make_loaders(cache, cfg)
-        cfg["sample_prompt"] = sample_prompt(cache, split_point(cache, cfg["train_ratio"]), cfg)
         if cfg["dry_run"]:
             model_cfg = model_config(cfg) if cfg["init"] == "scratch" else build_model(cfg)[0].cfg
             return print_dry_run(model_cfg, cfg, len(train_loader), dtype, device, time_steps=3)
@@ -167,6 +166,7 @@ def main(argv=None):
             train_loss, val_loss = evaluate_model(model, train_loader, val_loader, device, None, progress=True)
             print(f"train loss {train_loss:.3f}, val loss {val_loss:.3f} (no training: --epochs 0)")
             return {"train_loss": train_loss, "val_loss": val_loss}
+        cfg["sample_prompt"] = sample_prompt(cache, split_point(cache, cfg["train_ratio"]), cfg)  # auto: resolved
         return pretrain(model, train_loader, val_loader, cfg, device, dtype, run)
 
 
