@@ -119,8 +119,8 @@ TRAINING = dict(
     quiet=False,               # print only the evaluations and the summary: no progress bar or lines
     logger="none",             # none | tensorboard | wandb: also log every evaluation there (needs that package)
     fsdp=False,                # under torchrun: shard weights, gradients and optimizer state (FSDP2); off = DDP
-    dry_run=False,             # print parameters, estimated memory, tokens per step, steps per epoch (and in pretrain.py
-                               # the estimated time, from a few timed steps), then exit
+    dry_run=False,             # print parameters, estimated memory, tokens per step, steps per epoch (pretrain.py:
+                               # and the estimated time, from a few timed steps), then exit
 )
 
 
