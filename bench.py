@@ -63,7 +63,7 @@ DEFAULTS = dict(
     corpus_steps=200,          # --corpus: training steps of the tiny model (2 layers x 64, context 64, batch 2)
     nanogpt="",                # with --corpus: race our pretrain.py against nanoGPT's train.py (this path; its
                                # folder's model.py and configurator.py are copied beside it into a scratch folder)
-    race_s=180,                # --nanogpt: wall seconds each trainer gets (4 layers x 128, context 128, batch 16)
+    race_s=180,                # --nanogpt: wall seconds each trainer gets (4 layers x 128, context 128, batch 4)
 )
 
 SIZES = [*MODEL_CONFIGS, "tiny"]
@@ -626,7 +626,7 @@ def corpus_bench(cfg):
 
 # --nanogpt: time-to-loss against nanoGPT's train.py, the same model size on the same tokens for the same wall time
 
-RACE_MODEL = dict(n_layers=4, n_heads=4, emb_dim=128, context_length=128, batch_size=16)
+RACE_MODEL = dict(n_layers=4, n_heads=4, emb_dim=128, context_length=128, batch_size=4)
 RACE_STEPS = 100_000  # the schedules' length: more than either reaches in the race, so both stay near peak lr
 
 
@@ -674,7 +674,7 @@ def race_nanogpt(cfg):
     os.makedirs(os.path.join(work, "data", "ours"))
     np.asarray(cache.tokens[:split], dtype=np.uint16).tofile(os.path.join(work, "data", "ours", "train.bin"))
     np.asarray(cache.tokens[split:], dtype=np.uint16).tofile(os.path.join(work, "data", "ours", "val.bin"))
-    r, every, iters = RACE_MODEL, 50, 8
+    r, every, iters = RACE_MODEL, 40, 8
     ours = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrain.py"),
             "--data", cfg["corpus"], "--cache_dir", os.path.join(work, "cache"), "--out_dir", os.path.join(work, "o"),
             "--n_layers", str(r["n_layers"]), "--n_heads", str(r["n_heads"]), "--emb_dim", str(r["emb_dim"]),
