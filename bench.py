@@ -69,7 +69,7 @@ DEFAULTS = dict(
     corpus_steps=200,          # --corpus: training steps of the tiny model (2 layers x 64, context 64, batch 2)
     nanogpt="",                # with --corpus: race our pretrain.py against nanoGPT's train.py (this path; its
                                # folder's model.py and configurator.py are copied beside it into a scratch folder)
-    race_s=180,                # --nanogpt: wall seconds each trainer gets (4 layers x 128, context 128, batch 16)
+    race_s=180,                # --nanogpt: wall seconds each trainer gets (4 layers x 128, context 128, batch 4)
     serve="",                  # instead of the above: time the first token and tokens/s of this checkpoint through
                                # serve.py (streamed, greedy) against generating in this process; "" = off
 )
@@ -89,6 +89,10 @@ def check_settings(cfg):
     for k in ("steps", "decode_tokens", "threads", "wait_idle"):
         if cfg[k] < 0:
             raise UserError(f"--{k} must be >= 0, got {cfg[k]}")
+    if cfg["nanogpt"] and not cfg["corpus"]:
+        raise UserError("--nanogpt races on a corpus: add --corpus FILE_OR_FOLDER")
+    if cfg["nanogpt"] and not os.path.isfile(cfg["nanogpt"]):
+        raise UserError(f"--nanogpt: no file at {cfg['nanogpt']}: give the path of nanoGPT's train.py")
     if cfg["decode_tokens"] and cfg["prompt_tokens"] + cfg["decode_tokens"] > cfg["context_length"]:
         raise UserError(f"--prompt_tokens + --decode_tokens ({cfg['prompt_tokens'] + cfg['decode_tokens']}) must fit "
                         f"in --context_length {cfg['context_length']}")
@@ -630,7 +634,7 @@ def corpus_bench(cfg):
 
 # --nanogpt: time-to-loss against nanoGPT's train.py, the same model size on the same tokens for the same wall time
 
-RACE_MODEL = dict(n_layers=4, n_heads=4, emb_dim=128, context_length=128, batch_size=16)
+RACE_MODEL = dict(n_layers=4, n_heads=4, emb_dim=128, context_length=128, batch_size=4)
 RACE_STEPS = 100_000  # the schedules' length: more than either reaches in the race, so both stay near peak lr
 
 
@@ -638,17 +642,21 @@ def timed_evaluations(cmd, cwd, seconds, pattern):
     """Run cmd for `seconds` of wall time (then stop it) -> [(seconds since start, val loss)] read from its output
     lines matching pattern (a regex whose last group is the validation loss), each stamped when it was printed."""
     import re
-    start, rows = time.perf_counter(), []
+    start, rows, tail = time.perf_counter(), [], []
     proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     timer = __import__("threading").Timer(seconds, proc.terminate)
     timer.start()
     for line in proc.stdout:
+        tail = [*tail[-4:], line.strip()]
         m = re.search(pattern, line)
         if m:
             rows.append((time.perf_counter() - start, float(m.groups()[-1])))
     proc.wait()
     timer.cancel()
+    if not rows:
+        raise UserError(f"--nanogpt: no evaluation within --race_s {seconds} from {cmd[1]}, whose last lines were: "
+                        + " | ".join(tail))
     return rows
 
 
@@ -674,7 +682,7 @@ def race_nanogpt(cfg):
     os.makedirs(os.path.join(work, "data", "ours"))
     np.asarray(cache.tokens[:split], dtype=np.uint16).tofile(os.path.join(work, "data", "ours", "train.bin"))
     np.asarray(cache.tokens[split:], dtype=np.uint16).tofile(os.path.join(work, "data", "ours", "val.bin"))
-    r, every, iters = RACE_MODEL, 25, 20
+    r, every, iters = RACE_MODEL, 40, 8
     ours = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrain.py"),
             "--data", cfg["corpus"], "--cache_dir", os.path.join(work, "cache"), "--out_dir", os.path.join(work, "o"),
             "--n_layers", str(r["n_layers"]), "--n_heads", str(r["n_heads"]), "--emb_dim", str(r["emb_dim"]),
@@ -693,9 +701,6 @@ def race_nanogpt(cfg):
     rows = {"ours": timed_evaluations(ours, work, cfg["race_s"], r"val_loss ([0-9.]+)"),
             "nanoGPT": timed_evaluations(theirs, work, cfg["race_s"], r"^step (\d+):.*val loss ([0-9.]+)")}
     shutil.rmtree(work, ignore_errors=True)
-    if not all(rows.values()):
-        raise UserError(f"--nanogpt: no evaluation within --race_s {cfg['race_s']} from "
-                        f"{' and '.join(k for k, v in rows.items() if not v)}: raise --race_s")
     final = {k: v[-1][1] for k, v in rows.items()}
     result = {k: {"val_loss": final[k], "evaluations": v, "seconds_to_other_final": time_to(v, final[other])}
               for (k, v), other in zip(rows.items(), ("nanoGPT", "ours"))}
@@ -794,8 +799,6 @@ def main(argv=None):
     if device.type == "cpu":
         keep_freed_memory()  # as the training scripts do (trainer.wrap_model); it applies to transformers too
     check_output(cfg["json"] if cfg["json"] != "-" else "", "--json", cfg["force"])  # before the long work
-    if cfg["nanogpt"] and not cfg["corpus"]:
-        raise UserError("--nanogpt races on a corpus: add --corpus FILE_OR_FOLDER")
     if cfg["corpus"] or cfg["serve"]:
         if cfg["serve"]:
             results = serve_bench(cfg, device)

@@ -3469,6 +3469,10 @@ def test_bench_rejects_bad_settings():
     assert e.value.code == 2
     with pytest.raises(SystemExit):
         bench.main(["--context_length", "16", "--prompt_tokens", "10", "--decode_tokens", "10"])
+    for bad in (["--nanogpt", "train.py"], ["--corpus", "x", "--nanogpt", "missing/train.py"]):
+        with pytest.raises(SystemExit) as e:  # no race without a corpus and nanoGPT's train.py
+            bench.main(bad)
+        assert e.value.code != 0
 
 
 def test_bench_prints_each_speed_beside_its_limit(tmp_path, capsys):
