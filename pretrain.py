@@ -48,6 +48,8 @@ DEFAULTS = dict(
     drop_rate=0.1,             # dropout probability; 0 = off
     qkv_bias=False,            # bias in the query/key/value projections
     tie_weights=False,         # output layer shares the token embedding (as GPT-2 does)
+    decay="all",               # all (the book's AdamW: every weight decays) | matrices (only weight matrices and
+                               # embeddings, not biases and LayerNorms, as nanoGPT)
     train_ratio=0.9,           # share of the text that trains (the first ones, by characters); the rest validates
     windows="auto",            # sliding (every --stride tokens, reshuffled each epoch, as the book) | random (at
                                # random offsets, for corpora too big to shuffle) | auto (random above 10M windows)
@@ -69,7 +71,7 @@ DEFAULTS = dict(
 # what this run is: --resume with another value of one of these would continue it as another run
 RUN_SETTINGS = ("model", "context_length", "emb_dim", "n_heads", "n_layers", "drop_rate", "qkv_bias", "tie_weights",
                 "batch_size", "grad_accum_steps", "stride", "windows", "train_ratio", "seed", "text_field",
-                "include_hidden", "fsdp")
+                "include_hidden", "decay", "fsdp")
 INPUTS = ("data", "init")  # settings that name files the run reads (never written over)
 MAX_SHUFFLED = 10_000_000  # windows: more, and --windows auto draws random offsets instead of a permutation
 
@@ -80,6 +82,8 @@ def check_settings(cfg):
         raise UserError(f"--model must be one of {', '.join(MODEL_CONFIGS)}, got {cfg['model']!r}")
     if not cfg["data"].strip():
         raise UserError("--data is empty: name a text file or a folder of .txt, .md and .jsonl files")
+    if cfg["decay"] not in ("all", "matrices"):
+        raise UserError(f"--decay must be all or matrices, got {cfg['decay']!r}")
     if cfg["windows"] not in ("auto", "sliding", "random"):
         raise UserError(f"--windows must be auto, sliding or random, got {cfg['windows']!r}")
 
@@ -205,7 +209,7 @@ def train(model, train_loader, eval_loaders, cfg, device, dtype, run):
     batches = batches_per_epoch(train_loader, world)
     steps_per_epoch, total_steps = count_steps(batches, accum, cfg["epochs"], cfg["max_steps"])
     fwd_model, step_model = wrap_model(model, device, dtype, cfg["fsdp"], cfg["compile"])
-    optimizer = make_optimizer(model, cfg["lr"], cfg["weight_decay"], device)
+    optimizer = make_optimizer(model, cfg["lr"], cfg["weight_decay"], device, cfg["decay"])
     scaler = torch.amp.GradScaler("cuda", enabled=dtype is torch.float16)
     state_path = run.path(TRAIN_STATE)
     start = start_position(state_path, model, optimizer, device, batches, cfg["resume"], cfg["seed"], cfg["fsdp"])

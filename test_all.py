@@ -1243,6 +1243,18 @@ def test_settings_helper_types_help_and_errors(capsys):
     assert "0 = greedy" in capsys.readouterr().out  # the comment beside the setting
 
 
+def test_pretrain_decay_flag_groups_the_optimizer_and_defines_the_run(verdict, tmp_path):
+    out = str(tmp_path / "run")
+    flags = pre(verdict) + ["--out_dir", out, "--max_steps", "1", "--weight_decay", "0.5"]
+    pretrain.main(flags + ["--decay", "matrices"])
+    groups = M.read_checkpoint(os.path.join(out, trainer.TRAIN_STATE))["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.5, 0.0]
+    code, _, err = run_main(pretrain.main, flags + ["--resume", "--max_steps", "2", "--decay", "all"])
+    assert_one_error_line(code, err, "--decay matrices (now all)")
+    code, _, err = run_main(pretrain.main, flags + ["--decay", "bias"])
+    assert code == 2 and "--decay must be all or matrices" in err
+
+
 def test_weight_decay_on_matrices_only_leaves_biases_and_norms_alone():
     model = tiny_model(tie_weights=True)
     before = {k: v.clone() for k, v in model.state_dict().items()}
