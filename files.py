@@ -15,6 +15,7 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import stat
 
 import numpy as np
@@ -136,16 +137,41 @@ def check_input(path, flag="input"):
 
 
 
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+@contextlib.contextmanager
+def signals_held():
+    """Hold Ctrl-C, SIGTERM and SIGHUP back while the body runs (a file being written), then let them through:
+    a stop request during a write ends the program after the file is whole, never halfway. In the main thread of
+    a POSIX system; elsewhere the body runs as it is."""
+    try:
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    except (AttributeError, ValueError, OSError):  # no pthread_sigmask here
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
 def atomic_write(path, write, mode="wb", exclusive=False):
     """Write path all at once or not at all; returns path.
 
     write(f) fills a new temporary file beside path (new_temp_file: created exclusively under a name nobody can
     predict, so a link planted beside path is never written through), which is flushed to disk and renamed over
     path, so a crash or a full disk never leaves half a file and any earlier file at path stays whole until the
-    rename. The file gets the permissions of any new file (the umask). An OSError becomes a UserError that says
-    what to do. exclusive: the file must not exist when it is put in place (another command that wrote it
-    meanwhile is not overwritten): a UserError says so and the new file is dropped.
+    rename. The file gets the permissions of any new file (the umask). A stop signal that comes meanwhile waits for
+    the write to finish (signals_held). An OSError becomes a UserError that says what to do. exclusive: the file
+    must not exist when it is put in place (another command that wrote it meanwhile is not overwritten): a
+    UserError says so and the new file is dropped.
     """
+    with signals_held():
+        return _atomic_write(path, write, mode, exclusive)
+
+
+def _atomic_write(path, write, mode, exclusive):
     folder = os.path.dirname(os.path.abspath(path))
     tmp = None
     try:

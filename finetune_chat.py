@@ -1168,18 +1168,21 @@ def run_sft(cfg, device, dtype, run):
     loaders = {"train": eval_train, "val": val_loader}
     rows = train_supervised(model, train_loader, loaders, cfg, device, dtype, run, "chat",
                             {"template": TEMPLATE_NAME, "method": "sft"})
-    if not run.is_started:  # --resume of a finished run
+    if not run.is_started and os.path.isfile(output_path(cfg)):  # --resume of a finished run, nothing to do
         return {"rows": rows}
     train_time = time.time() - start
     model = finished_model(model, cfg)
     out_dir = cfg["out_dir"]
+    last = next((r for r in reversed(rows) if "val_loss" in r), None)
+    if last is None:  # a run stopped before its last evaluation: evaluate now
+        last = {"step": max((r["step"] for r in rows), default=0),
+                **evaluate(model, loaders, cfg, device, dtype, "final")}
     if cfg["full_eval"]:
-        rows[-1]["val_loss_full"] = evaluate_model(model, eval_train, val_loader, device, 0, dtype, True)[1]
+        last["val_loss_full"] = evaluate_model(model, eval_train, val_loader, device, 0, dtype, True)[1]
     # every process calls save_model (FSDP gathers the shards), rank 0 writes
-    ckpt_path = save_model(output_path(cfg), model, kind="chat",
-                           template=TEMPLATE_NAME, method="sft", step=rows[-1]["step"],
-                           train_loss=rows[-1]["train_loss"], val_loss=rows[-1]["val_loss"])
-    metrics = {"train_loss": rows[-1]["train_loss"], "val_loss": rows[-1]["val_loss"],
+    ckpt_path = save_model(output_path(cfg), model, kind="chat", template=TEMPLATE_NAME, method="sft",
+                           step=last["step"], train_loss=last["train_loss"], val_loss=last["val_loss"])
+    metrics = {"train_loss": last["train_loss"], "val_loss": last["val_loss"],
                "train_seconds": round(train_time, 1), "test_records": len(test)}
     written = [ckpt_path, os.path.join(out_dir, TRAIN_STATE), os.path.join(out_dir, "log.csv")]
     if test and cfg["max_new_tokens"]:
@@ -1236,7 +1239,7 @@ def run_dpo(cfg, device, dtype, run):
     extra = {"template": TEMPLATE_NAME, "method": "dpo", "beta": cfg["beta"]}
     rows = train_supervised(policy, train_loader, loaders, cfg, device, dtype, run, "chat", extra, reference,
                             ref_cache)
-    if not run.is_started:  # --resume of a finished run
+    if not run.is_started and os.path.isfile(output_path(cfg)):  # --resume of a finished run, nothing to do
         return {"rows": rows}
     train_time = time.time() - start
     after = evaluate(policy)
@@ -1244,7 +1247,7 @@ def run_dpo(cfg, device, dtype, run):
     out_dir = cfg["out_dir"]
     # every process calls save_model (FSDP gathers the shards), rank 0 writes
     ckpt_path = save_model(output_path(cfg), policy, kind="chat",
-                           template=TEMPLATE_NAME, method="dpo", beta=cfg["beta"], step=rows[-1]["step"],
+                           template=TEMPLATE_NAME, method="dpo", beta=cfg["beta"], step=rows[-1]["step"] if rows else 0,
                            val_loss=after["val"]["loss"], val_reward_margin=after["val"]["reward_margin"])
     metrics = {"before": before, "after": after, "beta": cfg["beta"], "train_seconds": round(train_time, 1)}
     metrics_path = os.path.join(out_dir, "metrics.json")
@@ -1280,12 +1283,12 @@ def run_rm(cfg, device, dtype, run):
     extra = {"template": TEMPLATE_NAME, "method": "rm", "class_names": ["reward"], "max_length": max_len,
              "pad_id": EOT_ID}
     rows = train_supervised(model, train_loader, loaders, cfg, device, dtype, run, "reward", extra)
-    if not run.is_started:  # --resume of a finished run
+    if not run.is_started and os.path.isfile(output_path(cfg)):  # --resume of a finished run, nothing to do
         return {"rows": rows}
     train_time = time.time() - start
     after = split_scores(model, loaders, ("val", "test"), cfg, device, dtype)
     model = finished_model(model, cfg)
-    ckpt_path = save_model(output_path(cfg), model, kind="reward", **extra, step=rows[-1]["step"],
+    ckpt_path = save_model(output_path(cfg), model, kind="reward", **extra, step=rows[-1]["step"] if rows else 0,
                            accuracy={split: v["accuracy"] for split, v in after.items()})
     metrics = {"before": before, "after": after, "train_seconds": round(train_time, 1)}
     if is_main_process():
@@ -1350,13 +1353,13 @@ def run_rl(cfg, device, dtype, run):
     start = time.time()
     rows = train_policy(policy, reference, prompts["train"], reward_fn, cfg, device, dtype, run,
                         {"template": TEMPLATE_NAME, "method": cfg["method"], "beta": cfg["beta"]})
-    if not run.is_started:  # --resume of a finished run
+    if not run.is_started and os.path.isfile(output_path(cfg)):  # --resume of a finished run, nothing to do
         return {"rows": rows}
     train_time = time.time() - start
     after = evaluate_policy(policy, reference, held_out, reward_fn, cfg, device, dtype)
     policy = finished_model(policy, cfg)
     ckpt_path = save_model(output_path(cfg), policy, kind="chat", template=TEMPLATE_NAME, method=cfg["method"],
-                           beta=cfg["beta"], step=rows[-1]["step"], reward=after["reward"])
+                           beta=cfg["beta"], step=rows[-1]["step"] if rows else 0, reward=after["reward"])
     metrics = {"before": before, "after": after, "train_seconds": round(train_time, 1), "reward": cfg["reward"]}
     if is_main_process():
         write_json(run.path("metrics.json"), metrics)

@@ -716,7 +716,7 @@ def train_classifier(cfg, checkpoint, device, dtype, run):
     rows = []
     if cfg["epochs"]:
         rows = train(model, train_loader, eval_loaders, cfg, device, dtype, run, extra)
-        if not run.is_started:  # --resume of a finished run
+        if not run.is_started and os.path.isfile(checkpoint):  # --resume of a finished run, nothing to do
             return {}
     run.started()  # --epochs 0 writes its metrics and splits too
     train_time = time.time() - start

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from data import (DATA_FILES, EOT_ID, RandomWindows, TokenWindows, fetch_data, split_point, text_to_token_ids,
                   token_cache, token_ids_to_text)
-from model import MODEL_CONFIGS, count_parameters, generate
+from model import MODEL_CONFIGS, count_parameters, generate_stream
 from settings import (UserError, autocast, changed_settings, check_training, describe_device, entry, get_config,
                       pick_device, pick_dtype, training_settings)
 from trainer import (BEST, POSITION, STOP, TRAIN_STATE, DivergenceGuard, Progress, RunFolder, StepLog, any_process,
@@ -89,10 +89,15 @@ def check_settings(cfg):
 
 
 def generate_and_print_sample(model, start_context, device, max_new_tokens=50, write=print):
-    """Greedy continuation of start_context, printed on one line (the book's chapter 5 function)."""
+    """Greedy continuation of start_context, printed on one line (the book's chapter 5 function); a stop request
+    (Ctrl-C, SIGTERM) ends it at the next token."""
     idx = text_to_token_ids(start_context).to(device)
-    out = generate(model, idx, max_new_tokens, context_size=model.cfg["context_length"])
-    write(token_ids_to_text(out).replace("\n", " "))
+    new = []
+    for token in generate_stream(model, idx, max_new_tokens, context_size=model.cfg["context_length"]):
+        new.append(token)
+        if STOP:
+            break
+    write(token_ids_to_text(torch.cat([idx, *new], dim=1)).replace("\n", " "))
 
 
 
@@ -150,6 +155,8 @@ def main(argv=None):
     device = setup_distributed(pick_device(cfg["device"]))  # under torchrun: join the group, take this GPU
     dtype = pick_dtype(cfg["dtype"], device)
     print(describe_device(device, dtype, cfg["dtype"]) + describe_distributed(cfg))
+    if cfg["init"] == "scratch":
+        model_config(cfg)  # a shape that cannot be built is refused before any download or tokenizing
     trains = not (cfg["dry_run"] or cfg["epochs"] == 0)  # the other two only print
     outputs = [os.path.join(cfg["out_dir"], "model.pth")]
     folder = RunFolder(cfg, outputs, command_line(__file__, argv), RUN_SETTINGS, INPUTS) if trains else None
@@ -286,8 +293,11 @@ def pretrain(model, train_loader, val_loader, cfg, device, dtype, run):
     start = time.time()
     rows = train(model, train_loader, (eval_train, val_loader), cfg, device, dtype, run)
     final = next((dict(r) for r in reversed(rows) if "val_loss" in r), {"step": 0})
-    if not run.is_started:  # --resume of a finished run
+    if not run.is_started and os.path.isfile(run.path("model.pth")):  # --resume of a finished run, nothing to do
         return final
+    if "train_loss" not in final:  # a finished run stopped before its last evaluation: evaluate now
+        step = max((r["step"] for r in rows), default=0)
+        final.update(evaluate(model, (eval_train, val_loader), cfg, device, "final"), step=step)
     if cfg["full_eval"]:
         final["val_loss_full"] = evaluate_model(model, eval_train, val_loader, device, None, progress=True)[1]
         print(f"validation loss over the whole split: {final['val_loss_full']:.3f}")

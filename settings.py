@@ -280,15 +280,20 @@ def resumed_settings(cfg, defaults, argv, parser):
     args = sys.argv[1:] if argv is None else list(argv)
     given = {a[2:].split("=", 1)[0] for a in args if isinstance(a, str) and a.startswith("--")}
     path = os.path.join(str(cfg.get("out_dir") or ""), "settings.json")
-    if not cfg.get("out_dir") or not os.path.isfile(path):
+    if not cfg.get("out_dir") or not os.path.lexists(path):
+        if cfg.get("out_dir") and os.path.isdir(cfg["out_dir"]):
+            note(f"--resume: {path} is missing, so the settings are the ones given here and the defaults")
         return cfg
+    began = None
     try:
         with open(path, encoding="utf-8") as f:
             began = json.load(f).get("settings")
     except (OSError, ValueError, AttributeError):
-        return cfg
+        pass
     if not isinstance(began, dict):
-        return cfg
+        parser.error(f"--resume: {path} does not hold the settings the run began with (damaged or edited): "
+                     f"restore it, delete it and pass every setting the run began with, or --overwrite to start "
+                     f"over")
     for name, value in began.items():
         default = defaults.get(name, ...)
         if name in given or name in RESUME_KEEPS or default is ...:

@@ -41,9 +41,9 @@ from tqdm import tqdm
 
 from checkpoints import init_model
 from files import append_text, atomic_write, check_parent, open_lock, remove_stale_tmp, save_pth, write_json
-from model import (MODEL_CONFIGS, GPTModel, checkpoint_dict, clean_state_dict, count_parameters, load_state,
-                   read_checkpoint)
-from settings import UserError, autocast, few, keep_freed_memory, pyplot
+from model import (MODEL_CONFIGS, CheckpointError, GPTModel, checkpoint_dict, clean_state_dict, count_parameters,
+                   load_state, read_checkpoint)
+from settings import UserError, autocast, few, keep_freed_memory, note, pyplot
 
 TRAIN_STATE = "model_and_optimizer.pth"  # everything --resume needs
 BEST = "best.pth"                        # the model at its lowest validation loss (--save_best)
@@ -410,7 +410,14 @@ class StepLog:
 
     def __init__(self, path, resume_step=None, logger=None):
         self.path, self.logger = path, logger
-        self.rows = [] if resume_step is None else [r for r in read_log(path) if r["step"] <= resume_step]
+        self.rows = []
+        if resume_step is not None:
+            by_step = {r["step"]: r for r in read_log(path) if r["step"] <= resume_step}  # one row per step
+            self.rows = [by_step[s] for s in sorted(by_step)]
+            if not self.rows and resume_step > 0 and os.path.isfile(path) and is_main_process():
+                kept = f"{path}.unreadable"
+                os.replace(path, kept)
+                note(f"{path} holds no rows this project can read (edited?): kept as {kept}; the log starts anew")
         self.columns = _columns(self.rows)
         self._rewrite = resume_step is not None  # the file on disk may hold rows past the step: write it anew
 
@@ -634,6 +641,9 @@ def check_position(ckpt, path, batches_per_epoch):
                             f"damaged; --overwrite to start over")
         position[key] = value
     saved = ckpt.get("batches_per_epoch")
+    if saved is not None and (isinstance(saved, bool) or not isinstance(saved, int) or saved < 1):
+        raise UserError(f"{path}: its batches_per_epoch is {saved!r}, not a whole number >= 1: the file was edited "
+                        f"or damaged; --overwrite to start over")
     if isinstance(saved, int) and position["batch_pos"] > saved:
         raise UserError(f"{path}: its batch_pos is {position['batch_pos']}, past the end of an epoch of {saved} "
                         f"batches: the file was edited or damaged; --overwrite to start over")
@@ -649,7 +659,10 @@ def read_train_state(path, world, fsdp):
     if not os.path.exists(path):
         raise UserError(f"--resume: no {path} to continue from: run without --resume to start (with --overwrite "
                         f"where the folder holds the files of a run that stopped before it saved one)")
-    ckpt = read_checkpoint(path)
+    try:
+        ckpt = read_checkpoint(path)
+    except CheckpointError as e:
+        raise UserError(f"{e}; it cannot be resumed: --overwrite to start over") from None
     missing = [k for k in ("optimizer", "step", "epoch", "batch_pos", "tokens_seen", "rng") if k not in ckpt]
     if missing:
         raise UserError(f"{path} holds no {missing[0]}, so it cannot be resumed: run without --resume (with "
