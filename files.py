@@ -142,18 +142,22 @@ STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SI
 
 @contextlib.contextmanager
 def signals_held():
-    """Hold Ctrl-C, SIGTERM and SIGHUP back while the body runs (a file being written), then let them through:
-    a stop request during a write ends the program after the file is whole, never halfway. In the main thread of
-    a POSIX system; elsewhere the body runs as it is."""
+    """Hold Ctrl-C, SIGTERM and SIGHUP back while the body runs (a file being written), then let the first one
+    through: a stop request during a write ends the program after the file is whole, never halfway. Signals are
+    handled in the main thread only; elsewhere the body runs as it is."""
+    got = []
     try:
-        held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    except (AttributeError, ValueError, OSError):  # no pthread_sigmask here
+        old = {sig: signal.signal(sig, lambda signum, frame: got.append(signum)) for sig in STOP_SIGNALS}
+    except ValueError:  # not the main thread
         yield
         return
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        for sig, handler in old.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        if got:
+            signal.raise_signal(got[0])  # now the handler the program had runs, as if the signal came now
 
 
 def atomic_write(path, write, mode="wb", exclusive=False):

@@ -4671,6 +4671,87 @@ def test_output_nobody_reads_does_not_end_a_run(verdict, tmp_path):
         assert proc.returncode == 0 and (tmp_path / "b" / "model.pth").exists()
 
 
+def test_a_signal_during_a_write_waits_for_the_whole_file(tmp_path):
+    code = f"""
+import sys, time
+sys.path.insert(0, {HERE!r})
+import files, settings
+def write(f):
+    print("writing", flush=True)
+    f.write(b"a" * 1000)
+    time.sleep(1.5)  # the signals arrive now
+    f.write(b"b" * 1000)
+settings.entry(lambda: files.atomic_write({str(tmp_path / "out.bin")!r}, write))
+print("not reached", flush=True)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode in (130, 143) and "Traceback" not in err and "not reached" not in out, err
+    assert (tmp_path / "out.bin").read_bytes() == b"a" * 1000 + b"b" * 1000  # whole, then the program left
+    assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]  # no temporary file left
+
+
+@slow
+def test_a_signal_during_the_epoch_sample_stops_the_run_at_once(verdict, tmp_path):
+    text = tmp_path / "short.txt"  # ~10 steps an epoch
+    text.write_text(open(verdict).read()[:3300])
+    args = ["--data", str(text), *pretrain_flags(sample_tokens=100000), "--epochs", "2", "--eval_freq", "100",
+            "--out_dir", str(tmp_path / "run"), "--sample_prompt", "Every effort"]
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "pretrain.py"), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**ENV, "PYTHONPATH": HERE})
+    deadline = time.time() + 120
+    while max((r["step"] for r in trainer.read_log(tmp_path / "run" / "log.csv")), default=0) < 9:
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    time.sleep(2.0)  # the last step of the epoch is done and its sample of 100,000 tokens is being written
+    sent = time.time()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and time.time() - sent < 3.0, err
+    state = M.read_checkpoint(str(tmp_path / "run" / "model_and_optimizer.pth"))
+    assert state["epoch"] == 1 and state["batch_pos"] == 0  # saved at the end of the first epoch
+    assert "Every effort" in out  # the cut sample is still printed
+
+
+def test_a_finished_run_without_its_model_file_writes_it_on_resume(verdict, tmp_path, capsys):
+    out = tmp_path / "run"
+    flags = pre(verdict) + ["--out_dir", str(out), "--max_steps", "2", "--eval_freq", "100"]
+    pretrain.main(flags)
+    first = M.read_checkpoint(str(out / "model.pth"))["model"]
+    (out / "model.pth").unlink()  # as a stop right after the last save leaves it
+    pretrain.main(["--out_dir", str(out), "--resume"])
+    assert "already finished" in capsys.readouterr().out
+    again = M.read_checkpoint(str(out / "model.pth"))["model"]
+    assert all(torch.equal(first[k], again[k]) for k in first)
+
+
+def test_resume_refuses_a_damaged_settings_file_and_notes_a_missing_one(verdict, tmp_path, capsys):
+    out = tmp_path / "run"
+    pretrain.main(pre(verdict) + ["--out_dir", str(out), "--max_steps", "1", "--eval_freq", "100"])
+    good = (out / "settings.json").read_text()
+    for damaged in ("{bad", "[1, 2]", "{}", '{"settings": [1, 2]}'):
+        (out / "settings.json").write_text(damaged)
+        code, _, err = run_main(pretrain.main, ["--out_dir", str(out), "--resume", "--max_steps", "2"])
+        assert code == 2 and "does not hold the settings the run began with" in err and "Traceback" not in err
+    (out / "settings.json").unlink()
+    pretrain.main(pre(verdict) + ["--out_dir", str(out), "--resume", "--max_steps", "2", "--eval_freq", "100"])
+    assert "settings.json is missing" in capsys.readouterr().err
+    assert json.loads(good)["settings"]["emb_dim"] == 32
+
+
+def test_the_step_log_keeps_one_row_per_step_and_an_unreadable_file_aside(tmp_path, capsys):
+    path = tmp_path / "log.csv"
+    path.write_text("step,loss\n1,0.5\n2,0.4\n2,0.4\n3,0.3\n")  # a duplicated row
+    assert [r["step"] for r in trainer.StepLog(str(path), resume_step=3).rows] == [1, 2, 3]
+    path.write_text("a,b,c\n1,2,3\n")  # a header edited by hand
+    log = trainer.StepLog(str(path), resume_step=3)
+    assert log.rows == [] and (tmp_path / "log.csv.unreadable").read_text() == "a,b,c\n1,2,3\n"
+    assert "kept as" in capsys.readouterr().err
+
+
 def test_a_hand_edited_or_outgrown_resume_state_is_refused_value_by_value(verdict, tmp_path):
     out = tmp_path / "run"
     flags = pre(verdict) + ["--out_dir", str(out), "--max_steps", "2", "--eval_freq", "100"]
