@@ -3108,6 +3108,27 @@ def test_policy_optimization_resumes_exactly(tmp_path, monkeypatch):
     assert [r["reward"] for r in whole["rows"]] == [r["reward"] for r in resumed["rows"]]
 
 
+@slow
+def test_a_stop_during_rollouts_is_honoured_within_seconds_and_resumes(tmp_path):
+    init = toy_policy(tmp_path / "toy.pth")
+    out = tmp_path / "run"
+    # 16 prompts a step, 4 answers of up to 60 tokens each: a batch of rollouts takes seconds on 2 cores
+    args = rl_args(str(out), 2, init) + ["--prompts_per_step", "16", "--max_new_tokens", "60", "--minibatches", "4",
+                                         "--save_every", "1"]
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "finetune_chat.py"), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**ENV, "PYTHONPATH": HERE, "PYTHONUNBUFFERED": "1"})
+    for line in proc.stdout:  # the held-out answers are sampled before the first step: wait past them
+        if line.startswith("before:"):
+            break
+    time.sleep(1.0)  # the first batch of rollouts is being sampled now
+    sent = time.time()
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 143 and time.time() - sent < 3.0 and "Traceback" not in err, err
+    state = M.read_checkpoint(str(out / "model_and_optimizer.pth"))
+    assert state["step"] == 0  # stopped inside the first step's rollouts: saved where it started
+
+
 def test_each_process_samples_prompts_of_its_own():
     prompts = [[i] for i in range(40)]
     cfg = {"prompts_per_step": 4, "seed": 3}
