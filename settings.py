@@ -280,9 +280,7 @@ def resumed_settings(cfg, defaults, argv, parser):
     args = sys.argv[1:] if argv is None else list(argv)
     given = {a[2:].split("=", 1)[0] for a in args if isinstance(a, str) and a.startswith("--")}
     path = os.path.join(str(cfg.get("out_dir") or ""), "settings.json")
-    if not cfg.get("out_dir") or not os.path.lexists(path):
-        if cfg.get("out_dir") and os.path.isdir(cfg["out_dir"]):
-            note(f"--resume: {path} is missing, so the settings are the ones given here and the defaults")
+    if not cfg.get("out_dir") or not os.path.lexists(path):  # the state file's own checks refuse a mismatch
         return cfg
     began = None
     try:
