@@ -739,7 +739,10 @@ def clip_gradients(model, optimizer, scaler, max_norm):
     """Unscale the gradients (float16), clip their global norm to max_norm (0 = no clipping) and return the norm
     before clipping as a float. Every process calls it."""
     scaler.unscale_(optimizer)
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm or math.inf)
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if max_norm:  # without clipping the gradients are left as they are (no pass that multiplies them by 1)
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
     norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: the norm over every shard
     return float(norm)
 
