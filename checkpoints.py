@@ -520,6 +520,8 @@ def load_pth(path, cfg_overrides=None, int8_ok=False, allow_classifier=False):
     Every check runs before any tensor is allocated: another project's checkpoint is named, the config is checked
     against the tensors, and a classifier (unless allow_classifier) or an int8 model (unless int8_ok) is refused.
     """
+    if os.path.lexists(path):
+        check_input(path, "the checkpoint")  # a file this user may not read is one line, not a traceback
     ckpt = read_checkpoint(path, check=lambda raw: refuse_foreign(raw, path))
     if ckpt.get("kind") == "reward":
         raise UserError(f"{path} is a reward model (finetune_chat.py --method rm), which scores answers rather than "
@@ -597,6 +599,7 @@ def load_classifier(path, quantize="none", kind="cls"):
     kind="reward" loads finetune_chat.py's reward model (--method rm), a head with one output, the same way."""
     if not os.path.exists(path):
         raise UserError(f"no classifier at {path}: train one with `python finetune_cls.py`, or pass --checkpoint")
+    check_input(path, "the checkpoint")
     ckpt = read_checkpoint(path, check=lambda raw: refuse_foreign(raw, path))
     names, sd = ckpt.get("class_names"), ckpt["model"]
     if ckpt.get("kind") != kind or not isinstance(names, (list, tuple)) or not names \

@@ -416,6 +416,7 @@ def export_hf(pth_path, out_dir, force=False):
         raise UserError(f"{out_dir} exists and is not empty: pick a new folder or pass --force")
     if not os.path.isfile(pth_path):
         raise UserError(f"no checkpoint at {pth_path}: pass the .pth written by a training run")
+    check_input(pth_path, "--export")
     if read_checkpoint(pth_path, verify=False).get("kind") == "cls":  # a peek: the loaders below verify the file
         model, ckpt = load_classifier(pth_path)
         merge_lora(model)

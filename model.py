@@ -9,7 +9,6 @@ ff.layers, norm1.scale, final_norm, out_head, ...), so its checkpoints load unch
 """
 import math
 import os
-import secrets
 import zipfile
 
 import torch
@@ -105,8 +104,7 @@ class MultiHeadAttention(nn.Module):
         self.out_proj = nn.Linear(d_out, d_out)
         self.dropout = nn.Dropout(dropout)
         self.fused = True
-        # The book keeps its causal mask as a saved buffer `mask`; we build masks on the fly, so drop that key
-        # when a book checkpoint is loaded.
+        # the book saves its causal mask as a buffer `mask`; ours is built on the fly, so a loaded one is dropped
         self.register_load_state_dict_pre_hook(_drop_book_mask)
 
     def forward(self, x, layer_cache=None):
@@ -182,11 +180,8 @@ class GPTModel(nn.Module):
         self.out_head = nn.Linear(cfg["emb_dim"], cfg["vocab_size"], bias=False)
         if cfg.get("tie_weights"):
             self.out_head.weight = self.tok_emb.weight  # GPT-2 shares the output layer with the token embedding
-            # nn.Embedding's N(0, 1) start would make the first logits ~sqrt(emb_dim) wide (initial loss ~25 at 124M
-            # instead of ln(50257) = 10.8); GPT-2 starts its embedding at std 0.02
+            # both at std 0.02 as GPT-2: at N(0, 1) the logits start sqrt(emb_dim) wide and positions drown tokens
             nn.init.normal_(self.tok_emb.weight, std=0.02)
-            # and its position table too: left at N(0, 1) it would be 50x the tokens in the blocks' input, so the
-            # model would see mostly position and stall near the loss of word frequencies alone
             nn.init.normal_(self.pos_emb.weight, std=0.02)
 
     def forward(self, in_idx, kv_cache=None, last_only=False):
@@ -312,9 +307,7 @@ def generate_stream(model, idx, max_new_tokens, context_size=None, temperature=0
     stops = torch.tensor(sorted(set(stop_ids or ()) | ({eos_id} if eos_id is not None else set())),
                          dtype=torch.long, device=idx.device)
     finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
-    cache = None
-    if use_cache:
-        cache = kv_cache if kv_cache is not None else KVCache(model, idx.shape[0], context_size)
+    cache = (kv_cache if kv_cache is not None else KVCache(model, idx.shape[0], context_size)) if use_cache else None
     try:
         for _ in range(max_new_tokens):
             window = idx[:, -context_size:]
@@ -364,31 +357,20 @@ def checkpoint_dict(model, kind="pretrain", **extra):
 
 
 def save_checkpoint(path, model, kind="pretrain", **extra):
-    """Write {model, config, kind, **extra} to path (through a temporary file, so never half a file); returns path.
-    The temporary file is created exclusively under a random name (O_EXCL), so a link planted beside path is never
-    written through."""
-    folder, base = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(folder, f"{base}.{os.getpid()}.{secrets.token_hex(8)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
-    try:
-        with open(fd, "wb") as f:
-            torch.save(checkpoint_dict(model, kind, **extra), f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.remove(tmp)
-        raise
+    """Write {model, config, kind, **extra} to path through a temporary file under a name nobody can predict (so never
+    half a file, and never through a link planted beside path); returns path."""
+    tmp = f"{path}.{os.getpid()}.{os.urandom(8).hex()}.tmp"
+    with open(tmp, "xb") as f:  # a file object: the records are named archive/..., not after the temporary name
+        torch.save(checkpoint_dict(model, kind, **extra), f)
+    os.replace(tmp, path)
     return path
 
 
 def read_checkpoint(path, check=None, verify=True):
     """Load a .pth without unpickling code (weights_only=True), tensors memory-mapped -> dict; a bare state_dict is
     {"model": sd, "config": None, "kind": None}. check(loaded) may refuse it; verify=False skips the checksums."""
-    if not os.path.exists(path):
-        raise CheckpointError(f"no checkpoint at {path}")
-    if not os.path.isfile(path):  # a folder, a FIFO (which would block a read), a device
-        raise CheckpointError(f"{path} is not a regular file: pass a checkpoint file")
-    if not os.access(path, os.R_OK):
-        raise CheckpointError(f"cannot read {path}: permission denied (check its permissions)")
+    if not os.path.isfile(path):  # nor a folder, nor a FIFO (a read would block); the scripts check readability first
+        raise CheckpointError(f"no checkpoint at {path}" if not os.path.exists(path) else f"{path} is not a file")
     if os.path.getsize(path) == 0:
         raise CheckpointError(f"{path} is empty (0 bytes): the save was interrupted; delete it and rerun")
     try:  # torch.load does not check each record's CRC-32: a damaged byte would load as a wrong weight

@@ -40,7 +40,8 @@ from torch.utils.data import RandomSampler, SequentialSampler, default_collate
 from tqdm import tqdm
 
 from checkpoints import init_model
-from files import append_text, atomic_write, check_parent, open_lock, remove_stale_tmp, save_pth, write_json
+from files import (append_text, atomic_write, check_input, check_parent, open_lock, remove_stale_tmp, save_pth,
+                   write_json)
 from model import (MODEL_CONFIGS, CheckpointError, GPTModel, checkpoint_dict, clean_state_dict, count_parameters,
                    load_state, read_checkpoint)
 from settings import UserError, autocast, few, keep_freed_memory, note, pyplot
@@ -659,6 +660,7 @@ def read_train_state(path, world, fsdp):
     if not os.path.exists(path):
         raise UserError(f"--resume: no {path} to continue from: run without --resume to start (with --overwrite "
                         f"where the folder holds the files of a run that stopped before it saved one)")
+    check_input(path, "the resumable state")
     try:
         ckpt = read_checkpoint(path)
     except CheckpointError as e:
