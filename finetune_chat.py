@@ -774,13 +774,6 @@ def rollout(policy, reference, prompts, reward_fn, cfg, generator, device, dtype
             "reply_tokens": mask.sum(1).float()}
 
 
-def unwrap(model):
-    """The GPTModel inside DDP / torch.compile wrappers, to generate with (generation needs no gradient sync)."""
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or model._orig_mod
-    return model
-
-
 @torch.no_grad()
 def evaluate_policy(policy, reference, prompts, reward_fn, cfg, device, dtype):
     """On held-out prompts, one sampled answer each from the policy and from the reference (the SFT model), with
@@ -983,7 +976,7 @@ def train_policy(policy, reference, prompts, reward_fn, cfg, device, dtype, run,
     per_rollout = cfg["ppo_epochs"] * cfg["minibatches"]  # updates on each batch of rollouts
     units = len(prompts) // (cfg["prompts_per_step"] * world) * per_rollout  # updates per epoch
     steps_per_epoch, total_steps = count_steps(units, accum, cfg["epochs"], cfg["max_steps"])
-    fwd_model, step_model = wrap_model(policy, device, dtype, cfg["fsdp"], cfg["compile"])
+    _, step_model = wrap_model(policy, device, dtype, cfg["fsdp"], cfg["compile"])
     optimizer = make_optimizer(policy, cfg["lr"], cfg["weight_decay"], device)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype is torch.float16)
     state_path = run.path(TRAIN_STATE)
@@ -1014,7 +1007,7 @@ def train_policy(policy, reference, prompts, reward_fn, cfg, device, dtype, run,
             for i in range(accum):
                 r, k = divmod(unit + i, per_rollout)
                 if key != [epoch, r] or rollouts is None:  # a new batch of prompts: sample and score
-                    new = rollouts_for(unwrap(fwd_model), reference, prompts, reward_fn, cfg, epoch, r, device, dtype)
+                    new = rollouts_for(policy, reference, prompts, reward_fn, cfg, epoch, r, device, dtype)
                     if new is None:  # a stop request while sampling: this step starts over after --resume
                         break
                     key, rollouts = [epoch, r], new

@@ -80,8 +80,7 @@ def calc_loss_loader(data_loader, model, device, num_batches=None, dtype=torch.f
     if n == 0:
         return float("nan")
     total = 0.0
-    batches = tqdm(data_loader, total=n, desc="evaluating", unit="batch", leave=False,
-                   disable=not (progress and n > 1 and sys.stderr.isatty()))
+    batches = progress_bar(data_loader, n, "evaluating", progress and n > 1)
     for i, (x, y) in enumerate(batches):
         if i >= n or STOP:  # a stop request ends the evaluation at once; the caller sees STOP and leaves
             break
@@ -583,7 +582,7 @@ def save_train_state(path, model, optimizer, device, position, kind="pretrain", 
     if process_state is not None:
         per_process["process_state"] = _gathered(process_state) if world > 1 else process_state
     if is_main_process():
-        save_pth(path, {"model": model_state, "config": dict(_unwrapped(model).cfg), "kind": kind,
+        save_pth(path, {"model": model_state, "config": dict(model.cfg), "kind": kind,
                         "optimizer": optimizer_state, **position, "rng": rng_state(device),
                         "train_settings": {k: v for k, v in (settings or {}).items()
                                            if isinstance(v, (int, float, str, bool))}, **per_process, **extra})
@@ -674,13 +673,6 @@ def read_train_state(path, world, fsdp):
         raise UserError(f"{path} was written by {_processes(saved_world, saved_fsdp)}, this run has "
                         f"{_processes(world, fsdp)}: resume the same way (data order and steps depend on it)")
     return ckpt
-
-
-def _unwrapped(model):
-    """The GPTModel inside DDP / torch.compile wrappers."""
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or model._orig_mod
-    return model
 
 
 # ---------------------------------------------------------------------------------------------------------------
